@@ -1,0 +1,297 @@
+"""The IMM model: patch projection, ISA blocks, IA blocks, and a task head.
+
+Structure (paper Figure 2)::
+
+    text ids ----> TextEmbeddings --+                     +--> IA blocks (text FFN gets --> head
+                                    +--> ISA blocks ------+    selected visual knowledge)
+    image -------> PatchEmbeddings -+    (shared LN/MHA,       (visual stream continues)
+                                          per-modality FFN)
+
+``IMMEncoder`` is shared by the two task models (``IMMForNER``, ``IMMForRE``), which follow one
+contract: ``forward(**batch)`` returns an :class:`IMMOutput` whose ``loss`` is set when labels are
+given, and ``predict(**batch)`` returns label names. A model rebuilds from its config alone;
+``from_backbone`` loads a BERT-family checkpoint's weights into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.config import IMMConfig
+from model.embeddings import PatchEmbeddings, TextEmbeddings
+from model.heads import NERHead, REHead, gather_positions
+from model.ia import IALayer
+from model.isa import ISALayer, attention_bias
+from model.sw_loss import SWLossOutput, sw_loss, teacher_targets
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class EncoderOutput:
+    text: torch.Tensor  # (B, L, d) after the last block
+    isa_text: torch.Tensor  # (B, L, d) after the last ISA block (SW inputs)
+    isa_visual: torch.Tensor  # (B, m + 1, d)
+    isa_visual_augmented: torch.Tensor | None  # (B, m + 1, d) of the augmented view, when given
+
+
+@dataclass
+class IMMOutput:
+    logits: torch.Tensor  # NER: word emissions (B, W, T); RE: relation logits (B, R)
+    loss: torch.Tensor | None = None  # gamma * L_SW + delta * L_task (eqs. 25-26)
+    task_loss: torch.Tensor | None = None
+    sw: SWLossOutput | None = None
+
+
+class IMMEncoder(nn.Module):
+    def __init__(self, config: IMMConfig):
+        super().__init__()
+        self.config = config
+        self.text_embeddings = TextEmbeddings(config)
+        self.patch_embeddings = PatchEmbeddings(config)
+        self.isa_layers = nn.ModuleList(ISALayer(config) for _ in range(config.num_isa_layers))
+        self.ia_layers = nn.ModuleList(IALayer(config) for _ in range(config.num_ia_layers))
+
+    def _visual_bias(self, has_image: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        # Separate streams: patches always attend to each other (a no-image row is ignored later).
+        # Joint attention: text must not see the zero "image" of a text-only example.
+        keep = has_image[:, None].expand(-1, visual.shape[1])
+        if self.config.attention_mode == "separate":
+            keep = torch.ones_like(keep)
+        return attention_bias(keep, visual.dtype)
+
+    def _isa(self, text, text_bias, visual, visual_bias):
+        for layer in self.isa_layers:
+            text, visual = layer(text, text_bias, visual, visual_bias)
+        return text, visual
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        augmented_pixel_values: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        text_embeddings = self.text_embeddings(input_ids)
+        visual = self.patch_embeddings(pixel_values)
+        text_bias = attention_bias(attention_mask, text_embeddings.dtype)
+        visual_bias = self._visual_bias(has_image, visual)
+        isa_text, isa_visual = self._isa(text_embeddings, text_bias, visual, visual_bias)
+        augmented = None
+        if augmented_pixel_values is not None:
+            _, augmented = self._isa(
+                text_embeddings, text_bias, self.patch_embeddings(augmented_pixel_values), visual_bias
+            )
+        text, visual = isa_text, isa_visual
+        for number, layer in enumerate(self.ia_layers):
+            last = number == len(self.ia_layers) - 1
+            text, visual = layer(text, text_bias, visual, visual_bias, has_image, compute_visual=not last)
+        return EncoderOutput(
+            text=text, isa_text=isa_text, isa_visual=isa_visual, isa_visual_augmented=augmented
+        )
+
+    def load_backbone_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies a BERT checkpoint's weights in: embeddings, then layer i into block i (ISA first, then IA).
+
+        Each BERT FFN initialises both the text and the visual FFN of its block; the patch
+        embeddings' LayerNorm and type vector start from the text embeddings' LayerNorm and
+        token type 1. Entity-marker rows added to the vocabulary start at the mean embedding.
+        """
+        state = _normalise_bert_keys(state)
+        text = self.text_embeddings
+        with torch.no_grad():
+            words = state["embeddings.word_embeddings.weight"]
+            text.word_embeddings.weight[: words.shape[0]] = words
+            text.word_embeddings.weight[words.shape[0] :] = words.mean(dim=0)
+            text.position_embeddings.weight.copy_(state["embeddings.position_embeddings.weight"])
+            types = state["embeddings.token_type_embeddings.weight"]
+            text.token_type_embeddings.weight.copy_(types)
+            _copy_linear_like(text.LayerNorm, state, "embeddings.LayerNorm")
+            _copy_linear_like(self.patch_embeddings.LayerNorm, state, "embeddings.LayerNorm")
+            self.patch_embeddings.type_embedding.copy_(types[min(1, types.shape[0] - 1)].view(1, 1, -1))
+            for number, block in enumerate([*self.isa_layers, *self.ia_layers]):
+                prefix = f"encoder.layer.{number}"
+                attention = block.attention
+                _copy_linear_like(attention.query, state, f"{prefix}.attention.self.query")
+                _copy_linear_like(attention.key, state, f"{prefix}.attention.self.key")
+                _copy_linear_like(attention.value, state, f"{prefix}.attention.self.value")
+                _copy_linear_like(attention.output, state, f"{prefix}.attention.output.dense")
+                _copy_linear_like(attention.LayerNorm, state, f"{prefix}.attention.output.LayerNorm")
+                for ffn in (block.text_ffn, block.visual_ffn):
+                    _copy_linear_like(ffn.up, state, f"{prefix}.intermediate.dense")
+                    _copy_linear_like(ffn.down, state, f"{prefix}.output.dense")
+                _copy_linear_like(block.output_LayerNorm, state, f"{prefix}.output.LayerNorm")
+
+
+def _normalise_bert_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strips a ``bert.`` prefix and renames old TF-style LayerNorm ``gamma``/``beta``."""
+    normalised = {}
+    for key, value in state.items():
+        key = key.removeprefix("bert.")
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        normalised[key] = value
+    if "embeddings.word_embeddings.weight" not in normalised:
+        raise ValueError("the backbone weights are not a BERT model's (no embeddings.word_embeddings.weight)")
+    return normalised
+
+
+def _copy_linear_like(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    for name in ("weight", "bias"):
+        key = f"{prefix}.{name}"
+        if key not in state:
+            raise ValueError(f"the backbone weights have no {key}")
+        getattr(module, name).copy_(state[key])
+
+
+class IMMPreTrainedModel(nn.Module):
+    """Construction, saving and loading shared by the task models."""
+
+    def __init__(self, config: IMMConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = IMMEncoder(config)
+
+    @classmethod
+    def from_backbone(cls, config: IMMConfig, backbone_dir: str | Path):
+        """A new model whose encoder starts from the BERT weights in ``backbone_dir`` (safetensors)."""
+        weights = Path(backbone_dir) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"backbone {backbone_dir} has no {WEIGHTS_FILE}")
+        model = cls(config)
+        model.encoder.load_backbone_state(load_file(str(weights)))
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "task": self.config.task})
+        self.config.to_json_file(directory / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
+        config = IMMConfig.from_json_file(Path(directory) / CONFIG_FILE)
+        model = cls(config)
+        model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=map_location))
+        return model
+
+    def _sw_loss(
+        self,
+        encoded: EncoderOutput,
+        word_index: torch.Tensor,
+        word_mask: torch.Tensor,
+        has_image: torch.Tensor,
+        teacher_text: torch.Tensor,
+        teacher_image: torch.Tensor,
+    ) -> SWLossOutput | None:
+        """SW over the examples of the batch that have an image (needs two, for in-batch matching)."""
+        rows = has_image.nonzero().squeeze(-1)
+        if rows.numel() < 2 or encoded.isa_visual_augmented is None:
+            return None
+        words = gather_positions(encoded.isa_text[rows], word_index[rows])
+        mask = word_mask[rows].unsqueeze(-1).to(words.dtype)
+        text_word = (words * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        image_word = encoded.isa_visual_augmented[rows, 1:].mean(dim=1)
+        return sw_loss(
+            encoded.isa_text[rows, 0],
+            encoded.isa_visual[rows, 0],
+            text_word,
+            image_word,
+            teacher_targets(teacher_text[rows], teacher_image[rows]),
+            alpha=self.config.alpha,
+            beta=self.config.beta,
+            temperature=self.config.sw_temperature,
+        )
+
+    def _combine(self, logits, task_loss, sw) -> IMMOutput:
+        if task_loss is None:
+            return IMMOutput(logits=logits, sw=sw)
+        loss = self.config.delta * task_loss
+        if sw is not None:
+            loss = loss + self.config.gamma * sw.total
+        return IMMOutput(logits=logits, loss=loss, task_loss=task_loss, sw=sw)
+
+
+class IMMForNER(IMMPreTrainedModel):
+    """IMM with a CRF tagger over words."""
+
+    def __init__(self, config: IMMConfig):
+        super().__init__(config)
+        self.head = NERHead(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        word_index: torch.Tensor,
+        word_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        augmented_pixel_values: torch.Tensor | None = None,
+        teacher_text: torch.Tensor | None = None,
+        teacher_image: torch.Tensor | None = None,
+        **unused: torch.Tensor,
+    ) -> IMMOutput:
+        encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
+        emissions = self.head.emissions(encoded.text, word_index)
+        sw = None
+        if teacher_text is not None and teacher_image is not None:
+            sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
+        task_loss = None if labels is None else self.head.loss(emissions, labels, word_mask)
+        return self._combine(emissions, task_loss, sw)
+
+    @torch.no_grad()
+    def predict(self, **batch: torch.Tensor) -> list[list[str]]:
+        """BIO tags per word of each example."""
+        emissions = self.forward(**batch).logits
+        return [
+            [self.config.labels[t] for t in row] for row in self.head.decode(emissions, batch["word_mask"])
+        ]
+
+
+class IMMForRE(IMMPreTrainedModel):
+    """IMM with a relation classifier over the marked entity pair."""
+
+    def __init__(self, config: IMMConfig):
+        super().__init__(config)
+        self.head = REHead(config)
+        self.loss_function = nn.CrossEntropyLoss()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        word_index: torch.Tensor,
+        word_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        marker_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        augmented_pixel_values: torch.Tensor | None = None,
+        teacher_text: torch.Tensor | None = None,
+        teacher_image: torch.Tensor | None = None,
+        **unused: torch.Tensor,
+    ) -> IMMOutput:
+        encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
+        logits = self.head(encoded.text, marker_index)
+        sw = None
+        if teacher_text is not None and teacher_image is not None:
+            sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
+        task_loss = None if labels is None else self.loss_function(logits.float(), labels)
+        return self._combine(logits, task_loss, sw)
+
+    @torch.no_grad()
+    def predict(self, **batch: torch.Tensor) -> list[str]:
+        logits = self.forward(**batch).logits
+        return [self.config.labels[i] for i in logits.argmax(dim=-1).tolist()]
+
+
+TASK_MODELS: dict[str, type[IMMPreTrainedModel]] = {"ner": IMMForNER, "re": IMMForRE}

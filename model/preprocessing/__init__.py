@@ -1,0 +1,111 @@
+"""The one preprocessing path of the project: training, export and the server all call it.
+
+Torch-free (numpy, Pillow, tokenizers), so the server imports it without PyTorch. ``Preprocessor``
+bundles the text encoder and the image processor built from a model's ``PreprocessingConfig``;
+``collate`` pads a list of examples into the arrays that are the model's (and the ONNX graph's)
+inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from model.config import PreprocessingConfig
+from model.preprocessing.image import (
+    DEFAULT_MAX_PIXELS,
+    CorruptImage,
+    ImageError,
+    ImageProcessor,
+    ImageTooLarge,
+    NotAnImage,
+    augment,
+    open_image,
+)
+from model.preprocessing.text import EncodedText, TextEncoder, add_entity_markers, load_tokenizer
+from model.preprocessing.words import split_words
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "CorruptImage",
+    "EncodedText",
+    "ImageError",
+    "ImageProcessor",
+    "ImageTooLarge",
+    "NotAnImage",
+    "Preprocessor",
+    "TOKENIZER_FILE",
+    "TextEncoder",
+    "add_entity_markers",
+    "augment",
+    "collate",
+    "load_tokenizer",
+    "open_image",
+    "split_words",
+]
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Preprocessor:
+    """Text and image preprocessing of one model, rebuilt from its config and tokenizer."""
+
+    def __init__(
+        self, config: PreprocessingConfig, tokenizer: Tokenizer, max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
+        self.config = config
+        self.text = TextEncoder(tokenizer, config)
+        self.image = ImageProcessor(config.image_size, config.image_mean, config.image_std, max_pixels)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, config: PreprocessingConfig, **kwargs) -> Preprocessor:
+        """From a checkpoint or bundle directory holding ``tokenizer.json``."""
+        return cls(config, load_tokenizer(Path(directory) / TOKENIZER_FILE), **kwargs)
+
+    def collate(
+        self, texts: Sequence[EncodedText], images: Sequence[np.ndarray | None]
+    ) -> dict[str, np.ndarray]:
+        return collate(texts, images, pad_id=self.text.pad_id, image_size=self.config.image_size)
+
+
+def collate(
+    texts: Sequence[EncodedText], images: Sequence[np.ndarray | None], *, pad_id: int, image_size: int
+) -> dict[str, np.ndarray]:
+    """Pads a batch. The keys are the model's input names, shared with the ONNX graph.
+
+    ``has_image`` marks the examples with a picture; the others get zero pixels and the model
+    ignores their visual stream, so image and text-only requests can share a batch.
+    """
+    if len(texts) != len(images) or not texts:
+        raise ValueError("collate needs one image slot (or None) per text, and at least one example")
+    batch = len(texts)
+    seq_len = max(len(t.input_ids) for t in texts)
+    num_words = max(t.num_words for t in texts)
+    input_ids = np.full((batch, seq_len), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((batch, seq_len), dtype=np.int64)
+    word_index = np.zeros((batch, num_words), dtype=np.int64)
+    word_mask = np.zeros((batch, num_words), dtype=bool)
+    pixel_values = np.zeros((batch, 3, image_size, image_size), dtype=np.float32)
+    has_image = np.zeros((batch,), dtype=bool)
+    for row, (text, image) in enumerate(zip(texts, images)):
+        input_ids[row, : len(text.input_ids)] = text.input_ids
+        attention_mask[row, : len(text.input_ids)] = 1
+        word_index[row, : text.num_words] = text.word_index
+        word_mask[row, : text.num_words] = True
+        if image is not None:
+            pixel_values[row] = image
+            has_image[row] = True
+    arrays = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "word_index": word_index,
+        "word_mask": word_mask,
+        "pixel_values": pixel_values,
+        "has_image": has_image,
+    }
+    if all(t.marker_index is not None for t in texts):
+        arrays["marker_index"] = np.stack([t.marker_index for t in texts])
+    return arrays

@@ -1,0 +1,135 @@
+"""Sub-word tokenisation of word lists, keeping the word alignment (tokenizers only).
+
+Models read words: NER tags each word through its first sub-token, RE marks entities by word
+spans. ``TextEncoder`` turns a word list into input ids plus, for every word that fits in the
+window, the position of its first sub-token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer
+
+from model.config import PreprocessingConfig
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One example's token ids and its word alignment.
+
+    ``word_index[i]`` is the position of word i's first sub-token; only the first ``num_words``
+    words fit in the window (``truncated`` says whether some did not). ``marker_index`` holds the
+    positions of the head and tail start markers (relation examples only).
+    """
+
+    input_ids: np.ndarray
+    word_index: np.ndarray
+    truncated: bool
+    marker_index: np.ndarray | None = None
+
+    @property
+    def num_words(self) -> int:
+        return len(self.word_index)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` with its padding and truncation switched off (the encoder handles both)."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def add_entity_markers(tokenizer: Tokenizer, markers: Sequence[str]) -> int:
+    """Adds the relation markers as special tokens (never split, never lower-cased); returns how many were new."""
+    return tokenizer.add_special_tokens([AddedToken(marker, normalized=False) for marker in markers])
+
+
+class TextEncoder:
+    """Word lists to model inputs, for either task."""
+
+    def __init__(self, tokenizer: Tokenizer, config: PreprocessingConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_seq_len = config.max_seq_len
+        self.cls_id = self._token_id(config.cls_token)
+        self.sep_id = self._token_id(config.sep_token)
+        self.pad_id = self._token_id(config.pad_token)
+        self.unk_token = config.unk_token
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no {token!r} token")
+        return token_id
+
+    def _word_pieces(self, words: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Sub-token ids and, for each, the index of the word it came from."""
+        encoding = self.tokenizer.encode(list(words), is_pretokenized=True, add_special_tokens=False)
+        word_ids = encoding.word_ids
+        if len({w for w in word_ids if w is not None}) < len(words):
+            # A word the normaliser erases entirely (a lone control or zero-width character)
+            # would have no sub-token to tag: it reads as [UNK] instead.
+            seen = set(word_ids)
+            words = [word if i in seen else self.unk_token for i, word in enumerate(words)]
+            encoding = self.tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
+            word_ids = encoding.word_ids
+        return encoding.ids, word_ids
+
+    def encode(self, words: Sequence[str]) -> EncodedText:
+        """``[CLS] pieces [SEP]``, cut after the last word whose pieces all fit in ``max_seq_len``."""
+        if not words:
+            raise ValueError("cannot encode an empty word list")
+        ids, word_ids = self._word_pieces(words)
+        budget = self.max_seq_len - 2
+        kept = len(ids) if len(ids) <= budget else _whole_words_prefix(word_ids, budget)
+        first_piece: dict[int, int] = {}
+        for position, word in enumerate(word_ids[:kept]):
+            first_piece.setdefault(word, position + 1)  # +1 for [CLS]
+        input_ids = np.array([self.cls_id, *ids[:kept], self.sep_id], dtype=np.int64)
+        word_index = np.array([first_piece[w] for w in range(len(first_piece))], dtype=np.int64)
+        return EncodedText(
+            input_ids=input_ids, word_index=word_index, truncated=len(first_piece) < len(words)
+        )
+
+    def encode_relation(
+        self, words: Sequence[str], head: tuple[int, int], tail: tuple[int, int]
+    ) -> EncodedText:
+        """The words with ``<s> head </s>`` and ``<o> tail </o>`` markers inserted around the [start, end) spans."""
+        head_start, head_end, tail_start, tail_end = self.config.entity_markers
+        inserts = {head[0]: [], head[1]: [], tail[0]: [], tail[1]: []}
+        # At a shared boundary, closing markers go before opening ones so spans stay nested properly.
+        inserts[head[1]].append(head_end)
+        inserts[tail[1]].append(tail_end)
+        inserts[head[0]].append(head_start)
+        inserts[tail[0]].append(tail_start)
+        marked: list[str] = []
+        marker_word: dict[str, int] = {}
+        for position in range(len(words) + 1):
+            for marker in inserts.get(position, []):
+                marker_word[marker] = len(marked)
+                marked.append(marker)
+            if position < len(words):
+                marked.append(words[position])
+        encoded = self.encode(marked)
+        # A marker cut off by truncation falls back to [CLS] (position 0).
+        marker_index = np.array(
+            [
+                encoded.word_index[marker_word[m]] if marker_word[m] < encoded.num_words else 0
+                for m in (head_start, tail_start)
+            ],
+            dtype=np.int64,
+        )
+        return EncodedText(encoded.input_ids, encoded.word_index, encoded.truncated, marker_index)
+
+
+def _whole_words_prefix(word_ids: Sequence[int], budget: int) -> int:
+    """How many leading pieces to keep so that no word is cut in the middle."""
+    cut = budget
+    while cut > 0 and word_ids[cut] == word_ids[cut - 1]:
+        cut -= 1
+    return cut
