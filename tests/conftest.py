@@ -95,3 +95,120 @@ def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0, quality: int 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+# --- small trained checkpoints, for export and serving tests --------------------------------
+
+FIRST_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
+LAST_NAMES = ["smith", "jones", "brown", "lee"]
+CITIES = ["paris", "london", "berlin", "tokyo", "madrid"]
+TEAMS = ["bulls", "knicks", "lakers", "celtics"]
+FILLER = ["rt", "today", "in", "at", "with", "great", "game", "!", "the", "#win", "@fan", "http://t.co/x"]
+
+
+def synthetic_ner_examples(count: int, seed: int = 0):
+    """Tweets where PER, LOC and ORG come from fixed word lists: learnable in a few hundred steps."""
+    from model.data import NERExample
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for number in range(count):
+        words, tags = [], []
+        for _ in range(int(rng.integers(2, 6))):
+            kind = rng.choice(["O", "PER", "LOC", "ORG"], p=[0.55, 0.15, 0.15, 0.15])
+            if kind == "PER":
+                parts = [str(rng.choice(FIRST_NAMES))] + (
+                    [str(rng.choice(LAST_NAMES))] if rng.random() < 0.5 else []
+                )
+            elif kind == "LOC":
+                parts = [str(rng.choice(CITIES))]
+            elif kind == "ORG":
+                parts = ["the", str(rng.choice(TEAMS))] if rng.random() < 0.3 else [str(rng.choice(TEAMS))]
+            else:
+                parts = [str(rng.choice(FILLER))]
+            if kind == "ORG" and parts[0] == "the":
+                words += parts
+                tags += ["O", "B-ORG"]
+                continue
+            words += parts
+            tags += ["O"] * len(parts) if kind == "O" else [f"B-{kind}"] + [f"I-{kind}"] * (len(parts) - 1)
+        examples.append(NERExample(words=tuple(words), tags=tuple(tags), image_id=f"{number}.jpg"))
+    return examples
+
+
+RE_LABELS = ["None", "/per/loc/place_of_residence", "/per/org/member_of"]
+
+
+def synthetic_re_examples(count: int, seed: int = 0):
+    """Pairs whose relation follows from the tail's word list (city: residence, team: member, name: none)."""
+    from model.data import REExample
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for number in range(count):
+        person = str(rng.choice(FIRST_NAMES))
+        kind = int(rng.integers(0, 3))
+        tail = [str(rng.choice(FIRST_NAMES)), str(rng.choice(CITIES)), str(rng.choice(TEAMS))][kind]
+        relation = ["None", "/per/loc/place_of_residence", "/per/org/member_of"][kind]
+        filler = [str(w) for w in rng.choice(FILLER, size=int(rng.integers(1, 4)))]
+        words = (person, *filler, tail)
+        examples.append(
+            REExample(
+                words=words,
+                head=(0, 1),
+                tail=(len(words) - 1, len(words)),
+                relation=relation,
+                image_id=f"{number}.jpg",
+            )
+        )
+    return examples
+
+
+def train_tiny(task: str, backbone: Path, examples, steps: int = 150, seed: int = 0):
+    """A few hundred AdamW steps of the real model on synthetic data (no CLI: fixtures stay fast)."""
+    import torch
+
+    from model.checkpoint import create_model
+
+    torch.manual_seed(seed)
+    labels = NER_LABELS if task == "ner" else RE_LABELS
+    model, preprocessor = create_model(task, labels, backbone)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(seed)
+    pictures = [preprocessor.image(jpeg_bytes(width=64, height=48, seed=s)) for s in range(4)]
+    model.train()
+    for _ in range(steps):
+        chosen = [examples[i] for i in rng.choice(len(examples), size=8, replace=False)]
+        if task == "ner":
+            texts = [preprocessor.text.encode(e.words) for e in chosen]
+        else:
+            texts = [preprocessor.text.encode_relation(e.words, e.head, e.tail) for e in chosen]
+        images = [pictures[i % 4] if i % 2 else None for i in range(len(chosen))]
+        batch = {k: torch.from_numpy(v) for k, v in preprocessor.collate(texts, images).items()}
+        if task == "ner":
+            target = torch.zeros(batch["word_index"].shape, dtype=torch.long)
+            for row, example in enumerate(chosen):
+                target[row, : len(example.tags)] = torch.tensor([labels.index(t) for t in example.tags])
+        else:
+            target = torch.tensor([labels.index(e.relation) for e in chosen])
+        loss = model(**batch, labels=target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), preprocessor
+
+
+@pytest.fixture(scope="session")
+def trained_ner_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
+    from model.checkpoint import save_checkpoint
+
+    model, preprocessor = train_tiny("ner", tiny_backbone, synthetic_ner_examples(200))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ner", model, preprocessor, scores={"f1": 1.0})
+
+
+@pytest.fixture(scope="session")
+def trained_re_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
+    from model.checkpoint import save_checkpoint
+
+    model, preprocessor = train_tiny("re", tiny_backbone, synthetic_re_examples(200))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "re", model, preprocessor, scores={"f1": 1.0})
