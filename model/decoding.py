@@ -1,0 +1,195 @@
+"""CRF decoding and BIO span extraction in numpy, shared by evaluation and the server (no torch).
+
+The CRF parameters follow pytorch-crf (``torchcrf.CRF``): ``transitions[i, j]`` scores moving from tag i to
+tag j, ``start_transitions[t]`` scores starting with tag t and ``end_transitions[t]`` ending with it. The
+score of a tag sequence y over a row of length n is::
+
+    start[y0] + sum_i emissions[i, y_i] + sum_{i>=1} transitions[y_{i-1}, y_i] + end[y_{n-1}]
+
+so a model trained with pytorch-crf decodes the same here, on ONNX Runtime outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["bio_spans", "char_spans", "crf_marginals", "viterbi_decode"]
+
+
+def _checked_inputs(
+    emissions: np.ndarray,
+    mask: np.ndarray,
+    transitions: np.ndarray,
+    start_transitions: np.ndarray,
+    end_transitions: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated float64 copies of the CRF inputs, plus each row's length."""
+    emissions = np.asarray(emissions, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if emissions.ndim != 3:
+        raise ValueError(f"emissions must be (batch, words, tags), got shape {emissions.shape}")
+    batch, num_words, num_tags = emissions.shape
+    if mask.shape != (batch, num_words):
+        raise ValueError(f"mask must have shape {(batch, num_words)}, got {mask.shape}")
+    transitions = np.asarray(transitions, dtype=np.float64)
+    start_transitions = np.asarray(start_transitions, dtype=np.float64)
+    end_transitions = np.asarray(end_transitions, dtype=np.float64)
+    if transitions.shape != (num_tags, num_tags):
+        raise ValueError(f"transitions must have shape {(num_tags, num_tags)}, got {transitions.shape}")
+    if start_transitions.shape != (num_tags,) or end_transitions.shape != (num_tags,):
+        raise ValueError(f"start and end transitions must have shape {(num_tags,)}")
+    if batch and (num_words == 0 or not mask[:, 0].all()):
+        raise ValueError("every row needs at least one word, and the mask must start with True")
+    # Leading True then only False: the mask never switches back on.
+    if num_words > 1 and (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError("mask must be contiguous: True for a row's words, then False for padding")
+    lengths = mask.sum(axis=1)
+    return emissions, mask, transitions, start_transitions, end_transitions, lengths
+
+
+def viterbi_decode(
+    emissions: np.ndarray,
+    mask: np.ndarray,
+    transitions: np.ndarray,
+    start_transitions: np.ndarray,
+    end_transitions: np.ndarray,
+) -> list[list[int]]:
+    """The best tag sequence of each row, as lists of tag ids of the row's length (like ``CRF.decode``).
+
+    ``emissions`` is (batch, words, tags), ``mask`` (batch, words) is True on each row's words, which come
+    first. Vectorised over the batch; loops over word positions only.
+    """
+    emissions, mask, transitions, start, end, lengths = _checked_inputs(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    batch, num_words, _ = emissions.shape
+    if batch == 0:
+        return []
+    score = start + emissions[:, 0]  # (batch, tags): best score of a path ending in each tag
+    # backpointers[i - 1][b, j]: the best previous tag when row b is at tag j at position i.
+    backpointers = []
+    for i in range(1, num_words):
+        candidates = score[:, :, None] + transitions[None] + emissions[:, i, None, :]  # (batch, from, to)
+        backpointers.append(candidates.argmax(axis=1))
+        # Padded positions keep the score, so each row ends with the score at its last word.
+        score = np.where(mask[:, i, None], candidates.max(axis=1), score)
+    score = score + end
+
+    rows = np.arange(batch)
+    tags = np.zeros((batch, num_words), dtype=np.int64)
+    last_tags = score.argmax(axis=1)
+    for i in range(num_words - 1, -1, -1):
+        # Row b takes its best last tag at position lengths[b] - 1 and follows backpointers before it.
+        followed = backpointers[i][rows, tags[:, i + 1]] if i < num_words - 1 else last_tags
+        tags[:, i] = np.where(i == lengths - 1, last_tags, np.where(i < lengths - 1, followed, 0))
+    return [tags[b, : lengths[b]].tolist() for b in range(batch)]
+
+
+def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
+    """log(sum(exp(values))) along ``axis``, stable, and -inf (not nan) where all values are -inf."""
+    peak = values.max(axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        summed = np.log(np.exp(values - peak).sum(axis=axis, keepdims=True)) + peak
+    return summed.squeeze(axis)
+
+
+def crf_marginals(
+    emissions: np.ndarray,
+    mask: np.ndarray,
+    transitions: np.ndarray,
+    start_transitions: np.ndarray,
+    end_transitions: np.ndarray,
+) -> np.ndarray:
+    """Posterior probability of each tag at each word, P(y_i = t | x), by forward-backward in log space.
+
+    Returns a float64 array (batch, words, tags) whose rows sum to 1 on real words and are 0 on padding.
+    Useful as per-word confidences of the CRF.
+    """
+    emissions, mask, transitions, start, end, lengths = _checked_inputs(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    batch, num_words, num_tags = emissions.shape
+    # alpha[:, i, t]: log-sum of the scores of all prefixes ending in tag t at word i.
+    alpha = np.empty((batch, num_words, num_tags))
+    alpha[:, 0] = start + emissions[:, 0]
+    for i in range(1, num_words):
+        step = _logsumexp(alpha[:, i - 1, :, None] + transitions[None], axis=1) + emissions[:, i]
+        # On padding, carry the last word's alpha (its value there is never used).
+        alpha[:, i] = np.where(mask[:, i, None], step, alpha[:, i - 1])
+    # beta[:, i, t]: log-sum of the scores of all suffixes after word i, given tag t at word i.
+    beta = np.empty((batch, num_words, num_tags))
+    beta[:, num_words - 1] = end
+    for i in range(num_words - 2, -1, -1):
+        step = _logsumexp(transitions[None] + (emissions[:, i + 1] + beta[:, i + 1])[:, None, :], axis=2)
+        # A row whose word i is its last (or padding) keeps beta = end, carried down from the padding.
+        beta[:, i] = np.where(mask[:, i + 1, None], step, beta[:, i + 1])
+    last_alpha = alpha[np.arange(batch), lengths - 1]
+    log_partition = _logsumexp(last_alpha + end, axis=1)  # (batch,)
+    with np.errstate(invalid="ignore"):
+        marginals = np.exp(alpha + beta - log_partition[:, None, None])
+    return np.where(mask[:, :, None], np.nan_to_num(marginals), 0.0)
+
+
+def _seqeval_tag_and_type(label: str) -> tuple[str, str]:
+    """Split a label like seqeval (default, prefix mode): "B-PER" -> ("B", "PER"), "O" or "B" -> (.., "_")."""
+    if not label:
+        raise ValueError("empty tag")
+    return label[0], label[1:].split("-", maxsplit=1)[-1] or "_"
+
+
+def _ends_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    # seqeval's end_of_chunk, rule for rule.
+    if prev_tag in ("E", "S"):
+        return True
+    if prev_tag in ("B", "I") and tag in ("B", "S", "O"):
+        return True
+    return prev_tag not in ("O", ".") and prev_type != type_
+
+
+def _starts_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
+    # seqeval's start_of_chunk, rule for rule.
+    if tag in ("B", "S"):
+        return True
+    if prev_tag in ("E", "S", "O") and tag in ("E", "I"):
+        return True
+    return tag not in ("O", ".") and prev_type != type_
+
+
+def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Entities of a tag sequence as ``(type, start_word, end_word_exclusive)``, in order.
+
+    Exactly seqeval's default mode (``seqeval.metrics.sequence_labeling.get_entities``, conlleval-like), so
+    that the spans the server returns are the ones the metrics count: an ``I-X`` after ``O``, at the start or
+    after another type starts an entity, a type change ends one, and tags without a type ("B", "I") form
+    entities of type "_". (seqeval's end is inclusive; here it is exclusive.)
+    """
+    spans: list[tuple[str, int, int]] = []
+    prev_tag, prev_type, begin = "O", "", 0
+    # A trailing "O" closes an entity that runs to the end, as in seqeval.
+    for i, label in enumerate([*tags, "O"]):
+        tag, type_ = _seqeval_tag_and_type(label)
+        if _ends_chunk(prev_tag, tag, prev_type, type_):
+            spans.append((prev_type, begin, i))
+        if _starts_chunk(prev_tag, tag, prev_type, type_):
+            begin = i
+        prev_tag, prev_type = tag, type_
+    return spans
+
+
+def char_spans(
+    spans: Sequence[tuple[str, int, int]], word_offsets: Sequence[tuple[int, int]]
+) -> list[tuple[str, int, int]]:
+    """Map word spans ``(type, start_word, end_word_exclusive)`` to character spans ``(type, start, end)``.
+
+    ``word_offsets[i]`` is word i's ``(start_char, end_char)`` in the text (as ``split_words`` gives); a
+    span runs from its first word's start to its last word's end.
+    """
+    result = []
+    for type_, start_word, end_word in spans:
+        if not 0 <= start_word < end_word <= len(word_offsets):
+            raise ValueError(f"word span [{start_word}, {end_word}) outside the {len(word_offsets)} words")
+        result.append((type_, word_offsets[start_word][0], word_offsets[end_word - 1][1]))
+    return result
