@@ -9,11 +9,12 @@ A checkpoint is a directory (the contract with ``model.evaluate``, ``export`` an
     scores.json           its dev scores
 
 It is written into a temporary sibling directory and moved into place, so a reader never sees
-a half-written checkpoint and an interrupted save leaves the previous one intact.
+a half-written file and an interrupted save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer
 
 from model.config import IMMConfig, Task
@@ -61,6 +63,35 @@ def create_model(
     return model, Preprocessor(config.preprocessing, tokenizer)
 
 
+def create_model_from_checkpoint(
+    task: Task, labels: list[str], checkpoint_dir: str | Path, **overrides: Any
+) -> tuple[IMMPreTrainedModel, Preprocessor]:
+    """A new model for ``task`` whose encoder starts from another checkpoint's (the paper's cross-task
+    setting, Table 3): every shared weight is copied, the head starts fresh."""
+    source, source_preprocessor = load_checkpoint(checkpoint_dir)
+    tokenizer = source_preprocessor.text.tokenizer
+    if task == "re":
+        add_entity_markers(tokenizer, source.config.preprocessing.entity_markers)
+    backbone = dataclasses.replace(
+        source.config.backbone_config,
+        vocab_size=max(source.config.backbone_config.vocab_size, tokenizer.get_vocab_size()),
+    )
+    config = dataclasses.replace(
+        source.config, task=task, labels=list(labels), backbone_config=backbone, **overrides
+    )
+    model = TASK_MODELS[task](config)
+    target = model.encoder.state_dict()
+    with torch.no_grad():
+        for name, tensor in source.encoder.state_dict().items():
+            if name not in target:
+                continue
+            rows = min(tensor.shape[0], target[name].shape[0])
+            target[name][:rows] = tensor[:rows]
+            if target[name].shape[0] > rows:  # rows for entity markers new to this vocabulary
+                target[name][rows:] = tensor.mean(dim=0)
+    return model, Preprocessor(config.preprocessing, tokenizer)
+
+
 def save_checkpoint(
     directory: str | Path,
     model: IMMPreTrainedModel,
@@ -87,15 +118,19 @@ def save_checkpoint(
     return directory
 
 
+# Replaced in this order, so that scores.json, written last, always describes the weights beside it.
+CHECKPOINT_FILES = (CONFIG_FILE, TOKENIZER_FILE, TRAINING_ARGS_FILE, WEIGHTS_FILE, SCORES_FILE)
+
+
 def _replace_directory(source: Path, target: Path) -> None:
+    """A new checkpoint is renamed into place whole; an existing one is updated file by file
+    (each rename atomic), which keeps what a training run stores beside it (metrics, state)."""
     if not target.exists():
         os.replace(source, target)
         return
-    retired = target.with_name(f".{target.name}.old")
-    shutil.rmtree(retired, ignore_errors=True)
-    os.replace(target, retired)
-    os.replace(source, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    for name in CHECKPOINT_FILES:
+        os.replace(source / name, target / name)
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def load_checkpoint(

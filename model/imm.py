@@ -37,7 +37,7 @@ CONFIG_FILE = "config.json"
 class EncoderOutput:
     text: torch.Tensor  # (B, L, d) after the last block
     isa_text: torch.Tensor  # (B, L, d) after the last ISA block (SW inputs)
-    isa_visual: torch.Tensor  # (B, m + 1, d)
+    isa_visual: torch.Tensor | None  # (B, m + 1, d); None when the visual stream was skipped
     isa_visual_augmented: torch.Tensor | None  # (B, m + 1, d) of the augmented view, when given
 
 
@@ -71,6 +71,16 @@ class IMMEncoder(nn.Module):
             text, visual = layer(text, text_bias, visual, visual_bias)
         return text, visual
 
+    def _text_only(self, has_image: torch.Tensor) -> bool:
+        """Whether the visual stream can be skipped: separate streams and no image in the batch.
+
+        The text output is then exactly what the full computation gives (IA adds nothing without
+        an image), at half the cost, which matters for text-only training. While exporting or
+        tracing, the full graph is always built, since ``has_image`` is an input there.
+        """
+        exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        return not exporting and self.config.attention_mode == "separate" and not bool(has_image.any())
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -80,6 +90,15 @@ class IMMEncoder(nn.Module):
         augmented_pixel_values: torch.Tensor | None = None,
     ) -> EncoderOutput:
         text_embeddings = self.text_embeddings(input_ids)
+        if self._text_only(has_image):
+            text_bias = attention_bias(attention_mask, text_embeddings.dtype)
+            text = text_embeddings
+            for layer in self.isa_layers:
+                text = layer.text_only(text, text_bias)
+            isa_text = text
+            for layer in self.ia_layers:
+                text = layer.text_only(text, text_bias)
+            return EncoderOutput(text=text, isa_text=isa_text, isa_visual=None, isa_visual_augmented=None)
         visual = self.patch_embeddings(pixel_values)
         text_bias = attention_bias(attention_mask, text_embeddings.dtype)
         visual_bias = self._visual_bias(has_image, visual)

@@ -120,3 +120,7 @@ class ISALayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         text, visual = self.attend(text, text_bias, visual, visual_bias)
         return self.feed_forward(self.text_ffn, text), self.feed_forward(self.visual_ffn, visual)
+
+    def text_only(self, text: torch.Tensor, text_bias: torch.Tensor) -> torch.Tensor:
+        """The text stream alone: what ``forward`` gives the text when no example has an image."""
+        return self.feed_forward(self.text_ffn, self.attention(text, text_bias))
