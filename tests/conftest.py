@@ -7,12 +7,23 @@ the same for them as for a real MiniLM/BERT-base or CLIP directory.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# Tiny models gain nothing from intra-op threads, and on a 2-core CI machine shared with a
+# subprocess (torchrun, the server) oversubscribed threads slow everything down.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the serving-only install has no torch
+    pass
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 

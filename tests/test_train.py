@@ -1,0 +1,247 @@
+"""The training and evaluation commands, end to end on tiny models and generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from model.evaluate import main as evaluate_main
+from model.train import main as train_main
+from model.train import parse_args, train
+from tests.conftest import FIRST_NAMES, synthetic_ner_examples, synthetic_re_examples
+
+FAST = [
+    "--lr",
+    "3e-3",
+    "--new-module-lr",
+    "3e-3",
+    "--head-lr",
+    "3e-2",
+    "--warmup-ratio",
+    "0",
+    "--batch-size",
+    "8",
+]
+
+
+def write_conll(path: Path, examples) -> Path:
+    lines = []
+    for example in examples:
+        lines.append(f"IMGID:{example.image_id.removesuffix('.jpg')}")
+        lines += [f"{word}\t{tag.replace('MISC', 'OTHER')}" for word, tag in zip(example.words, example.tags)]
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_mnre(path: Path, examples) -> Path:
+    rows = []
+    for e in examples:
+        record = {
+            "token": list(e.words),
+            "h": {"name": " ".join(e.words[slice(*e.head)]), "pos": list(e.head)},
+            "t": {"name": " ".join(e.words[slice(*e.tail)]), "pos": list(e.tail)},
+            "img_id": e.image_id,
+            "relation": e.relation,
+        }
+        rows.append(repr(record))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ner_data")
+    examples = synthetic_ner_examples(48, seed=3)
+    return write_conll(directory / "train.txt", examples), write_conll(directory / "dev.txt", examples[:24])
+
+
+def run_train(*argv) -> int:
+    return train_main([str(a) for a in argv])
+
+
+def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, tiny_backbone, capsys):
+    train_file, dev_file = ner_files
+    out = tmp_path / "ner"
+    code = run_train(
+        "--task", "ner", "--train", train_file, "--dev", dev_file, "--out", out, "--backbone", tiny_backbone,
+        "--epochs", "12", *FAST,
+    )  # fmt: skip
+    assert code == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["dev_f1"] == 1.0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == list(range(1, 13))
+    assert (out / "training_curves.png").stat().st_size > 1000
+    capsys.readouterr()
+    predictions = tmp_path / "predictions.jsonl"
+    assert (
+        evaluate_main(["--checkpoint", str(out), "--data", str(dev_file), "--predictions", str(predictions)])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["f1"] == 1.0 and result["precision"] == 1.0 and result["recall"] == 1.0
+    assert result["examples"] == 24 and result["missing_images"] == 24
+    assert set(result["per_type"]) <= {"PER", "LOC", "ORG", "MISC"} and result["per_type"]["PER"]["f1"] == 1.0
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) == 24 and all(r["gold"] == r["pred"] for r in records)
+
+
+def test_re_overfits_to_f1_one(tmp_path, tiny_backbone, capsys):
+    examples = synthetic_re_examples(48, seed=4)
+    train_file = write_mnre(tmp_path / "train.txt", examples)
+    out = tmp_path / "re"
+    assert run_train(
+        "--task", "re", "--train", train_file, "--dev", train_file, "--out", out, "--backbone", tiny_backbone,
+        "--epochs", "25", *FAST,
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(out), "--data", str(train_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["f1"] == 1.0
+    assert "/per/loc/place_of_residence" in result["per_relation"]
+
+
+def colour_examples(directory: Path, count: int, seed: int):
+    """Relations that only the picture tells: the same kind of text, red image -> peer, blue -> couple."""
+    from model.data import REExample
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for number in range(count):
+        red = bool(number % 2)
+        name = f"{'red' if red else 'blue'}_{seed}_{number}.jpg"
+        base = np.array([220, 30, 30] if red else [30, 30, 220], dtype=np.float64)
+        pixels = np.clip(base + rng.normal(0, 25, (48, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(directory / name, quality=90)
+        head, tail = rng.choice(FIRST_NAMES, size=2, replace=False)
+        words = (str(head), "and", str(tail), "today")
+        relation = "/per/per/peer" if red else "/per/per/couple"
+        examples.append(REExample(words=words, head=(0, 1), tail=(2, 3), relation=relation, image_id=name))
+    return examples
+
+
+def test_the_image_path_learns(tmp_path, tiny_backbone, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    train_file = write_mnre(tmp_path / "train.txt", colour_examples(images, 64, seed=0))
+    dev_file = write_mnre(tmp_path / "dev.txt", colour_examples(images, 32, seed=1))
+    out = tmp_path / "re"
+    assert run_train(
+        "--task", "re", "--train", train_file, "--dev", dev_file, "--out", out, "--backbone", tiny_backbone,
+        "--images", images, "--epochs", "10", *FAST,
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    scores = {}
+    for mode in (["--images", str(images)], ["--no-images"]):
+        assert evaluate_main(["--checkpoint", str(out), "--data", str(dev_file), *mode]) == 0
+        scores[mode[0]] = json.loads(capsys.readouterr().out)
+    with_images, without = scores["--images"]["f1"], scores["--no-images"]["f1"]
+    assert scores["--images"]["missing_images"] == 0 and scores["--no-images"]["missing_images"] == 32
+    assert with_images >= 0.9, scores
+    assert with_images - without >= 0.3, scores
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, tiny_backbone):
+    train_file, dev_file = ner_files
+    common = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
+              "--epochs", "3", *FAST]  # fmt: skip
+
+    train(parse_args([*common, "--out", str(tmp_path / "straight")]))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch, record):
+        if epoch == 1:
+            raise Killed
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Killed):
+        train(parse_args([*common, "--out", str(interrupted)]), on_epoch_end=kill_after_first_epoch)
+    assert json.loads((interrupted / "scores.json").read_text())["epoch"] == 1
+    train(parse_args([*common, "--out", str(interrupted), "--resume"]))
+    final = load_file(str(interrupted / "training_state" / "state.safetensors"))
+    expected = load_file(str(tmp_path / "straight" / "training_state" / "state.safetensors"))
+    assert final.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+    lines = (interrupted / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_two_process_ddp_run_completes(tmp_path, ner_files, tiny_backbone):
+    train_file, dev_file = ner_files
+    out = tmp_path / "ddp"
+    with socket.socket() as probe:  # torchrun's own port 0 handling can hang: pick a free port here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        "-m", "model.train", "--task", "ner", "--train", str(train_file), "--dev", str(dev_file),
+        "--out", str(out), "--backbone", str(tiny_backbone), "--epochs", "2", *FAST,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert (out / "model.safetensors").is_file()
+    assert result.stdout.count('"best_epoch"') == 1  # only rank 0 reports
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, d: a.__setitem__(a.index("--train") + 1, str(d / "missing.txt")), "no such file"),
+        (
+            lambda a, d: a.__setitem__(a.index("--train") + 1, str(_write(d / "empty.txt", ""))),
+            "holds no examples",
+        ),
+        (
+            lambda a, d: a.__setitem__(
+                a.index("--train") + 1, str(_write(d / "bad.txt", "IMGID:1\nword\tB-FOO\n"))
+            ),
+            "bad.txt:2",
+        ),
+        (
+            lambda a, d: a.extend(["--images", str(_mkdir(d / "no_images"))]),
+            "none of the training examples' images",
+        ),
+        (lambda a, d: a.extend(["--clip", str(d / "nowhere")]), "--clip"),
+        (lambda a, d: a.append("--resume"), "no interrupted run"),
+    ],
+)
+def test_bad_input_is_one_line_before_training(tmp_path, ner_files, tiny_backbone, capsys, change, message):
+    train_file, dev_file = ner_files
+    argv = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--out", str(tmp_path / "out"),
+            "--backbone", str(tiny_backbone), "--epochs", "1"]  # fmt: skip
+    change(argv, tmp_path)
+    assert train_main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and message in error[-1]
+    assert "Traceback" not in "\n".join(error)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    (path / "unrelated.jpg").write_bytes(b"")
+    return path
