@@ -366,7 +366,8 @@ def train(
         else None
     )
     steps_per_epoch = math.ceil(len(sampler if sampler is not None else dataset) / args.batch_size)
-    optimizer = torch.optim.AdamW(parameter_groups(module, args))
+    # fused: one kernel for the whole update, several times faster than the per-tensor loop on a CPU
+    optimizer = torch.optim.AdamW(parameter_groups(module, args), fused=True)
     scheduler = linear_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_ratio)
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +397,9 @@ def train(
         )
         model.train()
         totals = {"loss": 0.0, "task": 0.0, "sw": 0.0, "examples": 0, "steps": 0}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not distributed.is_main or None)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not distributed.is_main, mininterval=5
+        )
         for batch in bar:
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             with amp:
