@@ -1,0 +1,106 @@
+"""``python -m export --checkpoint DIR --out DIR [--precision fp32|fp16|int8] [--opset N] [--triton DIR]``.
+
+On success one summary line goes to stdout. Any error is one line ``error: ...`` on stderr and
+exit status 2 (1 for an unexpected internal failure); never a traceback, and nothing at ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from export.bundle import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, BundleError
+from export.checks import ExportError, check_export_arguments, safe_model_name
+from export.triton import TritonRepositoryError, check_repository_target
+
+USAGE_ERROR = 2
+INTERNAL_ERROR = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the usage block first; keep errors to one line.
+        self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m export", description="Export an IMM checkpoint to an ONNX serving bundle."
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (written by model.train)")
+    parser.add_argument(
+        "--out", required=True, help="bundle directory to write (replaced if it holds a bundle)"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="fp32 (default), int8 (CPU), fp16 (GPU)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})",
+    )
+    parser.add_argument(
+        "--triton", metavar="DIR", help="also write the model into this Triton model repository"
+    )
+    parser.add_argument(
+        "--name", help="model name in the manifest and in Triton (default: the checkpoint's directory name)"
+    )
+    parser.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        # Cheap checks first: a wrong path should not wait for torch to import.
+        check_export_arguments(
+            Path(args.checkpoint),
+            Path(args.out),
+            args.precision,
+            DEFAULT_OPSET if args.opset is None else args.opset,
+        )
+        if args.triton:
+            check_repository_target(
+                Path(args.triton), safe_model_name(args.name or Path(args.checkpoint).resolve().name)
+            )
+        from export.onnx_export import export_bundle
+
+        export_bundle(
+            args.checkpoint,
+            args.out,
+            precision=args.precision,
+            opset=args.opset,
+            triton_dir=args.triton,
+            name=args.name,
+            optimize=not args.no_optimize,
+            log=lambda message: print(
+                message, file=sys.stderr if message.startswith("warning") else sys.stdout
+            ),
+        )
+    except (ExportError, BundleError, TritonRepositoryError, OSError, ValueError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI promises one line, never a traceback
+        print(
+            f"error: export failed unexpectedly: {type(error).__name__}: {_one_line(error)}", file=sys.stderr
+        )
+        return INTERNAL_ERROR
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

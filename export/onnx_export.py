@@ -1,0 +1,572 @@
+"""Checkpoint to ONNX serving bundle: export, optimise or convert, check parity, write atomically.
+
+The graph holds what the server runs per request: patch projection, ISA and IA blocks and the
+task head. CLIP (a training-time teacher) and the losses stay out, and so does CRF decoding,
+which the server does in numpy (``model.decoding``) with the CRF scores from the manifest.
+
+Exporter: the TorchScript exporter (``dynamo=False``). On this model it gives a graph whose
+attention ONNX Runtime's transformer optimizer fuses, in about a second; the dynamo exporter
+(torch 2.13) takes ~25 s on MiniLM, duplicates the shared attention weights (+25 % size) and
+leaves no fusible attention. Both match PyTorch to ~1e-6.
+
+Every bundle is checked against PyTorch on deterministic sample batches (mixed lengths, mixed
+image and text-only rows) before it is accepted: fp32 within ``FP32_TOLERANCE`` (max abs), fp16
+within ``FP16_TOLERANCE`` of the output's scale, int8 by how many decoded labels it keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.bundle import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, MODEL_FILE, TOKENIZER_FILE, write_manifest
+from export.checks import ExportError, check_export_arguments, safe_model_name
+from model.checkpoint import SCORES_FILE, load_checkpoint, read_json
+from model.decoding import viterbi_decode
+from model.imm import IMMForNER, IMMForRE, IMMPreTrainedModel
+from model.preprocessing import Preprocessor
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FP16_TOLERANCE",
+    "FP32_TOLERANCE",
+    "INPUT_NAMES",
+    "INT8_MIN_AGREEMENT",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "OUTPUT_NAMES",
+    "ExportError",
+    "NERGraph",
+    "Parity",
+    "REGraph",
+    "compare",
+    "export_bundle",
+    "export_onnx",
+    "graph_module",
+    "restore_signature",
+    "sample_batches",
+    "sample_image",
+    "sample_vocabulary",
+]
+
+INPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "ner": ("input_ids", "attention_mask", "word_index", "pixel_values", "has_image"),
+    "re": ("input_ids", "attention_mask", "pixel_values", "has_image", "marker_index"),
+}
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {"ner": ("emissions",), "re": ("logits",)}
+_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "input_ids": {0: "batch", 1: "sequence"},
+    "attention_mask": {0: "batch", 1: "sequence"},
+    "word_index": {0: "batch", 1: "words"},
+    "pixel_values": {0: "batch"},
+    "has_image": {0: "batch"},
+    "marker_index": {0: "batch"},
+    "emissions": {0: "batch", 1: "words"},
+    "logits": {0: "batch"},
+}
+
+FP32_TOLERANCE = 1e-4  # max abs difference to PyTorch eager
+FP16_TOLERANCE = 2e-2  # max abs difference to PyTorch, relative to max(1, max |output|)
+INT8_MIN_AGREEMENT = 0.98  # below this share of identical labels, int8 export warns
+
+logger = logging.getLogger("export")
+
+
+class NERGraph(nn.Module):
+    """The NER graph: inputs in ``INPUT_NAMES["ner"]`` order, word emissions out (B, W, T)."""
+
+    def __init__(self, model: IMMForNER):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, word_index, pixel_values, has_image) -> torch.Tensor:
+        encoded = self.model.encoder(input_ids, attention_mask, pixel_values, has_image)
+        return self.model.head.emissions(encoded.text, word_index)
+
+
+class REGraph(nn.Module):
+    """The RE graph: inputs in ``INPUT_NAMES["re"]`` order, relation logits out (B, R)."""
+
+    def __init__(self, model: IMMForRE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, pixel_values, has_image, marker_index) -> torch.Tensor:
+        encoded = self.model.encoder(input_ids, attention_mask, pixel_values, has_image)
+        return self.model.head(encoded.text, marker_index)
+
+
+def graph_module(model: IMMPreTrainedModel) -> nn.Module:
+    """The eval-mode wrapper that is traced into the graph."""
+    wrapper = NERGraph(model) if model.config.task == "ner" else REGraph(model)
+    return wrapper.eval()
+
+
+# --- sample inputs ------------------------------------------------------------------------------
+
+
+def sample_vocabulary(preprocessor: Preprocessor) -> list[str]:
+    """Whole-word alphabetic tokens of the tokenizer, sorted (deterministic across runs)."""
+    vocabulary = preprocessor.text.tokenizer.get_vocab()
+    words = sorted(word for word in vocabulary if word.isalpha() and word.isascii() and len(word) > 1)
+    return words or ["a"]
+
+
+def sample_batches(
+    preprocessor: Preprocessor,
+    task: str,
+    *,
+    batch_sizes: Sequence[int] = (1, 2, 8, 5),
+    max_words: int = 24,
+    seed: int = 0,
+) -> list[dict[str, np.ndarray]]:
+    """Deterministic batches of random vocabulary words, of mixed lengths, images on about half the rows.
+
+    The first batch's rows all have an image and the second's none, so both paths run even at
+    batch size 1. Images are smooth gradients plus noise, normalised like real ones.
+    """
+    rng = np.random.default_rng(seed)
+    vocabulary = sample_vocabulary(preprocessor)
+    size = preprocessor.config.image_size
+    batches = []
+    for number, batch_size in enumerate(batch_sizes):
+        texts, images = [], []
+        for _ in range(batch_size):
+            words = [
+                vocabulary[i] for i in rng.integers(0, len(vocabulary), int(rng.integers(1, max_words + 1)))
+            ]
+            if task == "ner":
+                texts.append(preprocessor.text.encode(words))
+            else:
+                words = words if len(words) >= 2 else [*words, "x"]
+                head = int(rng.integers(0, len(words) - 1))
+                tail = int(rng.integers(head + 1, len(words)))
+                texts.append(preprocessor.text.encode_relation(words, (head, head + 1), (tail, tail + 1)))
+            with_image = {0: True, 1: False}.get(number, bool(rng.random() < 0.5))
+            images.append(sample_image(rng, size, preprocessor) if with_image else None)
+        batches.append(preprocessor.collate(texts, images))
+    return batches
+
+
+def sample_image(rng: np.random.Generator, size: int, preprocessor: Preprocessor) -> np.ndarray:
+    """A smooth colour gradient with noise, normalised like a real picture: pixel_values of one example."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    phase = rng.uniform(0, 1, 3)
+    rgb = np.stack([(x + phase[0]) % 1, (y + phase[1]) % 1, ((x + y) / 2 + phase[2]) % 1], axis=-1)
+    rgb = np.clip(rgb + rng.normal(0, 0.05, rgb.shape), 0, 1).astype(np.float32)
+    config = preprocessor.config
+    mean = np.asarray(config.image_mean, dtype=np.float32)
+    std = np.asarray(config.image_std, dtype=np.float32)
+    return np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1))
+
+
+def graph_feeds(batch: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+    """The graph's inputs out of a collated batch (which also holds ``word_mask``)."""
+    return {name: batch[name] for name in INPUT_NAMES[task]}
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: IMMPreTrainedModel, path: str | Path, example: dict[str, np.ndarray], opset: int
+) -> None:
+    """Traces the model's graph with dynamic batch, sequence and word axes and writes it to ``path``."""
+    task = model.config.task
+    names = INPUT_NAMES[task]
+    args = tuple(torch.from_numpy(example[name]) for name in names)
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter announces its deprecation, and the tracer flags the Python
+        # ints (layer count, head size) that are fixed by design.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph_module(model),
+            args,
+            str(path),
+            dynamo=False,
+            input_names=list(names),
+            output_names=list(OUTPUT_NAMES[task]),
+            dynamic_axes={name: _DYNAMIC_AXES[name] for name in (*names, *OUTPUT_NAMES[task])},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    restore_signature(path, task, example)
+
+
+def restore_signature(path: str | Path, task: str, example: dict[str, np.ndarray]) -> None:
+    """Rewrites the graph at ``path`` with every contract input, in contract order, and no Identity weights.
+
+    Run after every tool that rewrites the graph: the tracer and ONNX Runtime's optimizer both
+    prune inputs that the configuration does not use.
+    """
+    graph = onnx.load(str(path))
+    _restore_unused_inputs(graph, example, INPUT_NAMES[task])
+    _inline_initializer_identities(graph)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
+def _restore_unused_inputs(
+    graph: onnx.ModelProto, example: dict[str, np.ndarray], names: Sequence[str]
+) -> None:
+    """Puts back inputs the tracer dropped because this configuration ignores them.
+
+    ``marker_index`` is unused with ``re_pooling="cls"``, ``has_image`` without IA in separate
+    attention. Every bundle of a task keeps the same signature, so clients need no special case.
+    """
+    present = {value.name for value in graph.graph.input}
+    inputs = []
+    for name in names:
+        if name in present:
+            inputs.append(next(v for v in graph.graph.input if v.name == name))
+            continue
+        array = example[name]
+        axis_names = _DYNAMIC_AXES[name]
+        shape = [axis_names.get(axis, size) for axis, size in enumerate(array.shape)]
+        element = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        inputs.append(onnx.helper.make_tensor_value_info(name, element, shape))
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
+
+
+def _inline_initializer_identities(graph: onnx.ModelProto) -> None:
+    """Drops ``Identity(initializer)`` nodes, pointing their consumers at the initializer.
+
+    The exporter routes a weight used twice (the attention that both streams share, or two
+    weights that happen to be equal) through Identity nodes; ONNX Runtime's quantizer only
+    quantizes a MatMul whose weight is an initializer, so it would leave those in fp32.
+    """
+    initializers = {tensor.name for tensor in graph.graph.initializer}
+    outputs = {value.name for value in graph.graph.output}
+    rename = {
+        node.output[0]: node.input[0]
+        for node in graph.graph.node
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs
+    }
+    if not rename:
+        return
+    kept = [
+        node for node in graph.graph.node if not (node.op_type == "Identity" and node.output[0] in rename)
+    ]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in rename:
+                node.input[index] = rename[name]
+    del graph.graph.node[:]
+    graph.graph.node.extend(kept)
+
+
+def _io_description(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Names, numpy dtypes and shapes (axis names for dynamic axes) of the graph's inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        return {
+            "name": value.name,
+            "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name,
+            "shape": [axis.dim_param or axis.dim_value for axis in tensor.shape.dim],
+        }
+
+    return [describe(v) for v in graph.input], [describe(v) for v in graph.output]
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Parity:
+    """How an ONNX graph's outputs compare to PyTorch's on the sample batches."""
+
+    max_abs: float
+    output_scale: float  # max |PyTorch output|
+    label_agreement: float  # share of words (NER, after Viterbi) or examples (RE) with the same label
+    compared: int  # words or examples compared
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def torch_outputs(model: IMMPreTrainedModel, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    wrapper = graph_module(model)
+    task = model.config.task
+    with torch.inference_mode():
+        return [
+            wrapper(*(torch.from_numpy(batch[name]) for name in INPUT_NAMES[task])).float().numpy()
+            for batch in batches
+        ]
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    """A CPU session for the parity checks: as many threads as torch uses, no spinning (kind to shared CPUs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the parity check reports problems; ORT's warnings are noise here
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def labels_of(outputs: np.ndarray, batch: dict[str, np.ndarray], crf: dict[str, np.ndarray] | None) -> list:
+    """Decoded label ids: Viterbi per word for NER (with the CRF scores), argmax per example for RE."""
+    if crf is None:
+        return outputs.argmax(axis=-1).tolist()
+    return viterbi_decode(
+        outputs, batch["word_mask"], crf["transitions"], crf["start_transitions"], crf["end_transitions"]
+    )
+
+
+def compare(
+    path: Path,
+    task: str,
+    batches: Sequence[dict[str, np.ndarray]],
+    references: Sequence[np.ndarray],
+    crf: dict[str, np.ndarray] | None,
+) -> Parity:
+    session = ort_session(path)
+    max_abs, scale, same, total = 0.0, 0.0, 0, 0
+    for batch, reference in zip(batches, references):
+        (output,) = session.run(list(OUTPUT_NAMES[task]), graph_feeds(batch, task))
+        if output.shape != reference.shape:
+            raise ExportError(
+                f"the ONNX graph's output has shape {output.shape}, PyTorch's {reference.shape}"
+            )
+        if not np.isfinite(output).all():
+            return Parity(float("inf"), float(np.abs(reference).max()), 0.0, 0)
+        max_abs = max(max_abs, float(np.abs(output.astype(np.float64) - reference).max()))
+        scale = max(scale, float(np.abs(reference).max()))
+        for ours, theirs in zip(labels_of(output, batch, crf), labels_of(reference, batch, crf)):
+            ours, theirs = np.atleast_1d(ours), np.atleast_1d(theirs)
+            same += int((ours == theirs).sum())
+            total += len(theirs)
+    return Parity(max_abs, scale, same / max(total, 1), total)
+
+
+# --- the bundle ---------------------------------------------------------------------------------
+
+
+def export_bundle(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    opset: int | None = None,
+    triton_dir: str | Path | None = None,
+    *,
+    name: str | None = None,
+    optimize: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Exports a checkpoint into a bundle at ``out_dir`` (and a Triton model under ``triton_dir``).
+
+    Everything is checked before anything is written; the bundle is built in a hidden sibling
+    directory and renamed into place, so a failure leaves nothing at ``out_dir``. An existing
+    bundle at ``out_dir`` is replaced; any other non-empty directory is refused. ``optimize=False``
+    skips ONNX Runtime's transformer fusions (they are also dropped when they break parity).
+    """
+    say = log or (lambda message: logger.info(message))
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_export_arguments(checkpoint_dir, out_dir, precision, opset)
+    model_name = safe_model_name(name or checkpoint_dir.resolve().name)
+    if triton_dir is not None:
+        from export.triton import check_repository_target
+
+        check_repository_target(Path(triton_dir), model_name)
+
+    started = time.perf_counter()
+    try:
+        model, preprocessor = load_checkpoint(checkpoint_dir)
+    except Exception as error:  # noqa: BLE001 - bad config, weights that do not fit it, corrupt files
+        raise ExportError(f"cannot load checkpoint {checkpoint_dir}: {_first_line(error)}") from error
+    model.eval()
+    task = model.config.task
+    crf = _crf_arrays(model) if task == "ner" else None
+    batches = sample_batches(preprocessor, task)
+    references = torch_outputs(model, batches)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the server may run as another user
+    try:
+        with tempfile.TemporaryDirectory(prefix="imm-export-") as work:
+            work = Path(work)
+            graph, details = _build_graph(
+                model, precision, opset, batches, references, crf, work, say, optimize
+            )
+            shutil.move(str(graph), staging / MODEL_FILE)
+        shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        inputs, outputs = _io_description(staging / MODEL_FILE)
+        write_manifest(
+            staging,
+            task=task,
+            model_name=model_name,
+            labels=model.config.labels,
+            preprocessing=model.config.preprocessing,
+            precision=precision,
+            opset=opset,
+            inputs=inputs,
+            outputs=outputs,
+            scores=read_json(checkpoint_dir, SCORES_FILE),
+            crf=crf,
+            extra={
+                **details,
+                "source": {
+                    "checkpoint": str(checkpoint_dir.resolve()),
+                    "backbone": model.config.backbone,
+                    "config": model.config.to_dict(),
+                },
+                "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, **_ort_version()},
+            },
+        )
+        triton_model = None
+        if triton_dir is not None:
+            from export.triton import write_triton_model
+
+            triton_model = write_triton_model(staging, Path(triton_dir), model_name)
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(
+        f"exported {checkpoint_dir} -> {out_dir} ({precision}, {(out_dir / MODEL_FILE).stat().st_size / 1e6:.1f} MB"
+        f"{', Triton model ' + str(triton_model) if triton_model else ''}) in {time.perf_counter() - started:.1f} s"
+    )
+    return out_dir
+
+
+def _crf_arrays(model: IMMForNER) -> dict[str, np.ndarray]:
+    crf = model.head.crf
+    return {
+        "transitions": crf.transitions.detach().float().numpy().copy(),
+        "start_transitions": crf.start_transitions.detach().float().numpy().copy(),
+        "end_transitions": crf.end_transitions.detach().float().numpy().copy(),
+    }
+
+
+def _ort_version() -> dict[str, str]:
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__}
+
+
+def _build_graph(
+    model: IMMPreTrainedModel,
+    precision: str,
+    opset: int,
+    batches: list[dict[str, np.ndarray]],
+    references: list[np.ndarray],
+    crf: dict[str, np.ndarray] | None,
+    work: Path,
+    say: Callable[[str], None],
+    optimize: bool,
+) -> tuple[Path, dict[str, Any]]:
+    """The final graph file in ``work`` and what the manifest records about it.
+
+    fp32: the exported graph, fused by the transformer optimizer if the fused one still matches
+    PyTorch within ``FP32_TOLERANCE``. int8: that graph with dynamically quantised weights. fp16:
+    the GPU-flavoured fusions converted to fp16 (fp32 inputs and outputs), else the plain graph
+    converted, whichever first stays within ``FP16_TOLERANCE``.
+    """
+    from export import quantize
+
+    task = model.config.task
+
+    def rewrite(what: str, function: Callable[..., Any], source: Path, target: Path, *args: Any) -> Any:
+        """One graph tool, then the stable signature back; a failure is reported, and gives None."""
+        try:
+            result = function(source, target, *args)
+            restore_signature(target, task, batches[2])
+            return result
+        except Exception as error:  # noqa: BLE001 - third-party graph tools raise anything
+            say(f"{what} skipped: {type(error).__name__}: {_first_line(error)}")
+            return None
+
+    raw = work / "raw.onnx"
+    export_onnx(model, raw, batches[2], opset)
+    parity = compare(raw, task, batches, references, crf)
+    if not parity.max_abs <= FP32_TOLERANCE:
+        raise ExportError(
+            f"the exported graph does not match PyTorch: max abs difference {parity.max_abs:.3g} "
+            f"> {FP32_TOLERANCE:g}"
+        )
+    details: dict[str, Any] = {"optimized": False, "fusions": {}}
+    base = raw
+    if optimize and precision in ("fp32", "int8"):
+        fused = work / "fused.onnx"
+        fusions = rewrite("transformer optimizer", quantize.optimize, raw, fused, model.config)
+        if fusions is not None:
+            fused_parity = compare(fused, task, batches, references, crf)
+            if fused_parity.max_abs <= FP32_TOLERANCE:
+                base, parity = fused, fused_parity
+                details.update(optimized=True, fusions=fusions)
+            else:
+                say(
+                    f"transformer fusions dropped: max abs difference {fused_parity.max_abs:.3g} breaks parity"
+                )
+    if precision == "fp32":
+        details["parity"] = parity.to_dict() | {"tolerance": FP32_TOLERANCE}
+        return base, details
+    if precision == "int8":
+        quantized = work / "int8.onnx"
+        if rewrite("int8 quantization", quantize.quantize_int8, base, quantized) is None:
+            raise ExportError("int8 quantization failed (see the line above)")
+        int8_parity = compare(quantized, task, batches, references, crf)
+        if not np.isfinite(int8_parity.max_abs):
+            raise ExportError("the int8 graph produces non-finite outputs")
+        if int8_parity.label_agreement < INT8_MIN_AGREEMENT:
+            say(
+                f"warning: int8 keeps {int8_parity.label_agreement:.1%} of the labels on the sample inputs "
+                f"(< {INT8_MIN_AGREEMENT:.0%}); check its dev score before serving it"
+            )
+        details["parity"] = int8_parity.to_dict() | {"min_agreement_warning": INT8_MIN_AGREEMENT}
+        details["quantization"] = quantize.INT8_SETTINGS
+        return quantized, details
+    # fp16: fusions for GPUs first, then the plain graph.
+    candidates = [("fused", True), ("plain", False)] if optimize else [("plain", False)]
+    failures = []
+    for label, fuse in candidates:
+        half = work / f"fp16-{label}.onnx"
+        fusions = rewrite(f"fp16 conversion ({label})", quantize.convert_fp16, raw, half, model.config, fuse)
+        if fusions is None:
+            continue
+        half_parity = compare(half, task, batches, references, crf)
+        bound = FP16_TOLERANCE * max(1.0, half_parity.output_scale)
+        if half_parity.max_abs <= bound:
+            details.update(
+                optimized=fuse, fusions=fusions, parity=half_parity.to_dict() | {"tolerance": bound}
+            )
+            return half, details
+        failures.append(f"{label}: max abs difference {half_parity.max_abs:.3g} > {bound:.3g}")
+    raise ExportError(f"no fp16 graph matches PyTorch ({'; '.join(failures) or 'conversion failed'})")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Moves ``source`` to ``target``; an existing ``target`` (checked to be a bundle) is replaced."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(source, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(source, target)

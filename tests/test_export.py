@@ -1,0 +1,424 @@
+"""Export to ONNX bundles: parity with PyTorch, int8 agreement, numpy Viterbi, tampering, the CLI.
+
+Each precision is exported once per module from the small trained checkpoints of conftest, and
+checked on a fixture set of 104 held-out synthetic tweets, half of them with an image, at batch
+sizes 1 and 8 (mixed lengths, mixed image and text-only rows in one batch).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torchcrf import CRF
+
+from export.__main__ import main as export_main
+from export.bundle import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, BundleError, load_bundle, sha256_file
+from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_bundle
+from model.checkpoint import load_checkpoint
+from model.decoding import viterbi_decode
+from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
+
+FIXTURE_SIZE = 104
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ner_model(trained_ner_checkpoint):
+    model, preprocessor = load_checkpoint(trained_ner_checkpoint)
+    return model.eval(), preprocessor
+
+
+@pytest.fixture(scope="module")
+def re_model(trained_re_checkpoint):
+    model, preprocessor = load_checkpoint(trained_re_checkpoint)
+    return model.eval(), preprocessor
+
+
+def _images(preprocessor, count: int) -> list[np.ndarray | None]:
+    """A picture (of varying size) for every other example, none for the rest."""
+    return [
+        preprocessor.image(jpeg_bytes(width=48 + 8 * (i % 5), height=40 + 4 * (i % 3), seed=i))
+        if i % 2 == 0
+        else None
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def ner_fixture_set(ner_model):
+    """Held-out examples (another seed than training), encoded, with their images."""
+    _, preprocessor = ner_model
+    examples = synthetic_ner_examples(FIXTURE_SIZE, seed=7)
+    return [preprocessor.text.encode(e.words) for e in examples], _images(preprocessor, FIXTURE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def re_fixture_set(re_model):
+    _, preprocessor = re_model
+    examples = synthetic_re_examples(FIXTURE_SIZE, seed=7)
+    texts = [preprocessor.text.encode_relation(e.words, e.head, e.tail) for e in examples]
+    return texts, _images(preprocessor, FIXTURE_SIZE)
+
+
+def batches(preprocessor, fixture_set, batch_size: int) -> list[dict[str, np.ndarray]]:
+    texts, images = fixture_set
+    return [
+        preprocessor.collate(texts[start : start + batch_size], images[start : start + batch_size])
+        for start in range(0, len(texts), batch_size)
+    ]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint):
+    """One export per precision (NER), the fp32 one with a Triton repository, and an fp32 RE bundle."""
+    root = tmp_path_factory.mktemp("bundles")
+    made = {
+        "ner-fp32": export_bundle(
+            trained_ner_checkpoint, root / "ner-fp32", "fp32", triton_dir=root / "triton", name="imm-ner"
+        ),
+        "ner-int8": export_bundle(trained_ner_checkpoint, root / "ner-int8", "int8"),
+        "ner-fp16": export_bundle(trained_ner_checkpoint, root / "ner-fp16", "fp16"),
+        "re-fp32": export_bundle(trained_re_checkpoint, root / "re-fp32", "fp32"),
+    }
+    made["triton"] = root / "triton"
+    return made
+
+
+def session(bundle) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(bundle.model_path), options, providers=["CPUExecutionProvider"])
+
+
+def torch_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(array) for name, array in batch.items()}
+
+
+def decode(bundle, emissions: np.ndarray, word_mask: np.ndarray) -> list[list[str]]:
+    crf = bundle.crf
+    ids = viterbi_decode(
+        emissions, word_mask, crf["transitions"], crf["start_transitions"], crf["end_transitions"]
+    )
+    return [[bundle.labels[i] for i in row] for row in ids]
+
+
+# --- parity -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_ner_fp32_matches_pytorch(bundles, ner_model, ner_fixture_set, batch_size):
+    model, preprocessor = ner_model
+    bundle = load_bundle(bundles["ner-fp32"])
+    runner = session(bundle)
+    assert bundle.input_names == list(INPUT_NAMES["ner"])
+    worst, compared, mixed = 0.0, 0, 0
+    for batch in batches(preprocessor, ner_fixture_set, batch_size):
+        (emissions,) = runner.run(["emissions"], {name: batch[name] for name in bundle.input_names})
+        with torch.no_grad():
+            expected = model(**torch_batch(batch)).logits.numpy()
+            expected_tags = model.predict(**torch_batch(batch))
+        assert emissions.shape == expected.shape
+        worst = max(worst, float(np.abs(emissions - expected).max()))
+        assert decode(bundle, emissions, batch["word_mask"]) == expected_tags
+        compared += len(expected_tags)
+        mixed += int(0 < batch["has_image"].sum() < len(batch["has_image"]))
+    assert worst <= 1e-4, f"max abs difference {worst:.3g}"
+    assert compared == FIXTURE_SIZE
+    assert batch_size == 1 or mixed > 0  # batches mix image and text-only rows
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_re_fp32_matches_pytorch(bundles, re_model, re_fixture_set, batch_size):
+    model, preprocessor = re_model
+    bundle = load_bundle(bundles["re-fp32"])
+    runner = session(bundle)
+    # re_pooling="cls" leaves marker_index unused; the graph keeps it for a stable signature.
+    assert bundle.input_names == list(INPUT_NAMES["re"])
+    assert bundle.output_names == list(OUTPUT_NAMES["re"]) and bundle.crf is None
+    for batch in batches(preprocessor, re_fixture_set, batch_size):
+        (logits,) = runner.run(["logits"], {name: batch[name] for name in bundle.input_names})
+        with torch.no_grad():
+            expected = model(**torch_batch(batch)).logits.numpy()
+            expected_labels = model.predict(**torch_batch(batch))
+        assert np.abs(logits - expected).max() <= 1e-4
+        assert [bundle.labels[i] for i in logits.argmax(-1)] == expected_labels
+
+
+def test_ner_int8_keeps_the_labels(bundles, ner_model, ner_fixture_set):
+    model, preprocessor = ner_model
+    fp32, int8 = load_bundle(bundles["ner-fp32"]), load_bundle(bundles["ner-int8"])
+    assert int8.precision == "int8"
+    assert int8.model_path.stat().st_size < 0.5 * fp32.model_path.stat().st_size
+    runner = session(int8)
+    same = total = 0
+    for batch in batches(preprocessor, ner_fixture_set, 8):
+        (emissions,) = runner.run(["emissions"], {name: batch[name] for name in int8.input_names})
+        expected = model.predict(**torch_batch(batch))
+        for ours, theirs in zip(decode(int8, emissions, batch["word_mask"]), expected):
+            same += sum(a == b for a, b in zip(ours, theirs))
+            total += len(theirs)
+    assert same / total >= 0.98, f"int8 keeps {same / total:.2%} of {total} word labels"
+
+
+def test_ner_fp16_stays_close(bundles, ner_model, ner_fixture_set):
+    model, preprocessor = ner_model
+    bundle = load_bundle(bundles["ner-fp16"])
+    assert bundle.manifest["inputs"][3]["dtype"] == "float32"  # io stays fp32
+    runner = session(bundle)
+    batch = batches(preprocessor, ner_fixture_set, 8)[0]
+    (emissions,) = runner.run(["emissions"], {name: batch[name] for name in bundle.input_names})
+    expected = model(**torch_batch(batch)).logits.detach().numpy()
+    assert emissions.dtype == np.float32
+    assert np.abs(emissions - expected).max() <= 2e-2 * max(1.0, np.abs(expected).max())
+
+
+def test_manifest_records_the_checkpoint(bundles, trained_ner_checkpoint):
+    model, _ = load_checkpoint(trained_ner_checkpoint)
+    bundle = load_bundle(bundles["ner-fp32"])
+    manifest = bundle.manifest
+    assert bundle.task == "ner" and bundle.labels == model.config.labels
+    assert bundle.preprocessing == model.config.preprocessing
+    assert manifest["scores"] == {"f1": 1.0} and manifest["opset"] == 17
+    np.testing.assert_array_equal(bundle.crf["transitions"], model.head.crf.transitions.detach().numpy())
+    np.testing.assert_array_equal(
+        bundle.crf["end_transitions"], model.head.crf.end_transitions.detach().numpy()
+    )
+    assert manifest["parity"]["max_abs"] <= 1e-4
+    assert set(manifest["files"]) == {MODEL_FILE, TOKENIZER_FILE}
+    assert bundle.name == f"imm-ner@{sha256_file(bundle.model_path)[:12]}"
+    assert bundle.tokenizer_path.read_bytes() == (trained_ner_checkpoint / TOKENIZER_FILE).read_bytes()
+
+
+# --- numpy Viterbi ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tags", [1, 3, 9])
+def test_numpy_viterbi_equals_pytorch_crf(num_tags):
+    generator = torch.Generator().manual_seed(num_tags)
+    crf = CRF(num_tags, batch_first=True)
+    with torch.no_grad():
+        for parameter in (crf.transitions, crf.start_transitions, crf.end_transitions):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 2)
+    for trial in range(20):
+        batch, words = 1 + trial % 7, 1 + (3 * trial) % 13
+        emissions = torch.randn(batch, words, num_tags, generator=generator) * (1 + trial % 3)
+        lengths = torch.randint(1, words + 1, (batch,), generator=generator)
+        lengths[0] = words  # pytorch-crf wants one full-length row with batch_first masks
+        mask = torch.arange(words)[None] < lengths[:, None]
+        expected = crf.decode(emissions, mask=mask)
+        ours = viterbi_decode(
+            emissions.numpy(),
+            mask.numpy(),
+            crf.transitions.detach().numpy(),
+            crf.start_transitions.detach().numpy(),
+            crf.end_transitions.detach().numpy(),
+        )
+        assert ours == expected
+
+
+# --- tampering ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def bundle_copy(bundles, tmp_path) -> Path:
+    return Path(shutil.copytree(bundles["ner-fp32"], tmp_path / "bundle"))
+
+
+def test_a_modified_model_file_is_refused(bundle_copy):
+    load_bundle(bundle_copy)  # intact: loads
+    data = bytearray((bundle_copy / MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_copy / MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx does not match its manifest"):
+        load_bundle(bundle_copy)
+
+
+def test_an_edited_manifest_is_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / MANIFEST_FILE).read_text())
+    manifest["labels"][1], manifest["labels"][3] = manifest["labels"][3], manifest["labels"][1]
+    (bundle_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="edited after export"):
+        load_bundle(bundle_copy)
+
+
+def test_a_missing_or_replaced_file_is_refused(bundle_copy):
+    (bundle_copy / TOKENIZER_FILE).write_text("{}")
+    with pytest.raises(BundleError, match=r"tokenizer\.json does not match"):
+        load_bundle(bundle_copy)
+    (bundle_copy / TOKENIZER_FILE).unlink()
+    with pytest.raises(BundleError, match=r"missing tokenizer\.json"):
+        load_bundle(bundle_copy)
+    (bundle_copy / MANIFEST_FILE).write_text("not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle_copy)
+    (bundle_copy / MANIFEST_FILE).unlink()
+    with pytest.raises(BundleError, match="not a bundle"):
+        load_bundle(bundle_copy)
+
+
+def test_a_bundle_serves_without_torch(bundles, ner_model, ner_fixture_set):
+    """The server's path: load_bundle, ONNX Runtime and numpy decoding, with torch never imported."""
+    model, preprocessor = ner_model
+    batch = batches(preprocessor, ner_fixture_set, 8)[1]
+    expected = model.predict(**torch_batch(batch))
+    script = f"""
+import sys, numpy as np, onnxruntime as ort
+from export.bundle import load_bundle
+from model.decoding import viterbi_decode
+from model.preprocessing import Preprocessor
+bundle = load_bundle({str(bundles["ner-fp32"])!r})
+Preprocessor.from_directory(bundle.directory, bundle.preprocessing)
+batch = dict(np.load(sys.argv[1]))
+(emissions,) = ort.InferenceSession(str(bundle.model_path)).run(None, {{n: batch[n] for n in bundle.input_names}})
+crf = bundle.crf
+tags = viterbi_decode(emissions, batch["word_mask"], crf["transitions"], crf["start_transitions"], crf["end_transitions"])
+print([[bundle.labels[t] for t in row] for row in tags])
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    path = Path(bundles["ner-fp32"]).parent / "batch.npz"
+    np.savez(path, **batch)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(expected)
+
+
+# --- Triton -------------------------------------------------------------------------------------
+
+
+def test_triton_repository(bundles):
+    model_dir = bundles["triton"] / "imm-ner"
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'name: "imm-ner"' in config and 'platform: "onnxruntime_onnx"' in config
+    assert "dynamic_batching" in config and "max_batch_size: 32" in config
+    for name in (*INPUT_NAMES["ner"], "emissions"):
+        assert f'name: "{name}"' in config
+    assert "dims: [ 3, 224, 224 ]" in config and "reshape: { shape: [ ] }" in config
+    assert sha256_file(model_dir / "1" / MODEL_FILE) == sha256_file(bundles["ner-fp32"] / MODEL_FILE)
+    assert (model_dir / MANIFEST_FILE).is_file() and (model_dir / TOKENIZER_FILE).is_file()
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = export_main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.fixture()
+def broken_checkpoints(trained_ner_checkpoint, tmp_path) -> dict[str, Path]:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_tokenizer = Path(shutil.copytree(trained_ner_checkpoint, tmp_path / "no_tokenizer"))
+    (no_tokenizer / TOKENIZER_FILE).unlink()
+    bad_config = Path(shutil.copytree(trained_ner_checkpoint, tmp_path / "bad_config"))
+    (bad_config / "config.json").write_text('{"task": "pos"}')
+    return {"empty": empty, "no_tokenizer": no_tokenizer, "bad_config": bad_config}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "is not a directory"),
+        ("empty", "is not an IMM checkpoint: missing model.safetensors"),
+        ("no_tokenizer", "is not an IMM checkpoint: missing tokenizer.json"),
+        ("bad_config", "config.json"),
+        ("opset 9", "opset 9 is not supported"),
+        ("opset 21", "opset 21 is not supported"),
+        ("out is a file", "exists and is not a directory"),
+        ("out holds other files", "is not a bundle; refusing"),
+    ],
+)
+def test_cli_bad_input(capsys, tmp_path, trained_ner_checkpoint, broken_checkpoints, case, message):
+    checkpoint, out, extra = trained_ner_checkpoint, tmp_path / "out", []
+    if case in broken_checkpoints:
+        checkpoint = broken_checkpoints[case]
+    elif case == "missing":
+        checkpoint = tmp_path / "nowhere"
+    elif case.startswith("opset"):
+        extra = ["--opset", case.split()[1]]
+    elif case == "out is a file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--out", str(out), *extra)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no staging left
+    if case == "out holds other files":
+        assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_subprocess_error_is_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: checkpoint {tmp_path / 'none'} is not a directory"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_export_leaves_nothing(capsys, monkeypatch, tmp_path, trained_ner_checkpoint):
+    """A graph that misses parity is refused after the expensive steps: still nothing at --out."""
+    import export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", -1.0)
+    out = tmp_path / "deep" / "out"
+    code, err = run_cli(
+        capsys,
+        "--checkpoint",
+        str(trained_ner_checkpoint),
+        "--out",
+        str(out),
+        "--triton",
+        str(tmp_path / "triton"),
+    )
+    assert code == 2 and err.count("\n") == 1 and "does not match PyTorch" in err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert not (tmp_path / "triton").exists()
+
+
+def test_reexport_replaces_a_bundle(capsys, tmp_path, bundles, trained_re_checkpoint):
+    out = Path(shutil.copytree(bundles["re-fp32"], tmp_path / "re"))
+    args = (
+        "--checkpoint",
+        str(trained_re_checkpoint),
+        "--out",
+        str(out),
+        "--precision",
+        "int8",
+        "--no-optimize",
+    )
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    bundle = load_bundle(out)
+    assert bundle.precision == "int8" and bundle.manifest["optimized"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["re"]  # no staging or retired copy left
