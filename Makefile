@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install test lint format clean serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ format: $(STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+# The inference service on the default bundles (weights/ner, weights/re); IMM_* variables configure it.
+serve: $(STAMP)
+	$(PY) -m service
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,199 @@
+"""Dynamic batching: concurrent requests of one model share one ONNX Runtime call.
+
+Requests wait in a bounded queue; a single worker task takes the first, gathers more for up to
+``max_wait_s`` (only while more requests are known to be on their way, so a lone request does not
+pay the wait) or until ``max_batch_size``, and runs the batch in a dedicated thread, off the event
+loop. Each request's future gets its own row of the result. A full queue refuses at once
+(``QueueFull``, a 503 with Retry-After upstream): the wait of an admitted request is bounded by
+the queue length times the batch time, never unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger("service.batcher")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class QueueFull(Exception):
+    """The model's queue is full: the request is refused rather than kept waiting."""
+
+
+class BatcherClosed(Exception):
+    """The service is shutting down."""
+
+
+@dataclass
+class BatchTimings:
+    """What one request spent in the batcher, for the latency histograms."""
+
+    queue_wait_s: float = 0.0
+    inference_s: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Pending(Generic[Item, Result]):
+    item: Item
+    future: asyncio.Future[Result]
+    enqueued: float
+    timings: BatchTimings = field(default_factory=BatchTimings)
+
+
+class Batcher(Generic[Item, Result]):
+    """Gathers submitted items into batches for ``run_batch`` (called in ``executor``).
+
+    ``run_batch(items)`` must return one result per item, in order. An exception from it fails
+    every request of that batch (and only them).
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item]], Sequence[Result]],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, float], None] | None = None,
+        name: str = "batcher",
+    ):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.name = name
+        self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._incoming = 0  # requests being preprocessed: a batch may wait for them
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the worker on the running loop (call from the app's lifespan)."""
+        if self._worker is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
+
+    async def stop(self) -> None:
+        """Stops the worker; requests still queued fail with ``BatcherClosed``."""
+        if self._worker is None:
+            return
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        self._worker = None
+        assert self._queue is not None
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(BatcherClosed(f"{self.name} is shutting down"))
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch (not counting the batch running now)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    # -- requests ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Admits a request (``QueueFull`` if ``max_queue`` are already admitted and not yet running).
+
+        While inside, the request is being preprocessed: a forming batch may wait for it. Admitted
+        requests (being preprocessed or queued) never exceed ``max_queue``, so neither the
+        preprocessing pool nor the queue can grow without bound.
+        """
+        if self._incoming + self.depth >= self.max_queue:
+            raise QueueFull(f"{self.name}: {self.max_queue} requests are already waiting")
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
+    async def submit(self, item: Item, timeout_s: float | None = None) -> tuple[Result, BatchTimings]:
+        """The item's result once its batch has run; ``QueueFull`` at once when the queue is full.
+
+        On timeout (``asyncio.TimeoutError``) the request is dropped from its batch if that has
+        not started yet.
+        """
+        if self._queue is None or self._worker is None:
+            raise BatcherClosed(f"{self.name} is not running")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        pending = _Pending(item, future, time.perf_counter())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self.name}: {self.max_queue} requests are already waiting") from None
+        result = await asyncio.wait_for(future, timeout_s)
+        return result, pending.timings
+
+    # -- the worker -------------------------------------------------------------------------
+    async def _gather(self) -> list[_Pending[Item, Result]]:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            # Nothing queued: wait only if a request is being preprocessed and time is left.
+            remaining = deadline - loop.time()
+            if self._incoming == 0 or remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            # Requests that timed out or were cancelled while queued are dropped.
+            live = [p for p in batch if not p.future.done()]
+            if not live:
+                continue
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [p.item for p in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} items")
+            except asyncio.CancelledError:
+                for pending in live:
+                    if not pending.future.done():
+                        pending.future.set_exception(BatcherClosed(f"{self.name} is shutting down"))
+                raise
+            except Exception as error:  # noqa: BLE001 - the batch's requests get the error, the worker lives on
+                log.exception("%s: a batch of %d failed", self.name, len(live))
+                for pending in live:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            elapsed = time.perf_counter() - started
+            if self.on_batch is not None:
+                self.on_batch(len(live), elapsed)
+            for pending, result in zip(live, results):
+                pending.timings.queue_wait_s = started - pending.enqueued
+                pending.timings.inference_s = elapsed
+                pending.timings.batch_size = len(live)
+                if not pending.future.done():
+                    pending.future.set_result(result)

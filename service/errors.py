@@ -1,0 +1,101 @@
+"""Error answers: one JSON shape, the right status for each bad input, never a traceback.
+
+Bodies follow FastAPI's convention: ``{"detail": "message"}``, or for 422 a list of
+``{"loc": ["body", field], "msg", "type"}`` naming the field; every body also carries the
+request id. Image errors from the shared preprocessing map to 415 (not an image), 422 (corrupt or
+truncated) and 413 (too many pixels).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.preprocessing import CorruptImage, ImageError, ImageTooLarge, NotAnImage
+
+
+class ApiError(Exception):
+    """An answer other than 200, raised anywhere in request handling."""
+
+    def __init__(self, status: int, detail: Any, headers: Mapping[str, str] | None = None):
+        super().__init__(detail if isinstance(detail, str) else json.dumps(detail))
+        self.status = status
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class FieldError(ApiError):
+    """A 422 about one form field, in FastAPI's validation-error shape."""
+
+    def __init__(self, field: str, message: str, kind: str = "value_error"):
+        super().__init__(422, [{"loc": ["body", field], "msg": message, "type": kind}])
+        self.field = field
+
+
+def image_error_status(error: ImageError) -> int:
+    if isinstance(error, NotAnImage):
+        return 415
+    if isinstance(error, ImageTooLarge):
+        return 413
+    if isinstance(error, CorruptImage):
+        return 422
+    return 422
+
+
+def json_error_body(detail: Any, request_id: str | None) -> bytes:
+    return json.dumps({"detail": detail, "request_id": request_id}, ensure_ascii=False).encode()
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def error_response(
+    request: Request, status: int, detail: Any, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail, "request_id": _request_id(request)},
+        status_code=status,
+        headers=dict(headers or {}),
+    )
+
+
+def _clean_validation_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's errors without ``input``/``ctx``: they would echo the client's (maybe huge) input back."""
+    return [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors
+    ]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(request, error.status, error.detail, error.headers)
+
+    @app.exception_handler(ImageError)
+    async def _image_error(request: Request, error: ImageError) -> JSONResponse:
+        return error_response(
+            request,
+            image_error_status(error),
+            [{"loc": ["body", "image"], "msg": str(error), "type": type(error).__name__}],
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, _clean_validation_errors(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, error.status_code, error.detail, getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(
+        request: Request, error: Exception
+    ) -> JSONResponse:  # pragma: no cover - see middleware
+        return error_response(request, 500, "internal server error")

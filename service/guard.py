@@ -1,0 +1,119 @@
+"""The API key and the upload size limit, checked on the raw ASGI stream before any parsing.
+
+Both run before FastAPI reads the multipart body, so an unauthenticated or oversized upload costs
+the server nothing: a ``Content-Length`` over the limit is refused before one byte of the body is
+read, and a body without one (chunked) is counted while it streams and cut off as soon as it
+passes the limit, without reading the rest.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` once the streamed body passes the limit."""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value
+    return None
+
+
+class GuardMiddleware:
+    """401 without the right bearer token, 413 for a body over ``max_body_bytes``, on ``paths`` only."""
+
+    def __init__(self, app: ASGIApp, *, paths: Iterable[str], max_body_bytes: int, api_key: str | None):
+        self.app = app
+        self.paths = frozenset(paths)
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def _refuse(
+        self, scope: Scope, send: Send, status: int, detail: str, headers: list | None = None
+    ) -> None:
+        request_id = scope.get("state", {}).get("request_id")
+        body = json.dumps({"detail": detail, "request_id": request_id}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                    *(headers or []),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorised(self, scope: Scope) -> bool:
+        if self.api_key is None:
+            return True
+        value = _header(scope, b"authorization") or b""
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if not self._authorised(scope):
+            await self._refuse(
+                scope,
+                send,
+                401,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        too_large = f"request body larger than the limit of {self.max_body_bytes} bytes"
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                declared_size = int(declared)
+            except ValueError:
+                await self._refuse(scope, send, 400, "invalid Content-Length")
+                return
+            if declared_size > self.max_body_bytes:
+                await self._refuse(scope, send, 413, too_large)
+                return
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    raise BodyTooLarge(too_large)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                # The framework turned our BodyTooLarge into its own error answer: replace it.
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await self._refuse(scope, send, 413, too_large)
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLarge:
+            if not response_started:
+                await self._refuse(scope, send, 413, too_large)

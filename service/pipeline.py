@@ -1,0 +1,274 @@
+"""What the service does with a request, per task: preprocess one, infer and decode a batch.
+
+``prepare`` (in the preprocessing thread pool) turns raw text and image bytes into model inputs
+through the project's one preprocessing path (``model.preprocessing``); ``run_batch`` (in the
+model's inference thread) pads a batch with the shared ``collate``, runs ONNX Runtime once and
+decodes each row on its own, so a request gets the same answer alone or in any batch.
+
+Torch-free: only numpy, tokenizers, Pillow, onnxruntime and the torch-free project modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import PreprocessingConfig
+from model.decoding import bio_spans, char_spans, crf_marginals, viterbi_decode
+from model.preprocessing import EncodedText, Preprocessor, load_tokenizer, split_words
+from service.errors import FieldError
+from service.runtime import OnnxModel
+
+log = logging.getLogger("service.pipeline")
+
+WARMUP_TEXT = "RT @imm_ai : Alice Smith visits Paris with the Lakers today ! #warmup http://t.co/x :)"
+
+
+@dataclass
+class Prepared:
+    """One request's model inputs plus what is needed to answer it."""
+
+    text: str
+    words: list[tuple[str, int, int]]  # (word, start, end) for the words that fit the window
+    encoded: EncodedText
+    pixels: np.ndarray | None
+    truncated: bool
+    stages: dict[str, float] = field(default_factory=dict)  # decode, tokenise seconds
+
+    @property
+    def image_used(self) -> bool:
+        return self.pixels is not None
+
+
+@dataclass(frozen=True)
+class Entity:
+    text: str
+    type: str
+    start: int
+    end: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Relation:
+    relation: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What the service needs from a bundle (read by ``export.bundle.load_bundle``)."""
+
+    task: str
+    name: str
+    labels: list[str]
+    preprocessing: PreprocessingConfig
+    model_path: Path
+    tokenizer_path: Path
+    transitions: np.ndarray | None = None
+    start_transitions: np.ndarray | None = None
+    end_transitions: np.ndarray | None = None
+
+
+def _words_of(text: str) -> list[tuple[str, int, int]]:
+    words = split_words(text)
+    if not words:
+        raise FieldError("text", "text is empty or only whitespace")
+    return words
+
+
+class Pipeline:
+    """The task-independent half: image decoding, batching, warm-up."""
+
+    task: str = ""
+    output_name: str = ""
+
+    def __init__(self, bundle: BundleInfo, model: OnnxModel, max_image_pixels: int):
+        if bundle.task != self.task:
+            raise ValueError(f"the bundle holds a {bundle.task!r} model, not {self.task!r}")
+        self.bundle = bundle
+        self.name = bundle.name
+        self.labels = list(bundle.labels)
+        self.model = model
+        self.preprocessor = Preprocessor(
+            bundle.preprocessing, load_tokenizer(bundle.tokenizer_path), max_pixels=max_image_pixels
+        )
+        self.budget = bundle.preprocessing.max_seq_len - 2  # pieces between [CLS] and [SEP]
+
+    def _image(self, image: bytes | None, stages: dict[str, float]) -> np.ndarray | None:
+        """Decoded pixels (JPEG in draft mode: never a full-size decode of a large photo)."""
+        if image is None:
+            return None
+        started = time.perf_counter()
+        pixels = self.preprocessor.image(image)
+        stages["decode"] = time.perf_counter() - started
+        return pixels
+
+    def _collate(self, batch: Sequence[Prepared]) -> dict[str, np.ndarray]:
+        return self.preprocessor.collate([p.encoded for p in batch], [p.pixels for p in batch])
+
+    def run_batch(self, batch: Sequence[Prepared]) -> list[Any]:
+        arrays = self._collate(batch)
+        output = self.model.run(arrays)
+        return self.decode(batch, arrays, output)
+
+    def decode(
+        self, batch: Sequence[Prepared], arrays: dict[str, np.ndarray], output: np.ndarray
+    ) -> list[Any]:
+        raise NotImplementedError
+
+    def warmup_items(self) -> list[Prepared]:
+        raise NotImplementedError
+
+    def warmup(self, max_batch_size: int) -> float:
+        """Runs a text-only, an image and a full batch (pre-sizing ONNX Runtime's memory); seconds taken."""
+        started = time.perf_counter()
+        items = self.warmup_items()
+        size = self.preprocessor.config.image_size
+        grey = np.zeros((3, size, size), dtype=np.float32)
+        with_image = [Prepared(i.text, i.words, i.encoded, grey, i.truncated) for i in items]
+        self.run_batch(items[:1])
+        self.run_batch(with_image[:1])
+        full = [(items if n % 2 else with_image)[n % len(items)] for n in range(max_batch_size)]
+        self.run_batch(full)
+        return time.perf_counter() - started
+
+
+class NERPipeline(Pipeline):
+    """Words in, entities with character offsets and CRF confidences out."""
+
+    task = "ner"
+    output_name = "emissions"
+
+    def __init__(self, bundle: BundleInfo, model: OnnxModel, max_image_pixels: int):
+        super().__init__(bundle, model, max_image_pixels)
+        if bundle.transitions is None or bundle.start_transitions is None or bundle.end_transitions is None:
+            raise ValueError("an NER bundle needs its CRF transitions")
+        self.crf = (
+            np.asarray(bundle.transitions, dtype=np.float64),
+            np.asarray(bundle.start_transitions, dtype=np.float64),
+            np.asarray(bundle.end_transitions, dtype=np.float64),
+        )
+
+    def prepare(self, text: str, image: bytes | None) -> Prepared:
+        stages: dict[str, float] = {}
+        started = time.perf_counter()
+        words = _words_of(text)
+        # Each word takes at least one piece, so words past the budget can never fit: leaving them
+        # out changes nothing but the cost (and the encoder still reports the truncation).
+        encoded = self.preprocessor.text.encode([w for w, _, _ in words[: self.budget + 1]])
+        stages["tokenise"] = time.perf_counter() - started
+        pixels = self._image(image, stages)
+        truncated = encoded.truncated or len(words) > self.budget + 1
+        return Prepared(text, words[: encoded.num_words], encoded, pixels, truncated, stages)
+
+    def decode(
+        self, batch: Sequence[Prepared], arrays: dict[str, np.ndarray], output: np.ndarray
+    ) -> list[list[Entity]]:
+        mask = arrays["word_mask"]
+        paths = viterbi_decode(output, mask, *self.crf)
+        marginals = crf_marginals(output, mask, *self.crf)
+        results = []
+        for row, (item, path) in enumerate(zip(batch, paths)):
+            spans = bio_spans([self.labels[t] for t in path])
+            offsets = [(start, end) for _, start, end in item.words]
+            entities = []
+            for (kind, first, last), (_, start, end) in zip(spans, char_spans(spans, offsets)):
+                score = float(np.mean([marginals[row, i, path[i]] for i in range(first, last)]))
+                entities.append(Entity(item.text[start:end], kind, start, end, round(score, 6)))
+            results.append(entities)
+        return results
+
+    def warmup_items(self) -> list[Prepared]:
+        long_text = " ".join([WARMUP_TEXT] * 20)  # past the window: the largest shapes
+        return [self.prepare(WARMUP_TEXT, None), self.prepare(long_text, None)]
+
+
+def entity_words(
+    text: str, words: Sequence[tuple[str, int, int]], start: int, end: int, role: str
+) -> tuple[int, int]:
+    """The word span ``[first, last)`` that character offsets ``[start, end)`` cover, or a 422 naming the field.
+
+    Whitespace at the edges of the span is ignored; otherwise both ends must fall on word
+    boundaries as ``split_words`` cuts the text (``"Obama"`` in ``"Obama's"`` is fine, ``"Oba"`` is not).
+    """
+    start_field, end_field = f"{role}_start", f"{role}_end"
+    for name, value in ((start_field, start), (end_field, end)):
+        if not 0 <= value <= len(text):
+            raise FieldError(name, f"{name}={value} is outside the text (0 to {len(text)} characters)")
+    if start >= end:
+        raise FieldError(
+            end_field,
+            f"the {role} span is empty: {end_field}={end} must be greater than {start_field}={start}",
+        )
+    inside = [i for i, (_, word_start, word_end) in enumerate(words) if word_start < end and word_end > start]
+    if not inside:
+        raise FieldError(
+            start_field, f"the {role} span [{start}, {end}) covers no word of the text, only whitespace"
+        )
+    first, last = inside[0], inside[-1]
+    word, word_start, word_end = words[first]
+    if start > word_start:
+        raise FieldError(
+            start_field, f"{start_field}={start} falls inside the word {word!r} at [{word_start}, {word_end})"
+        )
+    word, word_start, word_end = words[last]
+    if end < word_end:
+        raise FieldError(
+            end_field, f"{end_field}={end} falls inside the word {word!r} at [{word_start}, {word_end})"
+        )
+    return first, last + 1
+
+
+class REPipeline(Pipeline):
+    """Text and an entity pair (character offsets) in, relation probabilities out."""
+
+    task = "re"
+    output_name = "logits"
+
+    def prepare(
+        self, text: str, image: bytes | None, head: tuple[int, int], tail: tuple[int, int]
+    ) -> Prepared:
+        stages: dict[str, float] = {}
+        started = time.perf_counter()
+        words = _words_of(text)
+        head_words = entity_words(text, words, *head, role="head")
+        tail_words = entity_words(text, words, *tail, role="tail")
+        if max(head[0], tail[0]) < min(head[1], tail[1]):
+            raise FieldError(
+                "tail_start", f"the head [{head[0]}, {head[1]}) and tail [{tail[0]}, {tail[1]}) spans overlap"
+            )
+        encoded = self.preprocessor.text.encode_relation([w for w, _, _ in words], head_words, tail_words)
+        stages["tokenise"] = time.perf_counter() - started
+        pixels = self._image(image, stages)
+        return Prepared(text, words, encoded, pixels, encoded.truncated, stages)
+
+    def decode(
+        self, batch: Sequence[Prepared], arrays: dict[str, np.ndarray], output: np.ndarray
+    ) -> list[Relation]:
+        logits = np.asarray(output, dtype=np.float64)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        results = []
+        for row in probabilities:
+            best = int(row.argmax())
+            scores = {label: round(float(p), 6) for label, p in zip(self.labels, row)}
+            results.append(Relation(self.labels[best], round(float(row[best]), 6), scores))
+        return results
+
+    def warmup_items(self) -> list[Prepared]:
+        head = (WARMUP_TEXT.index("Alice"), WARMUP_TEXT.index("Alice") + len("Alice"))
+        tail = (WARMUP_TEXT.index("Paris"), WARMUP_TEXT.index("Paris") + len("Paris"))
+        long_text = " ".join([WARMUP_TEXT] * 20)
+        return [self.prepare(WARMUP_TEXT, None, head, tail), self.prepare(long_text, None, head, tail)]
+
+
+PIPELINES: dict[str, type[Pipeline]] = {"ner": NERPipeline, "re": REPipeline}

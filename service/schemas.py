@@ -1,0 +1,95 @@
+"""Response models: the API's contract, with the examples /docs shows."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_MODEL_FIELD = Field(description="The bundle that answered: '<model>@<sha12>'")
+_TRUNCATED_FIELD = Field(
+    description="True when the text was longer than the model's window: only its first window was read"
+)
+
+
+class EntityOut(BaseModel):
+    text: str = Field(description="The entity as it stands in the input: text[start:end]")
+    type: str = Field(description="Entity type (PER, LOC, ORG, MISC for the Twitter datasets)")
+    start: int = Field(description="Offset of its first character in the input (Unicode code points)")
+    end: int = Field(description="Offset just after its last character")
+    score: float = Field(description="Mean CRF marginal probability of the entity's tags (0-1)")
+
+
+class NERResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entities": [
+                        {"text": "Alice Smith", "type": "PER", "start": 0, "end": 11, "score": 0.981},
+                        {"text": "Paris", "type": "LOC", "start": 19, "end": 24, "score": 0.994},
+                    ],
+                    "image_used": True,
+                    "truncated": False,
+                    "model": "imm-ner@3f2a9c1d0b7e",
+                }
+            ]
+        }
+    )
+
+    entities: list[EntityOut]
+    image_used: bool = Field(description="Whether an image was given and read")
+    truncated: bool = _TRUNCATED_FIELD
+    model: str = _MODEL_FIELD
+
+
+class REResponse(BaseModel):
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "relation": "/per/loc/place_of_residence",
+                    "score": 0.912,
+                    "scores": {
+                        "None": 0.041,
+                        "/per/loc/place_of_residence": 0.912,
+                        "/per/org/member_of": 0.047,
+                    },
+                    "image_used": False,
+                    "truncated": False,
+                    "model": "imm-re@a41c07e2d9f3",
+                }
+            ]
+        },
+    )
+
+    relation: str = Field(description="The most probable relation between head and tail")
+    score: float = Field(description="Its probability (softmax of the logits)")
+    scores: dict[str, float] = Field(description="Probability of every relation")
+    image_used: bool = Field(description="Whether an image was given and read")
+    truncated: bool = _TRUNCATED_FIELD
+    model: str = _MODEL_FIELD
+
+
+class ModelStatus(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    status: str = Field(description="'ready', 'loading', 'absent' (not configured or not found) or 'failed'")
+    detail: str | None = None
+    name: str | None = None
+    provider: str | None = Field(None, description="The ONNX Runtime execution provider running it")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: dict[str, ModelStatus]
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict] = Field(
+        description="A message, or for 422 a list of {loc, msg, type} naming the field"
+    )
+    request_id: str | None = None

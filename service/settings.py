@@ -1,0 +1,94 @@
+"""Service configuration, read from ``IMM_*`` environment variables (pydantic-settings).
+
+Every knob has a safe default so that ``python -m service`` works on the default bundles in
+``weights/``. docs/service.md holds the table of variables; keep it in step with this file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Values of a bundle variable that switch that model off (its endpoint then answers 503).
+DISABLED = {"", "none", "off", "disabled"}
+
+
+class Settings(BaseSettings):
+    """All the service's settings; ``Settings()`` reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="IMM_", extra="ignore", frozen=True)
+
+    ner_bundle: Path | None = Field(
+        Path("weights/ner"), description="NER bundle directory ('' disables /ner)"
+    )
+    re_bundle: Path | None = Field(Path("weights/re"), description="RE bundle directory ('' disables /re)")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535)
+    providers: str = Field(
+        "auto",
+        description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', or a comma-separated list of "
+        "ONNX Runtime execution providers",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads inside one operator (0: one per core)"
+    )
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators")
+    ort_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's threads busy-wait between runs (only for dedicated many-core machines)",
+    )
+    preprocess_threads: int = Field(
+        0, ge=0, description="threads decoding images and tokenising (0: min(4, cores))"
+    )
+    max_batch_size: int = Field(16, ge=1, description="most requests run as one ONNX call")
+    batch_wait_ms: float = Field(
+        3.0, ge=0, description="how long a batch waits for more requests, when more are on their way"
+    )
+    max_queue: int = Field(
+        256, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After"
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="longest wait for a batch slot and inference")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 when the queue is full")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body")
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="largest declared image (width x height); Twitter's own limit is 4096x4096",
+    )
+    max_text_chars: int = Field(25_000, ge=1, description="longest text accepted (longer: 413)")
+    api_key: SecretStr | None = Field(
+        None, description="when set, /ner and /re need 'Authorization: Bearer <key>'"
+    )
+    warmup: bool = Field(True, description="run dummy batches before /ready says ready")
+    log_level: str = Field("info")
+
+    @field_validator("ner_bundle", "re_bundle", mode="before")
+    @classmethod
+    def _disabled_is_none(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in DISABLED):
+            return None
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("providers must not be empty")
+        return value
+
+    @property
+    def preprocess_workers(self) -> int:
+        return self.preprocess_threads or min(4, os.cpu_count() or 1)
+
+    def bundle_path(self, task: str) -> Path | None:
+        return self.ner_bundle if task == "ner" else self.re_bundle

@@ -1,0 +1,296 @@
+"""Service parts that need no model: the batcher, the guard, settings, providers, error answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from model.preprocessing import split_words
+from service.batcher import Batcher, QueueFull
+from service.errors import install_error_handlers
+from service.guard import GuardMiddleware
+from service.observability import Metrics, RequestContextMiddleware
+from service.pipeline import entity_words
+from service.runtime import CPU, CUDA, ProviderError, select_providers
+from service.settings import Settings
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    """Waits (yielding to the loop) until ``condition()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+# --- batcher ----------------------------------------------------------------------------------
+
+
+def test_batcher_gathers_concurrent_requests_and_answers_each_with_its_own_row():
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes: list[int] = []
+
+    def run_batch(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        return [item * 10 for item in items]
+
+    async def scenario() -> list[int]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=8, max_wait_s=0.05, max_queue=64)
+            batcher.start()
+            try:
+
+                async def one(value: int) -> int:
+                    with batcher.incoming():
+                        await asyncio.sleep(0)  # "preprocessing"
+                    result, timings = await batcher.submit(value)
+                    assert timings.batch_size >= 1
+                    return result
+
+                return await asyncio.gather(*(one(v) for v in range(20)))
+            finally:
+                await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert results == [v * 10 for v in range(20)]
+    assert sum(sizes) == 20 and max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_batcher_full_queue_refuses_at_once_and_failures_stay_in_their_batch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        entered.set()
+        release.wait(5)
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=1, max_wait_s=0, max_queue=2)
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await asyncio.to_thread(entered.wait, 5)  # "a" is running, the queue is empty
+                queued = [asyncio.create_task(batcher.submit(x)) for x in ("b", "c")]
+                await _until(lambda: batcher.depth == 2)
+                with pytest.raises(QueueFull):
+                    await batcher.submit("d")
+                with pytest.raises(QueueFull), batcher.incoming():
+                    pass
+                release.set()
+                assert await first == ("A", (await first)[1])
+                assert [(await q)[0] for q in queued] == ["B", "C"]
+                with pytest.raises(RuntimeError, match="model failed"):
+                    await batcher.submit("boom")
+                assert (await batcher.submit("e"))[0] == "E"  # the worker survived
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_batcher_drops_requests_that_timed_out_while_queued():
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        seen.extend(items)
+        entered.set()
+        release.wait(5)
+        return list(items)
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=4, max_wait_s=0, max_queue=4)
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await asyncio.to_thread(entered.wait, 5)
+                with pytest.raises(asyncio.TimeoutError):
+                    await batcher.submit("late", timeout_s=0.01)
+                release.set()
+                await first
+                assert (await batcher.submit("b"))[0] == "b"
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+    assert seen == ["a", "b"]
+
+
+# --- guard: API key and upload limit ------------------------------------------------------------
+
+
+def _guarded_app(max_body_bytes: int = 1000, api_key: str | None = None) -> tuple[FastAPI, dict]:
+    """A bare app behind the guard; ``seen`` records how much of the body the endpoint got."""
+    seen: dict = {"bodies": 0}
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/ner")
+    async def ner(request: Request) -> dict:
+        body = await request.body()
+        seen["bodies"] += 1
+        return {"bytes": len(body)}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    app.add_middleware(GuardMiddleware, paths=("/ner",), max_body_bytes=max_body_bytes, api_key=api_key)
+    app.add_middleware(RequestContextMiddleware, metrics=Metrics(), endpoints=("/ner", "/health"))
+    return app, seen
+
+
+def _call(app: FastAPI, method: str, url: str, **kwargs) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, url, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_guard_refuses_a_declared_oversized_body_without_reading_it():
+    app, seen = _guarded_app(max_body_bytes=1000)
+    pulled = 0
+
+    async def body():
+        nonlocal pulled
+        for _ in range(100):
+            pulled += 1
+            yield b"x" * 100
+
+    answer = _call(app, "POST", "/ner", content=body(), headers={"content-length": "10000"})
+    assert answer.status_code == 413
+    assert "limit of 1000 bytes" in answer.json()["detail"]
+    assert answer.headers["x-request-id"] == answer.json()["request_id"]
+    assert pulled == 0 and seen["bodies"] == 0
+
+
+def test_guard_cuts_a_streamed_body_as_soon_as_it_passes_the_limit():
+    app, seen = _guarded_app(max_body_bytes=1000)
+    pulled = 0
+
+    async def body():  # no Content-Length: chunked
+        nonlocal pulled
+        for _ in range(100):
+            pulled += 1
+            yield b"x" * 100
+
+    answer = _call(app, "POST", "/ner", content=body())
+    assert answer.status_code == 413
+    assert pulled <= 12, f"the server read {pulled} of 100 chunks"
+    assert seen["bodies"] == 0
+    # Within the limit, the body goes through untouched.
+    assert _call(app, "POST", "/ner", content=b"y" * 1000).json() == {"bytes": 1000}
+
+
+def test_api_key_is_required_on_inference_endpoints_only():
+    app, _ = _guarded_app(api_key="s3cret")
+    assert _call(app, "POST", "/ner", content=b"{}").status_code == 401
+    wrong = _call(app, "POST", "/ner", content=b"{}", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert (
+        _call(app, "POST", "/ner", content=b"{}", headers={"Authorization": "Basic s3cret"}).status_code
+        == 401
+    )
+    assert (
+        _call(app, "POST", "/ner", content=b"{}", headers={"Authorization": "Bearer s3cret"}).status_code
+        == 200
+    )
+    assert _call(app, "GET", "/health").status_code == 200
+
+
+def test_unexpected_errors_answer_a_generic_500_with_the_request_id_and_no_traceback():
+    app, _ = _guarded_app()
+    answer = _call(app, "GET", "/boom", headers={"X-Request-ID": "abc-123"})
+    assert answer.status_code == 500
+    assert answer.json() == {"detail": "internal server error", "request_id": "abc-123"}
+    assert answer.headers["x-request-id"] == "abc-123"
+    assert "Traceback" not in answer.text and "passwd" not in answer.text
+    # A request id that could forge log lines is replaced.
+    odd = _call(app, "GET", "/health", headers={"X-Request-ID": "a b\nfake"})
+    assert odd.headers["x-request-id"] != "a b\nfake" and len(odd.headers["x-request-id"]) == 32
+
+
+# --- settings and providers ------------------------------------------------------------------
+
+
+def test_settings_come_from_imm_environment_variables(monkeypatch):
+    monkeypatch.setenv("IMM_NER_BUNDLE", "/models/ner")
+    monkeypatch.setenv("IMM_RE_BUNDLE", "")
+    monkeypatch.setenv("IMM_PORT", "9001")
+    monkeypatch.setenv("IMM_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("IMM_API_KEY", "s3cret-key")
+    settings = Settings()
+    assert str(settings.ner_bundle) == "/models/ner" and settings.re_bundle is None
+    assert settings.port == 9001 and settings.max_batch_size == 4
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret-key"
+    assert "s3cret" not in repr(settings)
+    monkeypatch.setenv("IMM_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_select_providers_prefers_cuda_when_the_build_has_it():
+    assert select_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert select_providers("auto", [CPU]) == [CPU]
+    assert select_providers("cpu", [CUDA, CPU]) == [CPU]
+    assert select_providers("cuda", [CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider is not available"):
+        select_providers("cuda", [CPU])
+
+
+# --- RE offsets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "field", "message"),
+    [
+        (-1, 5, "head_start", "outside the text"),
+        (0, 99, "head_end", "outside the text"),
+        (5, 5, "head_end", "empty"),
+        (7, 4, "head_end", "empty"),
+        (5, 7, "head_start", "covers no word"),
+        (1, 5, "head_start", "inside the word"),
+        (0, 3, "head_end", "inside the word"),
+    ],
+)
+def test_entity_offsets_must_be_on_the_text_and_on_word_boundaries(start, end, field, message):
+    from service.errors import FieldError
+
+    text = "Alice  \u200b went to Paris"
+    with pytest.raises(FieldError) as caught:
+        entity_words(text, split_words(text), start, end, "head")
+    assert caught.value.field == field
+    assert message in caught.value.detail[0]["msg"]
+
+
+def test_entity_offsets_map_to_word_spans_ignoring_edge_whitespace():
+    text = "🎉 José  Álvarez's team, Real Madrid"
+    words = split_words(text)
+    start = text.index("José")
+    assert entity_words(text, words, start - 1, text.index("'s"), "head") == (1, 3)
+    madrid = text.index("Real")
+    assert entity_words(text, words, madrid, len(text), "tail") == (len(words) - 2, len(words))
