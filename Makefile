@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format clean serve
+.PHONY: install test lint format clean serve weights
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: 2.13.0 is the CPU build available offline here; other versions pull GBs.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[train,serve,dev]"
+	# Debian's Chromium for the demo page's end-to-end test (tests/test_demo_page.py), when missing
+	# and root (CI); elsewhere that test says how to install it and skips, unless CI is set.
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +33,23 @@ test: lint
 # The inference service on the default bundles (weights/ner, weights/re); IMM_* variables configure it.
 serve: $(STAMP)
 	$(PY) -m service
+
+# The default models in weights/, end to end: train on the real tweets (MiniLM backbone, no
+# images), select on valid, export int8. Hours on a 2-core CPU; see weights/MODEL_CARD.md.
+DATA ?= ../shared/data
+RUNS ?= runs
+SEED ?= 42
+weights: $(STAMP)
+	rm -rf $(RUNS)/ner_joint $(RUNS)/re_mnre
+	OMP_NUM_THREADS=1 $(PY) -m model.train --task ner \
+		--train $(DATA)/twitter2015/train.txt $(DATA)/twitter2017/train.txt \
+		--dev $(DATA)/twitter2015/valid.txt $(DATA)/twitter2017/valid.txt \
+		--out $(RUNS)/ner_joint --epochs 2 --lr 1e-4 --batch-size 16 --seed $(SEED)
+	OMP_NUM_THREADS=1 $(PY) -m model.train --task re \
+		--train $(DATA)/mnre/train.txt --dev $(DATA)/mnre/valid.txt \
+		--out $(RUNS)/re_mnre --epochs 2 --lr 1e-4 --batch-size 16 --seed $(SEED)
+	$(PY) -m export --checkpoint $(RUNS)/ner_joint --out weights/ner --precision int8 --name imm-minilm-ner
+	$(PY) -m export --checkpoint $(RUNS)/re_mnre --out weights/re --precision int8 --name imm-minilm-re
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

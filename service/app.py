@@ -1,4 +1,5 @@
-"""The FastAPI app: ``POST /ner``, ``POST /re``, ``/health``, ``/ready``, ``/metrics``, ``/docs``.
+"""The FastAPI app: ``POST /ner``, ``POST /re``, ``/health``, ``/ready``, ``/metrics``, ``/docs``, and
+the demo page at ``/`` (``service/static/``, see docs/demo.md).
 
 A request goes: guard (API key, body size, on the raw stream) -> multipart parsing -> admission
 into the model's bounded queue -> preprocessing in a thread pool -> the dynamic batcher (one
@@ -8,13 +9,16 @@ ONNX Runtime call per batch, in the model's inference thread) -> the JSON answer
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatcherClosed, QueueFull
@@ -55,6 +59,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorResponse,
         "description": "Model not available, still loading, or its queue is full (see Retry-After)",
     },
+}
+
+#: The demo page and its files; served without the API key, which the page asks for when needed.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_PAGE_HEADERS = {
+    # Everything comes from this server: no CDN, no inline script (blob: is the picture's preview).
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
 }
 
 TextField = Annotated[
@@ -129,9 +142,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return None  # an empty file part: what a form sends when no file was chosen
         return await image.read()
 
-    async def run(request: Request, slot: ModelSlot, prepare: Any, *args: Any) -> tuple[Prepared, Any]:
+    async def run(
+        request: Request, response: Response, slot: ModelSlot, prepare: Any, *args: Any
+    ) -> tuple[Prepared, Any]:
         """Admission, preprocessing in the pool, then the batcher; maps overload to 503."""
         assert slot.batcher is not None and slot.pipeline is not None
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         retry = {"Retry-After": str(settings.retry_after_s)}
         try:
@@ -150,10 +166,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except BatcherClosed:
             raise ApiError(503, "the service is shutting down", retry) from None
         endpoint = f"/{slot.task}"
-        state.metrics.observe_stages(
-            endpoint,
-            {**prepared.stages, "queue_wait": timings.queue_wait_s, "inference": timings.inference_s},
-        )
+        stages = {**prepared.stages, "queue_wait": timings.queue_wait_s, "inference": timings.inference_s}
+        state.metrics.observe_stages(endpoint, stages)
+        # The stages in ms, and "total" from the parsed request to the answer (the demo page shows it).
+        stages["total"] = time.perf_counter() - started
+        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in stages.items())
         request.scope["state"]["log_extra"] = {
             "model": slot.pipeline.name,
             "batch": timings.batch_size,
@@ -163,13 +180,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return prepared, result
 
     @app.post("/ner", response_model=NERResponse, responses=_ERRORS, dependencies=auth, tags=["inference"])
-    async def ner(request: Request, text: TextField, image: ImageField = None) -> NERResponse:
+    async def ner(
+        request: Request, response: Response, text: TextField, image: ImageField = None
+    ) -> NERResponse:
         """Named entities of a tweet, with character offsets and confidences."""
         slot = available("ner")
         check_text(text)
         data = await image_bytes(image)
         assert slot.pipeline is not None
-        prepared, entities = await run(request, slot, slot.pipeline.prepare, text, data)
+        prepared, entities = await run(request, response, slot, slot.pipeline.prepare, text, data)
         return NERResponse(
             entities=[EntityOut(**vars(e)) for e in entities if isinstance(e, Entity)],
             image_used=prepared.image_used,
@@ -180,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/re", response_model=REResponse, responses=_ERRORS, dependencies=auth, tags=["inference"])
     async def relation(
         request: Request,
+        response: Response,
         text: Annotated[
             str,
             Form(
@@ -199,7 +219,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data = await image_bytes(image)
         assert slot.pipeline is not None
         prepared, result = await run(
-            request, slot, slot.pipeline.prepare, text, data, (head_start, head_end), (tail_start, tail_end)
+            request,
+            response,
+            slot,
+            slot.pipeline.prepare,
+            text,
+            data,
+            (head_start, head_end),
+            (tail_start, tail_end),
         )
         assert isinstance(result, Relation)
         return REResponse(
@@ -243,4 +270,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.metrics.queue_depth.labels(task).set(slot.batcher.depth)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        """The demo page (docs/demo.md)."""
+        return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -14,12 +14,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.config import PreprocessingConfig
+from export.bundle import Bundle
 from model.decoding import bio_spans, char_spans, crf_marginals, viterbi_decode
 from model.preprocessing import EncodedText, Preprocessor, load_tokenizer, split_words
 from service.errors import FieldError
@@ -62,21 +61,6 @@ class Relation:
     scores: dict[str, float]
 
 
-@dataclass(frozen=True)
-class BundleInfo:
-    """What the service needs from a bundle (read by ``export.bundle.load_bundle``)."""
-
-    task: str
-    name: str
-    labels: list[str]
-    preprocessing: PreprocessingConfig
-    model_path: Path
-    tokenizer_path: Path
-    transitions: np.ndarray | None = None
-    start_transitions: np.ndarray | None = None
-    end_transitions: np.ndarray | None = None
-
-
 def _words_of(text: str) -> list[tuple[str, int, int]]:
     words = split_words(text)
     if not words:
@@ -90,7 +74,7 @@ class Pipeline:
     task: str = ""
     output_name: str = ""
 
-    def __init__(self, bundle: BundleInfo, model: OnnxModel, max_image_pixels: int):
+    def __init__(self, bundle: Bundle, model: OnnxModel, max_image_pixels: int):
         if bundle.task != self.task:
             raise ValueError(f"the bundle holds a {bundle.task!r} model, not {self.task!r}")
         self.bundle = bundle
@@ -147,14 +131,14 @@ class NERPipeline(Pipeline):
     task = "ner"
     output_name = "emissions"
 
-    def __init__(self, bundle: BundleInfo, model: OnnxModel, max_image_pixels: int):
+    def __init__(self, bundle: Bundle, model: OnnxModel, max_image_pixels: int):
         super().__init__(bundle, model, max_image_pixels)
-        if bundle.transitions is None or bundle.start_transitions is None or bundle.end_transitions is None:
+        if bundle.crf is None:
             raise ValueError("an NER bundle needs its CRF transitions")
         self.crf = (
-            np.asarray(bundle.transitions, dtype=np.float64),
-            np.asarray(bundle.start_transitions, dtype=np.float64),
-            np.asarray(bundle.end_transitions, dtype=np.float64),
+            np.asarray(bundle.crf["transitions"], dtype=np.float64),
+            np.asarray(bundle.crf["start_transitions"], dtype=np.float64),
+            np.asarray(bundle.crf["end_transitions"], dtype=np.float64),
         )
 
     def prepare(self, text: str, image: bytes | None) -> Prepared:

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.bundle import load_bundle
 from service.batcher import Batcher
 from service.observability import Metrics
-from service.pipeline import PIPELINES, BundleInfo, Pipeline
+from service.pipeline import PIPELINES, Pipeline
 from service.runtime import CUDA, OnnxModel, select_providers, session_options
 from service.settings import Settings
 
@@ -26,25 +27,6 @@ log = logging.getLogger("service")
 
 TASKS = ("ner", "re")
 ENV_NAMES = {"ner": "IMM_NER_BUNDLE", "re": "IMM_RE_BUNDLE"}
-
-
-def read_bundle(path: Path) -> BundleInfo:
-    """The bundle at ``path``, checked by ``export.bundle.load_bundle`` (hashes, manifest)."""
-    from export.bundle import load_bundle  # torch-free by contract
-
-    bundle = load_bundle(path)
-    crf = bundle.crf or {}
-    return BundleInfo(
-        task=bundle.task,
-        name=bundle.name,
-        labels=list(bundle.labels),
-        preprocessing=bundle.preprocessing,
-        model_path=Path(bundle.model_path),
-        tokenizer_path=Path(bundle.tokenizer_path),
-        transitions=crf.get("transitions"),
-        start_transitions=crf.get("start_transitions"),
-        end_transitions=crf.get("end_transitions"),
-    )
 
 
 @dataclass
@@ -170,7 +152,7 @@ class ServiceState:
         )
 
     def _build(self, task: str, path: Path) -> Pipeline:
-        bundle = read_bundle(path)
+        bundle = load_bundle(path)
         pipeline_class = PIPELINES[task]
         providers = select_providers(self.settings.providers)
         options = session_options(

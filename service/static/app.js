@@ -1,0 +1,336 @@
+// The demo page: POST /ner on submit, POST /re when two entities are chosen. No framework.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "imm-api-key";
+const TOP_RELATIONS = 5;
+
+// The tweet and picture of the last answer: /re must read the same ones, whatever is edited since.
+let shown = null;
+let chosen = []; // the entities picked for /re: [head] or [head, tail]
+let retry = null; // what to run again once an API key is given
+
+// --- talking to the API ---------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(typeof detail === "string" ? detail : `HTTP ${status}`);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+async function post(path, fields) {
+  const body = new FormData();
+  for (const [name, value] of Object.entries(fields)) {
+    if (value !== null && value !== undefined) body.append(name, value);
+  }
+  const headers = {};
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  if (key) headers.Authorization = `Bearer ${key}`;
+  let response;
+  try {
+    response = await fetch(path, { method: "POST", body, headers });
+  } catch (error) {
+    throw new ApiError(0, `the server cannot be reached (${error.message})`);
+  }
+  let answer = null;
+  try {
+    answer = await response.json();
+  } catch {
+    // a proxy's HTML error page, say: keep the status
+  }
+  if (!response.ok) throw new ApiError(response.status, answer ? answer.detail : response.statusText);
+  answer.serverMs = serverTime(response.headers.get("Server-Timing"));
+  return answer;
+}
+
+// The "total" entry of a Server-Timing header, in milliseconds (null without one).
+function serverTime(header) {
+  const match = /(?:^|,)\s*total;dur=([\d.]+)/.exec(header || "");
+  return match ? Number(match[1]) : null;
+}
+
+// --- errors, shown next to the field they are about ----------------------------------------
+
+function clearErrors() {
+  for (const id of ["error", "text-error", "image-error"]) $(id).textContent = "";
+  $("text").removeAttribute("aria-invalid");
+  $("image").removeAttribute("aria-invalid");
+  $("drop").classList.remove("invalid");
+}
+
+function showError(error) {
+  if (error.status === 401) {
+    askForKey(sessionStorage.getItem(KEY_STORAGE) ? "That API key was refused: enter the right one." : null);
+    return;
+  }
+  const fieldErrors = Array.isArray(error.detail) ? error.detail : [];
+  const general = [];
+  for (const item of fieldErrors) {
+    const field = Array.isArray(item.loc) ? item.loc[item.loc.length - 1] : null;
+    const message = sentence(item.msg || "invalid value");
+    if (field === "text" || field === "image") {
+      $(`${field}-error`).textContent = message;
+      $(field).setAttribute("aria-invalid", "true");
+      if (field === "image") $("drop").classList.add("invalid");
+    } else {
+      general.push(field ? `${field}: ${message}` : message);
+    }
+  }
+  if (!fieldErrors.length) general.push(sentence(error.message));
+  if (general.length) $("error").textContent = general.join(" ");
+  $("status").textContent = "";
+}
+
+const sentence = (text) => String(text).charAt(0).toUpperCase() + String(text).slice(1);
+
+// --- the API key ---------------------------------------------------------------------------
+
+function askForKey(why) {
+  $("key-box").hidden = false;
+  if (why) $("key-why").textContent = why;
+  $("status").textContent = "";
+  $("key").focus();
+}
+
+function saveKey() {
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("key").value = "";
+  $("key-box").hidden = true;
+  if (retry) retry();
+}
+
+// --- the picture ---------------------------------------------------------------------------
+
+function pictureChanged() {
+  const file = $("image").files[0] || null;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+  $("image-error").textContent = "";
+  $("drop").classList.remove("invalid");
+  $("image").removeAttribute("aria-invalid");
+  $("file-name").textContent = file ? `${file.name} (${Math.ceil(file.size / 1024)} KB)` : "";
+  $("clear-image").hidden = !file;
+  if (file && file.type.startsWith("image/")) {
+    preview.src = URL.createObjectURL(file);
+    preview.alt = `Preview of ${file.name}`;
+    preview.hidden = false;
+  }
+}
+
+function clearPicture() {
+  $("image").value = "";
+  pictureChanged();
+  $("image").focus();
+}
+
+function setupDrop() {
+  const drop = $("drop");
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (event) => {
+      event.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (event.dataTransfer.files.length) {
+      $("image").files = event.dataTransfer.files;
+      pictureChanged();
+    }
+  });
+}
+
+// --- entities ------------------------------------------------------------------------------
+
+async function findEntities(event) {
+  if (event) event.preventDefault();
+  clearErrors();
+  const request = { text: $("text").value, image: $("image").files[0] || null };
+  retry = () => findEntities();
+  setBusy(true, "Finding entities…");
+  try {
+    const answer = await post("/ner", request);
+    shown = request;
+    showEntities(answer);
+  } catch (error) {
+    showError(error);
+  } finally {
+    setBusy(false);
+  }
+}
+
+function setBusy(busy, message) {
+  $("submit").disabled = busy;
+  $("result").setAttribute("aria-busy", String(busy));
+  if (message) $("status").textContent = message;
+}
+
+function meta(answer) {
+  const parts = [answer.image_used ? "picture used" : "no picture used"];
+  if (answer.serverMs !== null) parts.push(`server time ${answer.serverMs.toFixed(1)} ms`);
+  if (answer.truncated) parts.push("text truncated to the model's window");
+  parts.push(`model ${answer.model}`);
+  return parts.join(" · ");
+}
+
+const percent = (score) => `${(score * 100).toFixed(1)} %`;
+
+function showEntities(answer) {
+  chosen = [];
+  $("relation").hidden = true;
+  $("ner-meta").textContent = meta(answer);
+  const tweet = $("tweet");
+  tweet.replaceChildren();
+  // Offsets count code points: index an array of them, not the UTF-16 string.
+  const chars = Array.from(shown.text);
+  let at = 0;
+  for (const entity of [...answer.entities].sort((a, b) => a.start - b.start)) {
+    if (entity.start < at) continue; // overlapping spans do not happen; never garble the text if they do
+    tweet.append(chars.slice(at, entity.start).join(""), entityMark(entity));
+    at = entity.end;
+  }
+  tweet.append(chars.slice(at).join(""));
+  $("result").hidden = false;
+  const count = answer.entities.length;
+  $("status").textContent =
+    count === 0 ? "No entities found." : `${count} ${count === 1 ? "entity" : "entities"} found.`;
+}
+
+function entityMark(entity) {
+  const mark = document.createElement("mark");
+  mark.className = "entity";
+  mark.dataset.type = entity.type;
+  mark.dataset.score = percent(entity.score);
+  mark.tabIndex = 0;
+  mark.setAttribute("role", "button");
+  mark.setAttribute("aria-pressed", "false");
+  mark.setAttribute("aria-label", `${entity.text}, ${entity.type}, score ${percent(entity.score)}`);
+  mark.title = `${entity.type} · score ${percent(entity.score)}`;
+  const label = document.createElement("span");
+  label.className = "entity-type";
+  label.setAttribute("aria-hidden", "true");
+  label.textContent = entity.type;
+  mark.append(entity.text, label);
+  mark.entity = entity;
+  mark.addEventListener("click", () => choose(mark));
+  mark.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      choose(mark);
+    }
+  });
+  return mark;
+}
+
+// --- relations -----------------------------------------------------------------------------
+
+function choose(mark) {
+  if (chosen.length === 2) chosen = [];
+  if (chosen[0] === mark) chosen = [];
+  else chosen.push(mark);
+  for (const other of document.querySelectorAll("#tweet .entity")) {
+    const role = chosen.indexOf(other);
+    other.setAttribute("aria-pressed", String(role >= 0));
+    other.classList.toggle("head", role === 0);
+    other.classList.toggle("tail", role === 1);
+  }
+  if (chosen.length === 1) {
+    $("relation").hidden = true;
+    $("status").textContent = `${mark.entity.text} chosen as the first entity: choose the second.`;
+  } else if (chosen.length === 2) {
+    findRelation(chosen[0].entity, chosen[1].entity);
+  } else {
+    $("status").textContent = "Choice cleared.";
+  }
+}
+
+async function findRelation(head, tail) {
+  clearErrors();
+  retry = () => findRelation(head, tail);
+  setBusy(true, `Asking how ${head.text} relates to ${tail.text}…`);
+  try {
+    const answer = await post("/re", {
+      text: shown.text,
+      image: shown.image,
+      head_start: head.start,
+      head_end: head.end,
+      tail_start: tail.start,
+      tail_end: tail.end,
+    });
+    showRelation(head, tail, answer);
+  } catch (error) {
+    showError(error);
+  } finally {
+    setBusy(false);
+  }
+}
+
+function showRelation(head, tail, answer) {
+  const sentenceText = `${head.text} → ${answer.relation} → ${tail.text} (${percent(answer.score)})`;
+  $("relation-answer").textContent = sentenceText;
+  $("re-meta").textContent = meta(answer);
+  const bars = $("bars");
+  bars.replaceChildren();
+  const ranked = Object.entries(answer.scores).sort((a, b) => b[1] - a[1]).slice(0, TOP_RELATIONS);
+  for (const [relation, score] of ranked) {
+    const item = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "bar-name";
+    name.textContent = relation;
+    const track = document.createElement("span");
+    track.className = "bar-track";
+    track.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.className = "bar-fill";
+    fill.style.width = `${Math.max(0, Math.min(1, score)) * 100}%`;
+    track.append(fill);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = percent(score);
+    item.append(name, track, value);
+    if (relation === answer.relation) item.classList.add("best");
+    bars.append(item);
+  }
+  $("relation").hidden = false;
+  $("status").textContent = `Relation: ${sentenceText}.`;
+}
+
+// --- start ---------------------------------------------------------------------------------
+
+async function showModels() {
+  try {
+    const ready = await (await fetch("/ready")).json();
+    const names = Object.entries(ready.models)
+      .map(([task, model]) => `${task.toUpperCase()}: ${model.status === "ready" ? model.name : model.status}`)
+      .join(", ");
+    $("models").textContent = `(${names})`;
+  } catch {
+    // the page works without it
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("form").addEventListener("submit", findEntities);
+  $("image").addEventListener("change", pictureChanged);
+  $("clear-image").addEventListener("click", clearPicture);
+  $("key-save").addEventListener("click", saveKey);
+  $("key").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      saveKey();
+    }
+  });
+  $("text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) findEntities(event);
+  });
+  setupDrop();
+  showModels();
+});
