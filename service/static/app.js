@@ -161,6 +161,7 @@ async function findEntities(event) {
     shown = request;
     showEntities(answer);
   } catch (error) {
+    if (error.status !== 401) $("result").hidden = true; // no stale answer under a new error
     showError(error);
   } finally {
     setBusy(false);
@@ -169,6 +170,7 @@ async function findEntities(event) {
 
 function setBusy(busy, message) {
   $("submit").disabled = busy;
+  $("submit").textContent = busy ? "Working…" : "Find entities";
   $("result").setAttribute("aria-busy", String(busy));
   if (message) $("status").textContent = message;
 }
@@ -200,6 +202,8 @@ function showEntities(answer) {
   tweet.append(chars.slice(at).join(""));
   $("result").hidden = false;
   const count = answer.entities.length;
+  $("hint").hidden = count < 2;
+  $("result-title").textContent = count === 0 ? "No entities found" : `Entities (${count})`;
   $("status").textContent =
     count === 0 ? "No entities found." : `${count} ${count === 1 ? "entity" : "entities"} found.`;
 }

@@ -1,0 +1,201 @@
+"""The demo page at ``GET /``, driven end to end in headless Chromium (Debian's, through Playwright).
+
+The server runs the small exported test bundles with an API key, in a thread (real HTTP on
+loopback): the page must load without the key, ask for it once, then show the entities, the
+relation of two entities chosen by mouse and by keyboard, and the API's errors next to their field.
+Without Chromium the browser test skips locally and fails in CI (``CI`` set, as ``.ci/run`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import Settings, create_app
+from service.app import STATIC_DIR
+from tests.conftest import jpeg_bytes
+from tests.test_service import ServerThread, make_settings
+
+API_KEY = "demo-secret"
+# Chromium on a machine with no display, no sandbox (containers) and no network access.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TWEET = "alice smith 👍 is in london with the knicks #win"
+
+
+def chromium_or_skip() -> str:
+    """Chromium's path; without it (or without playwright) skip, or fail when ``CI`` is set."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    missing = None if path else "Chromium is not installed (apt-get install chromium; make install does it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "playwright is not installed (pip install -e '.[dev]')"
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"{missing}: the demo page test must run in CI")
+    if missing:
+        pytest.skip(missing)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> dict[str, Path]:
+    from export import export_bundle
+
+    root = tmp_path_factory.mktemp("demo_bundles")
+    return {
+        task: export_bundle(checkpoint, root / task, optimize=False, log=lambda _: None)
+        for task, checkpoint in (("ner", trained_ner_checkpoint), ("re", trained_re_checkpoint))
+    }
+
+
+@pytest.fixture(scope="module")
+def server(bundles) -> Iterator[str]:
+    with ServerThread(create_app(make_settings(bundles, api_key=API_KEY))) as url:
+        yield url
+
+
+# --- the page and its files, without a browser -----------------------------------------------
+
+
+def test_page_is_served_without_the_key_and_loads_nothing_from_elsewhere():
+    app = create_app(Settings(ner_bundle=None, re_bundle=None, api_key=API_KEY))
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+            page = await http.get("/")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            assert "default-src 'self'" in page.headers["content-security-policy"]
+            for name, kind in (("app.js", "javascript"), ("style.css", "text/css"), ("favicon.svg", "svg")):
+                answer = await http.get(f"/static/{name}")
+                assert answer.status_code == 200 and kind in answer.headers["content-type"], name
+            assert (await http.post("/ner", data={"text": "alice"})).status_code == 401  # still guarded
+            assert "/" not in (await http.get("/openapi.json")).json()["paths"]
+
+    asyncio.run(scenario())
+    for file in STATIC_DIR.iterdir():
+        # No CDN, font or analytics: every URL in the page's files is a path on this server.
+        text = re.sub(r'xmlns="[^"]*"', "", file.read_text())  # a namespace name, never fetched
+        assert not re.search(r"\b(?:https?:)?//[\w.-]+\.\w", text), file.name
+
+
+# --- the page in Chromium ----------------------------------------------------------------------
+
+
+def entities(page) -> list[tuple[str, str]]:
+    """(type, text) of each highlighted entity; the text without its type label."""
+    return [
+        tuple(pair)
+        for pair in page.eval_on_selector_all(
+            "#tweet mark.entity", "marks => marks.map(m => [m.dataset.type, m.firstChild.textContent])"
+        )
+    ]
+
+
+def test_the_page_end_to_end_in_chromium(server):
+    chromium = chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        except Exception as error:  # a broken Chromium is a failure, never a skip
+            pytest.fail(f"Chromium ({chromium}) did not start: {error}")
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            expect.set_options(timeout=20_000)
+            crashes: list[str] = []
+            requested: list[str] = []
+            page.on("pageerror", lambda error: crashes.append(str(error)))
+            page.on("request", lambda request: requested.append(request.url))
+
+            page.goto(server + "/")
+            expect(page).to_have_title(re.compile("IMM demo"))
+            expect(page.locator("#models")).to_contain_text("NER")
+
+            # A tweet and a JPEG; the server wants a key: the page asks for it, then answers.
+            page.fill("#text", TWEET)
+            page.set_input_files(
+                "#image", files=[{"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": jpeg_bytes()}]
+            )
+            expect(page.locator("#preview")).to_be_visible()
+            page.click("#submit")
+            expect(page.locator("#key-box")).to_be_visible()
+            expect(page.locator("#key")).to_be_focused()
+            page.fill("#key", API_KEY)
+            page.press("#key", "Enter")
+
+            expect(page.locator("#result")).to_be_visible()
+            expect(page.locator("#key-box")).to_be_hidden()
+            found = entities(page)
+            assert ("PER", "alice smith") in found and ("LOC", "london") in found, found
+            # The tweet reads as sent (the emoji's code point offsets did not shift the spans).
+            shown = page.eval_on_selector(
+                "#tweet",
+                "t => { const c = t.cloneNode(true);"
+                " c.querySelectorAll('.entity-type').forEach(l => l.remove()); return c.textContent; }",
+            )
+            assert shown == TWEET
+            meta = page.locator("#ner-meta")
+            expect(meta).to_contain_text("picture used")
+            expect(meta).to_contain_text(re.compile(r"server time \d+\.\d ms"))
+            alice = page.locator("#tweet mark.entity", has_text="alice smith")
+            expect(alice).to_have_attribute("data-score", re.compile(r"\d+\.\d %"))
+            expect(alice).to_have_attribute("title", re.compile(r"PER · score \d+\.\d %"))
+
+            # The first entity by mouse, the second by keyboard: a relation, with bars.
+            alice.click()
+            expect(alice).to_have_attribute("aria-pressed", "true")
+            london = page.locator("#tweet mark.entity", has_text="london")
+            london.focus()
+            page.keyboard.press("Enter")
+            expect(page.locator("#relation")).to_be_visible()
+            expect(page.locator("#relation-answer")).to_contain_text(
+                "alice smith → /per/loc/place_of_residence → london"
+            )
+            bars = page.locator("#bars li")
+            expect(bars).to_have_count(3)  # the test model knows 3 relations
+            expect(bars.first).to_have_class(re.compile("best"))
+            expect(bars.first).to_contain_text("/per/loc/place_of_residence")
+            expect(page.locator("#re-meta")).to_contain_text("server time")
+
+            # A text file as the picture: the API's 415 message, next to the picture.
+            page.set_input_files(
+                "#image", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}]
+            )
+            expect(page.locator("#preview")).to_be_hidden()
+            page.click("#submit")
+            expect(page.locator("#image-error")).to_have_text(
+                "Not an image file (unsupported or unknown format)"
+            )
+            expect(page.locator("#image")).to_have_attribute("aria-invalid", "true")
+            expect(page.locator("#key-box")).to_be_hidden()  # the key was asked for once
+
+            # No picture and no text: the API's message next to the text; Ctrl+Enter submits.
+            page.click("#clear-image")
+            page.fill("#text", "")
+            page.press("#text", "Control+Enter")
+            expect(page.locator("#text-error")).not_to_be_empty()
+            expect(page.locator("#image-error")).to_be_empty()
+
+            assert not crashes, crashes
+            assert all(url.startswith((server, "blob:")) for url in requested), requested
+        finally:
+            browser.close()
