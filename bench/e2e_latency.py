@@ -133,23 +133,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(
+    settings: dict[str, str], log_path: Path | None = None, ready_timeout_s: float = 180
+) -> tuple[subprocess.Popen, str]:
+    """``python -m service`` in a subprocess on a free loopback port, with these ``IMM_*`` settings
+    (any ``IMM_*`` of this environment is dropped first); returns once ``/ready`` answers 200."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMM_")}
     env.update(
         IMM_HOST="127.0.0.1",
         IMM_PORT=str(port),
-        IMM_NER_BUNDLE=str(args.ner_bundle),
-        IMM_RE_BUNDLE="",
-        IMM_LOG_LEVEL="warning",
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
-    for assignment in args.server_env:
-        key, _, value = assignment.partition("=")
-        env[key] = value
-    server = subprocess.Popen([sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    env.update(settings)
+    log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=log, stderr=log if log_path else None
+        )
+    finally:
+        if log_path is not None:
+            log.close()  # the child holds its own descriptor
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with status {server.returncode}")
@@ -160,7 +166,15 @@ def spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.25)
     server.terminate()
-    raise SystemExit("the server did not become ready within 120 s")
+    raise SystemExit(f"the server did not become ready within {ready_timeout_s:.0f} s")
+
+
+def spawn_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    settings = {"IMM_NER_BUNDLE": str(args.ner_bundle), "IMM_RE_BUNDLE": "", "IMM_LOG_LEVEL": "warning"}
+    for assignment in args.server_env:
+        key, _, value = assignment.partition("=")
+        settings[key] = value
+    return start_server(settings, ready_timeout_s=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,11 @@ recorded with the results. Prints markdown tables (latency, bundle sizes) and wr
 
     python bench/model_latency.py --checkpoint runs/minilm-ner --batch-sizes 1 8 --seq-len 40
     python bench/model_latency.py --random-config bert-base      # random BERT-base-sized IMM
+    python bench/model_latency.py --random-config minilm --batch-sizes 1 2 4 8 16 32 64 \
+        --max-seconds 20 --plot bench/results/model_minilm.png     # what `make bench-model` runs
+
+``--max-seconds`` caps each (backend, batch size) cell: it stops after that many seconds once it
+has ``--min-iterations`` runs, so that a BERT-base batch of 64 on two cores ends in minutes.
 
 ``--ner-dev FILE [--images DIR]`` also scores every exported precision and PyTorch on a Twitter
 CoNLL file (entity micro-F1, seqeval), which gives the F1 change from int8.
@@ -64,6 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--image-fraction", type=float, default=1.0, help="share of the examples with an image"
     )
     parser.add_argument("--iterations", type=int, default=50, help="timed runs per backend and batch size")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        help="time cap per backend and batch size (timed runs stop there, once --min-iterations ran)",
+    )
+    parser.add_argument(
+        "--min-iterations", type=int, default=3, help="timed runs at least, with --max-seconds"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     parser.add_argument(
         "--rounds", type=int, default=5, help="interleaved rounds the iterations are split into"
@@ -89,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ner-dev", type=Path, help="Twitter CoNLL file: also report entity F1 per backend")
     parser.add_argument("--images", type=Path, help="image directory of --ner-dev")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "model_latency.json")
+    parser.add_argument("--plot", type=Path, help="also draw ms per example against batch size (PNG)")
     return parser.parse_args(argv)
 
 
@@ -150,22 +164,37 @@ def _encode(preprocessor, task: str, words: list[str]):
 
 
 def time_backends(
-    runners: dict[str, Any], warmup: int, iterations: int, rounds: int
+    runners: dict[str, Any],
+    warmup: int,
+    iterations: int,
+    rounds: int,
+    max_seconds: float | None = None,
+    min_iterations: int = 3,
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Wall-clock and process CPU milliseconds per call of each runner, interleaved in rounds.
 
     With one intra-op thread the CPU time is the latency the call would have on an idle core:
-    on a shared machine it is the steadier of the two numbers.
+    on a shared machine it is the steadier of the two numbers. With ``max_seconds``, a runner
+    stops once its timed runs took that long and it has ``min_iterations`` of them.
     """
     for runner in runners.values():
         for _ in range(warmup):
             runner()
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runners}
     per_round = max(1, iterations // rounds)
-    while min(len(wall) for wall, _ in times.values()) < iterations:
+
+    def done(wall: list[float]) -> bool:
+        if len(wall) >= iterations:
+            return True
+        capped = max_seconds is not None and sum(wall) >= 1000 * max_seconds
+        return capped and len(wall) >= min_iterations
+
+    while not all(done(wall) for wall, _ in times.values()):
         for name, runner in runners.items():
             wall, cpu = times[name]
             for _ in range(min(per_round, iterations - len(wall))):
+                if done(wall):
+                    break
                 started, started_cpu = time.perf_counter(), time.process_time()
                 runner()
                 wall.append((time.perf_counter() - started) * 1000)
@@ -301,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if not runners:
                 continue
-            times = time_backends(runners, args.warmup, args.iterations, args.rounds)
+            times = time_backends(
+                runners, args.warmup, args.iterations, args.rounds, args.max_seconds, args.min_iterations
+            )
             for name, (wall, cpu) in times.items():
                 results.append({"backend": name, "batch_size": batch_size, **summarise(wall, cpu)})
             print(f"batch {batch_size} done", file=sys.stderr)
@@ -337,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seq_len": args.seq_len,
                 "image_fraction": args.image_fraction,
                 "iterations": args.iterations,
+                "max_seconds": args.max_seconds,
                 "warmup": args.warmup,
                 "rounds": args.rounds,
                 "threads": args.threads,
@@ -358,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"\nwritten {args.json}", file=sys.stderr)
+        if args.plot:
+            sys.path.insert(0, str(ROOT / "bench"))
+            from plots import plot_model
+
+            print(f"written {plot_model([report], args.plot)}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -370,17 +407,19 @@ def markdown(report: dict) -> str:
         f"{report['config']['layers']}), {settings['seq_len']} tokens, "
         f"{settings['image_fraction']:.0%} with image, {settings['threads']} threads, {machine['cpu']} "
         f"({machine['cores']} cores), load average {machine['load_average_before'][0]:.1f} -> "
-        f"{machine['load_average_after'][0]:.1f}; {settings['iterations']} runs after {settings['warmup']} warm-up",
+        f"{machine['load_average_after'][0]:.1f}; {settings['iterations']} runs"
+        + (f" or {settings['max_seconds']:.0f} s" if settings.get("max_seconds") else "")
+        + f" per cell after {settings['warmup']} warm-up (n: the runs timed)",
         "",
-        "| backend | batch | p50 ms | p99 ms | mean ms | CPU p50 ms | CPU p99 ms | examples/s (p50) | vs eager (p50) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | batch | n | p50 ms | p99 ms | mean ms | CPU p50 ms | CPU p99 ms | examples/s (p50) | vs eager (p50) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     eager = {r["batch_size"]: r["p50_ms"] for r in report["latency"] if r["backend"].startswith("pytorch")}
     for row in report["latency"]:
         speedup = eager.get(row["batch_size"])
         relative = f"{speedup / row['p50_ms']:.2f}x" if speedup else "-"
         lines.append(
-            f"| {row['backend']} | {row['batch_size']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"| {row['backend']} | {row['batch_size']} | {row['n']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
             f"{row['mean_ms']:.1f} | {row['cpu_p50_ms']:.1f} | {row['cpu_p99_ms']:.1f} | "
             f"{1000 * row['batch_size'] / row['p50_ms']:.0f} | "
             f"{relative} |"
