@@ -85,6 +85,7 @@ class TrainingArguments:
     no_sw: bool = False
     no_ia: bool = False
     attention_mode: str = "separate"
+    re_pooling: str = "cls"
     init_from: str | None = None
     resume: bool = False
     device: str = "cpu"
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-sw", action="store_true", help="ablation: no SW loss even with --clip")
     add("--no-ia", action="store_true", help="ablation: no insert-activation")
     add("--attention-mode", choices=["separate", "joint"], default="separate")
+    add(
+        "--re-pooling",
+        choices=["cls", "entity_start"],
+        default="cls",
+        help="RE: [CLS] (eq. 24) or the markers",
+    )
     add("--init-from", help="start the encoder from another task's checkpoint, with a fresh head")
     add("--resume", action="store_true", help="continue the interrupted run in --out")
     add("--device", choices=["cpu", "cuda"], default="cpu")
@@ -207,7 +214,11 @@ def check_inputs(args: TrainingArguments) -> None:
 
 
 def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
-    overrides = {"use_ia": not args.no_ia, "attention_mode": args.attention_mode}
+    overrides = {
+        "use_ia": not args.no_ia,
+        "attention_mode": args.attention_mode,
+        "re_pooling": args.re_pooling,
+    }
     labels = labels_for(args.task)
     if args.init_from:
         return create_model_from_checkpoint(args.task, labels, args.init_from, **overrides)

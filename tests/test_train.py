@@ -97,13 +97,14 @@ def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, ti
     assert len(records) == 24 and all(r["gold"] == r["pred"] for r in records)
 
 
-def test_re_overfits_to_f1_one(tmp_path, tiny_backbone, capsys):
+@pytest.mark.parametrize("pooling", ["cls", "entity_start"])
+def test_re_overfits_to_f1_one(tmp_path, tiny_backbone, capsys, pooling):
     examples = synthetic_re_examples(48, seed=4)
     train_file = write_mnre(tmp_path / "train.txt", examples)
     out = tmp_path / "re"
     assert run_train(
         "--task", "re", "--train", train_file, "--dev", train_file, "--out", out, "--backbone", tiny_backbone,
-        "--epochs", "25", *FAST,
+        "--epochs", "25", "--re-pooling", pooling, *FAST,
     ) == 0  # fmt: skip
     capsys.readouterr()
     assert evaluate_main(["--checkpoint", str(out), "--data", str(train_file)]) == 0
