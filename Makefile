@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format clean serve weights
+.PHONY: install test lint format clean serve bench bench-model weights
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,23 @@ weights: $(STAMP)
 		--out $(RUNS)/re_mnre --epochs 2 --lr 1e-4 --batch-size 16 --seed $(SEED)
 	$(PY) -m export --checkpoint $(RUNS)/ner_joint --out weights/ner --precision int8 --name imm-minilm-ner
 	$(PY) -m export --checkpoint $(RUNS)/re_mnre --out weights/re --precision int8 --name imm-minilm-re
+
+# End-to-end benchmark (docs/benchmarks.md): starts the server on loopback, drives it at concurrency
+# 1/4/16/64, writes bench/results/e2e/ (JSON, summary.md, PNGs); under 10 minutes on 2 cores.
+# Bundles default to weights/ner and weights/re (a missing one is replaced by a random-weight MiniLM
+# int8 bundle). BENCH_ARGS adds options: make bench BENCH_ARGS="--quick" or "--intra-op-threads 1".
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/run.py $(BENCH_ARGS)
+
+# Model-only benchmark: ONNX Runtime fp32 and int8 against PyTorch eager, batch 1 to 64, for random
+# MiniLM-L6- and BERT-base-sized IMM (about 15-25 minutes on 2 cores, most of it BERT-base).
+MODEL_BENCH = --batch-sizes 1 2 4 8 16 32 64 --iterations 20 --warmup 2 --max-seconds 15 --size-precisions fp32 int8
+bench-model: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/model_latency.py --random-config minilm $(MODEL_BENCH) \
+		--json bench/results/model_minilm.json
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/model_latency.py --random-config bert-base $(MODEL_BENCH) \
+		--json bench/results/model_bert-base.json
+	$(PY) bench/plots.py bench/results/model_minilm.json bench/results/model_bert-base.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results = []
         load_before = os.getloadavg()
+        busy_before, own_before, wall_before = _machine_busy_s(), time.process_time(), time.perf_counter()
         for batch_size in args.batch_sizes:
             batch = benchmark_batch(preprocessor, task, batch_size, args.seq_len, args.image_fraction)
             feeds = {name: batch[name] for name in INPUT_NAMES[task]}
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"backend": name, "batch_size": batch_size, **summarise(wall, cpu)})
             print(f"batch {batch_size} done", file=sys.stderr)
         load_after = os.getloadavg()
+        other_share = None
+        busy_after = _machine_busy_s()
+        if busy_before is not None and busy_after is not None:
+            others = (busy_after - busy_before) - (time.process_time() - own_before)
+            other_share = max(0.0, others) / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1))
 
         sizes = {
             precision: {
@@ -378,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cores": os.cpu_count(),
                 "load_average_before": load_before,
                 "load_average_after": load_after,
+                # CPU share other processes took while timing (0 on an idle machine): trust the numbers
+                # only when it is near 0.
+                "other_processes_cpu_share": None if other_share is None else round(other_share, 3),
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "onnxruntime": ort.__version__,
@@ -407,7 +416,13 @@ def markdown(report: dict) -> str:
         f"{report['config']['layers']}), {settings['seq_len']} tokens, "
         f"{settings['image_fraction']:.0%} with image, {settings['threads']} threads, {machine['cpu']} "
         f"({machine['cores']} cores), load average {machine['load_average_before'][0]:.1f} -> "
-        f"{machine['load_average_after'][0]:.1f}; {settings['iterations']} runs"
+        f"{machine['load_average_after'][0]:.1f}"
+        + (
+            f", other processes {100 * machine['other_processes_cpu_share']:.0f} % of the CPUs"
+            if machine.get("other_processes_cpu_share") is not None
+            else ""
+        )
+        + f"; {settings['iterations']} runs"
         + (f" or {settings['max_seconds']:.0f} s" if settings.get("max_seconds") else "")
         + f" per cell after {settings['warmup']} warm-up (n: the runs timed)",
         "",
@@ -440,6 +455,15 @@ def markdown(report: dict) -> str:
         lines += ["", f"Entity F1 on {report['dev']['file']} ({report['dev']['examples']} tweets):", ""]
         lines += [f"- {name}: {100 * f1:.2f}" for name, f1 in report["dev"]["f1"].items()]
     return "\n".join(lines)
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds every process spent since boot (Linux /proc/stat, less idle and iowait)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,764 @@
+"""``make bench``: end-to-end latency and throughput of the service under load, per stage, with plots.
+
+Starts ``python -m service`` on a free loopback port (given bundles, threads and batching
+settings), then drives it from this process (a separate one: the server is a subprocess) with an
+asyncio httpx client, closed loop, at each concurrency, for four workloads:
+
+    ner-photo   POST /ner, tweet + photo-like 1200x900 JPEG
+    ner-small   POST /ner, tweet + 320x240 JPEG
+    ner-text    POST /ner, tweet only
+    re-image    POST /re, tweet + entity pair + 1200x900 JPEG
+
+Every level is bounded in requests (``--requests``) and time (``--level-seconds``), and the whole
+run by ``--deadline-s``: it stops by itself. Tweets come from ``../shared/data`` (Twitter-2017/2015
+and MNRE valid files) when present, else from generated text. Per-stage times (decode, tokenise,
+queue wait, inference, total) are the deltas of the server's own Prometheus histograms over each
+level; the server's CPU time comes from /proc, and so does the CPU time other processes took
+meanwhile (a shared machine shows there). Writes ``results.json``, ``summary.md`` and PNG plots
+into ``--out`` (default ``bench/results/e2e``, git-ignored) and prints the summary::
+
+    python bench/run.py                                  # what `make bench` runs
+    python bench/run.py --quick                          # smoke test: 2 levels, few requests
+    python bench/run.py --concurrency 1 16 --scenarios ner-photo ner-text --max-batch-size 32
+
+A bundle that does not exist (the default ``weights/ner`` and ``weights/re`` before the default
+models are trained) is replaced by a random-weight MiniLM-L6-sized bundle of ``--build-precision``
+built with ``bench/make_bench_bundle.py`` (kept in ``bench/results/bundles`` for the next run);
+the output says so. Latency is the trained model's; the answers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for path in (str(ROOT), str(BENCH)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from e2e_latency import TWEETS, percentile, photo_jpeg, start_server  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    endpoint: str  # "/ner" or "/re"
+    image: tuple[int, int] | None  # JPEG width x height, None for text only
+    title: str
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("ner-photo", "/ner", (1200, 900), "/ner + 1200x900 JPEG"),
+        Scenario("ner-small", "/ner", (320, 240), "/ner + 320x240 JPEG"),
+        Scenario("ner-text", "/ner", None, "/ner text only"),
+        Scenario("re-image", "/re", (1200, 900), "/re + 1200x900 JPEG"),
+    )
+}
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def ner_texts(data: Path, limit: int = 2000) -> tuple[list[str], str]:
+    """Tweets (words joined by single spaces) from the Twitter valid files, else generated ones."""
+    from model.data import read_twitter_conll  # stdlib only
+
+    texts: list[str] = []
+    sources = []
+    for name in ("twitter2017", "twitter2015"):
+        path = data / name / "valid.txt"
+        if path.is_file():
+            texts += [" ".join(e.words) for e in read_twitter_conll(path)]
+            sources.append(str(path))
+    if texts:
+        random.Random(0).shuffle(texts)
+        return texts[:limit], ", ".join(sources)
+    return generated_tweets(limit), "generated"
+
+
+def generated_tweets(count: int) -> list[str]:
+    """Tweet-like text: the invented tweets of e2e_latency.py, cut and recombined."""
+    rng = random.Random(0)
+    words = [w for t in TWEETS for w in t.split()]
+    texts = list(TWEETS)
+    while len(texts) < count:
+        texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(6, 30))))
+    return texts
+
+
+def re_items(data: Path, limit: int = 2000) -> tuple[list[dict[str, Any]], str]:
+    """MNRE valid pairs as /re form fields (character offsets into the space-joined words), else
+    pairs of words of generated tweets."""
+    from model.data import read_mnre
+    from model.preprocessing import split_words
+
+    path = data / "mnre" / "valid.txt"
+    items = []
+    if path.is_file():
+        for example in read_mnre(path):
+            starts, position = [], 0
+            for word in example.words:
+                starts.append(position)
+                position += len(word) + 1
+            text = " ".join(example.words)
+
+            def span(words: tuple[int, int], starts=starts, example=example) -> tuple[int, int]:
+                first, last = words
+                return starts[first], starts[last - 1] + len(example.words[last - 1])
+
+            (hs, he), (ts, te) = span(example.head), span(example.tail)
+            if max(hs, ts) < min(he, te):
+                continue  # a few MNRE pairs overlap (a 422 from the service): not a latency sample
+            items.append(dict(text=text, head_start=hs, head_end=he, tail_start=ts, tail_end=te))
+        random.Random(0).shuffle(items)
+        return items[:limit], str(path)
+    for text in generated_tweets(limit):
+        words = split_words(text)
+        if len(words) < 2:
+            continue
+        (_, hs, he), (_, ts, te) = words[0], words[-1]
+        items.append(dict(text=text, head_start=hs, head_end=he, tail_start=ts, tail_end=te))
+    return items, "generated"
+
+
+# -- the server's metrics -----------------------------------------------------------------------
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text format to {(name, labels): value}."""
+    samples = {}
+    for line in text.splitlines():
+        found = _SAMPLE.match(line)
+        if found:
+            labels = frozenset(_LABEL.findall(found.group(2) or ""))
+            samples[(found.group(1), labels)] = float(found.group(3))
+    return samples
+
+
+def histogram_delta(before: dict, after: dict, name: str, **labels: str) -> dict[str, Any]:
+    """count, sum and cumulative buckets [(le, count)] of a histogram between two scrapes."""
+    wanted = set(labels.items())
+
+    def delta(key: tuple[str, frozenset]) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    buckets = []
+    count = total = 0.0
+    for key in after:
+        sample_name, sample_labels = key
+        rest = {k: v for k, v in sample_labels if (k, v) not in wanted}
+        if not wanted <= sample_labels:
+            continue
+        if sample_name == f"{name}_bucket" and set(rest) == {"le"}:
+            buckets.append((float(rest["le"]), delta(key)))
+        elif sample_name == f"{name}_count" and not rest:
+            count = delta(key)
+        elif sample_name == f"{name}_sum" and not rest:
+            total = delta(key)
+    return {"count": count, "sum": total, "buckets": sorted(buckets)}
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' estimate: linear interpolation inside the bucket holding the q-quantile."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            width = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / width if width else 1.0)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def stage_breakdown(before: dict, after: dict, endpoint: str) -> dict[str, dict[str, float | None]]:
+    stages = {}
+    for stage in STAGES:
+        h = histogram_delta(before, after, "imm_stage_seconds", endpoint=endpoint, stage=stage)
+        if not h["count"]:
+            continue
+        p50, p90 = (histogram_quantile(q, h["buckets"]) for q in (0.5, 0.9))
+        stages[stage] = {
+            "count": int(h["count"]),
+            "mean_ms": round(1000 * h["sum"] / h["count"], 3),
+            "p50_ms_est": None if p50 is None else round(1000 * p50, 2),
+            "p90_ms_est": None if p90 is None else round(1000 * p90, 2),
+        }
+    return stages
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``decode;dur=1.20, inference;dur=30.5`` to {"decode": 1.2, "inference": 30.5} (ms)."""
+    values = {}
+    for entry in header.split(","):
+        name, _, rest = entry.strip().partition(";")
+        found = re.search(r"dur=([0-9.]+)", rest)
+        if name and found:
+            values[name] = float(found.group(1))
+    return values
+
+
+# -- CPU accounting (Linux /proc; None elsewhere) -----------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes spent (every core) since boot: /proc/stat less idle and iowait."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(values[:8]) - values[3] - values[4]) / _TICK
+
+
+# -- one level ----------------------------------------------------------------------------------
+class Load:
+    """The requests of one scenario: form fields and the image, cycling over the inputs."""
+
+    def __init__(self, scenario: Scenario, texts: list[str], pairs: list[dict], images: dict):
+        self.scenario = scenario
+        self.texts, self.pairs = texts, pairs
+        self.image = images.get(scenario.image) if scenario.image else None
+
+    def request(self, number: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        if self.scenario.endpoint == "/re":
+            item = self.pairs[number % len(self.pairs)]
+            data = {k: str(v) for k, v in item.items()}
+        else:
+            data = {"text": self.texts[number % len(self.texts)]}
+        files = {"image": ("photo.jpg", self.image, "image/jpeg")} if self.image is not None else None
+        return data, files
+
+
+async def run_level(
+    url: str,
+    load: Load,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    warmup: int,
+    server_pid: int | None,
+    offset: int,
+) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    endpoint = load.scenario.endpoint
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        errors: Counter[str] = Counter()
+        first_error: list[str] = []
+        timings: dict[str, list[float]] = {}  # per-request stage ms from the Server-Timing header
+        measuring = False
+
+        async def post(number: int) -> float | None:
+            data, files = load.request(offset + number)
+            started = time.perf_counter()
+            try:
+                answer = await client.post(endpoint, data=data, files=files)
+            except httpx.HTTPError as error:
+                errors[type(error).__name__] += 1
+                first_error.append(repr(error))
+                return None
+            elapsed = time.perf_counter() - started
+            if answer.status_code != 200:
+                errors[str(answer.status_code)] += 1
+                first_error.append(f"HTTP {answer.status_code}: {answer.text[:200]}")
+                return None
+            if measuring:
+                for name, ms in server_timing(answer.headers.get("server-timing", "")).items():
+                    timings.setdefault(name, []).append(ms)
+            return elapsed
+
+        # Warm-up at this concurrency (opens the connections), not measured; bounded in time too.
+        warm = max(warmup, concurrency)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(post(-1 - n) for n in range(warm))), max(5.0, max_seconds)
+            )
+        errors.clear()
+        first_error.clear()
+
+        before = parse_metrics((await client.get("/metrics")).text)
+        cpu_server = process_cpu_s(server_pid) if server_pid else None
+        cpu_machine, cpu_client = machine_busy_s(), time.process_time()
+        latencies: list[float] = []
+        next_number = 0
+        measuring = True
+        deadline = time.perf_counter() + max_seconds
+
+        async def worker() -> None:
+            nonlocal next_number
+            while next_number < max_requests and time.perf_counter() < deadline:
+                number = next_number
+                next_number += 1
+                elapsed = await post(number)
+                if elapsed is not None:
+                    latencies.append(elapsed)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+        cpu_client = time.process_time() - cpu_client
+        cpu_machine_after = machine_busy_s()
+        cpu_server_after = process_cpu_s(server_pid) if server_pid else None
+        try:
+            after = parse_metrics((await client.get("/metrics")).text)
+        except httpx.HTTPError as error:  # the server went away: keep the client-side numbers
+            first_error.append(f"/metrics after the level: {error!r}")
+            after = before
+
+    latencies.sort()
+    ms = [1000 * v for v in latencies]
+    sent = next_number
+    batch = histogram_delta(before, after, "imm_batch_size", model=endpoint.strip("/"))
+    row: dict[str, Any] = {
+        "scenario": load.scenario.name,
+        "endpoint": endpoint,
+        "concurrency": concurrency,
+        "sent": sent,
+        "ok": len(ms),
+        "errors": sum(errors.values()),
+        "errors_by_kind": dict(errors),
+        "first_error": first_error[0] if first_error else None,
+        "wall_s": round(wall, 3),
+        "stopped_by": "requests" if sent >= max_requests else "time",
+        "p50_ms": round(percentile(ms, 50), 2) if ms else None,
+        "p90_ms": round(percentile(ms, 90), 2) if ms else None,
+        "p99_ms": round(percentile(ms, 99), 2) if ms else None,
+        "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
+        "max_ms": round(ms[-1], 2) if ms else None,
+        "throughput_rps": round(len(ms) / wall, 2) if wall else None,
+        "batches": int(batch["count"]),
+        "mean_batch_size": round(batch["sum"] / batch["count"], 2) if batch["count"] else None,
+        "stages": stage_breakdown(before, after, endpoint),
+        # Exact per-request percentiles of the same stages, from the answers' Server-Timing header
+        # ("total" there runs from the parsed form to the answer, without HTTP and multipart).
+        "server_timing": {
+            name: {f"p{q}_ms": round(percentile(sorted(values), q), 3) for q in (50, 90, 99)}
+            for name, values in timings.items()
+        },
+        "client_cpu_ms_per_request": round(1000 * cpu_client / sent, 2) if sent else None,
+    }
+    if cpu_server is not None and cpu_server_after is not None and sent:
+        row["server_cpu_ms_per_request"] = round(1000 * (cpu_server_after - cpu_server) / sent, 2)
+    if cpu_machine is not None and cpu_machine_after is not None and wall:
+        others = (cpu_machine_after - cpu_machine) - cpu_client
+        if cpu_server is not None and cpu_server_after is not None:
+            others -= cpu_server_after - cpu_server
+        # Other processes' share of the machine's CPUs while this level ran (0 on an idle machine).
+        row["other_processes_cpu_share"] = round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+    return row
+
+
+# -- bundles ------------------------------------------------------------------------------------
+def bundle_summary(path: Path) -> dict[str, Any] | None:
+    from export.bundle import BundleError, load_bundle  # torch-free
+
+    try:
+        bundle = load_bundle(path)
+    except (BundleError, OSError):
+        return None
+    manifest = bundle.manifest
+    source = manifest.get("source", {}).get("config", {}) or {}
+    backbone = source.get("backbone_config", {}) or {}
+    return {
+        "path": str(path),
+        "task": bundle.task,
+        "name": bundle.name,
+        "precision": manifest.get("precision"),
+        "hidden_size": backbone.get("hidden_size"),
+        "layers": backbone.get("num_hidden_layers"),
+        "model_onnx_mb": round(bundle.model_path.stat().st_size / 1e6, 1),
+    }
+
+
+def ensure_bundle(task: str, path: Path, args: argparse.Namespace) -> tuple[Path, str | None]:
+    """``path`` when it holds a bundle, else a random-weight MiniLM-sized one (built once)."""
+    if (path / "manifest.json").is_file():
+        return path, None
+    if args.no_build:
+        raise SystemExit(f"{path} is not a bundle (and --no-build was given)")
+    fallback = ROOT / "bench" / "results" / "bundles" / f"minilm-{task}-{args.build_precision}"
+    note = (
+        f"{path} does not exist: serving a random-weight MiniLM-L6-sized {args.build_precision} "
+        f"{task.upper()} bundle ({fallback.relative_to(ROOT)}, made by bench/make_bench_bundle.py); "
+        "its latency is a trained MiniLM model's, its answers mean nothing"
+    )
+    summary = bundle_summary(fallback)
+    if summary is None or summary["precision"] != args.build_precision or summary["task"] != task:
+        print(f"building {fallback.relative_to(ROOT)} (about a minute) ...", flush=True)
+        started = time.perf_counter()
+        command = [sys.executable, str(BENCH / "make_bench_bundle.py"), str(fallback)]
+        command += ["--task", task, "--precision", args.build_precision]
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"building the bench bundle failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"NOTE: {note}", flush=True)
+    return fallback, note
+
+
+# -- summary ------------------------------------------------------------------------------------
+def _find(rows: list[dict], scenario: str, concurrency: int) -> dict | None:
+    return next((r for r in rows if r["scenario"] == scenario and r["concurrency"] == concurrency), None)
+
+
+def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
+    """The issue's targets for the 2-core machine (meaningful with the default int8 bundle)."""
+    targets = []
+    photo1, text1 = _find(rows, "ner-photo", 1), _find(rows, "ner-text", 1)
+    if photo1 and photo1["p50_ms"] is not None:
+        targets.append(
+            {
+                "target": "/ner + 1200x900 JPEG, p50 at concurrency 1 <= 25 ms",
+                "value": f"{photo1['p50_ms']:.1f} ms",
+                "met": photo1["p50_ms"] <= 25,
+            }
+        )
+    if photo1 and text1 and photo1["p50_ms"] and text1["p50_ms"]:
+        ratio = photo1["p50_ms"] / text1["p50_ms"]
+        targets.append(
+            {
+                "target": "p50 with image <= 2.0 x text-only p50 (concurrency 1)",
+                "value": f"{ratio:.2f}x",
+                "met": ratio <= 2.0,
+            }
+        )
+    for scenario in SCENARIOS:
+        one, sixteen = _find(rows, scenario, 1), _find(rows, scenario, 16)
+        if one and sixteen and one["throughput_rps"] and sixteen["throughput_rps"]:
+            ratio = sixteen["throughput_rps"] / one["throughput_rps"]
+            targets.append(
+                {
+                    "target": f"{scenario}: throughput at concurrency 16 >= 1.5 x concurrency 1",
+                    "value": f"{ratio:.2f}x ({one['throughput_rps']:.1f} -> {sixteen['throughput_rps']:.1f} req/s)",
+                    "met": ratio >= 1.5,
+                }
+            )
+    return targets
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine, rows = report["machine"], report["levels"]
+    busy = [r["other_processes_cpu_share"] for r in rows if r.get("other_processes_cpu_share") is not None]
+    lines = [
+        f"# IMM service benchmark, {report['created']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; load average "
+        f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after"
+        + (
+            f"; other processes used {100 * min(busy):.0f}-{100 * max(busy):.0f} % of the CPUs during the levels"
+            if busy
+            else ""
+        )
+        + ". The client runs on the same machine.",
+    ]
+    for task, bundle in report["bundles"].items():
+        if bundle:
+            lines.append(
+                f"{task.upper()} bundle: {bundle['name']} ({bundle['precision']}, {bundle.get('hidden_size')} wide, "
+                f"{bundle.get('layers')} layers, {bundle['model_onnx_mb']} MB)"
+                + (
+                    " - RANDOM WEIGHTS, built because the bundle was missing"
+                    if bundle.get("fallback")
+                    else ""
+                )
+            )
+    settings = report["settings"]
+    lines += [
+        f"Server settings: {settings['server_env'] or 'defaults'}; per level at most {settings['requests']} "
+        f"requests or {settings['level_seconds']:.0f} s after {settings['warmup']} (at least the concurrency) "
+        f"warm-up requests. Inputs: {report['inputs']['ner_texts']} / {report['inputs']['re_pairs']}.",
+        "",
+        "| workload | conc | ok | err | p50 ms | p90 ms | p99 ms | req/s | batch | server CPU ms/req | other CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = r.get("other_processes_cpu_share")
+        lines.append(
+            f"| {SCENARIOS[r['scenario']].title} | {r['concurrency']} | {r['ok']} | {r['errors']} | "
+            f"{_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['throughput_rps'])} | "
+            f"{_fmt(r['mean_batch_size'], 2)} | {_fmt(r.get('server_cpu_ms_per_request'))} | "
+            f"{'-' if share is None else f'{100 * share:.0f} %'} |"
+        )
+    lines += [
+        "",
+        "Server stages, mean ms per request (from `imm_stage_seconds`; `inference` is the whole batch call: "
+        "collate, ONNX Runtime, CRF decoding; `other` = total - the stages: HTTP, multipart parsing, "
+        "thread hand-offs, the answer; `client` = client latency - server total):",
+        "",
+        "| workload | conc | decode | tokenise | queue wait | inference | other | server total | client |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        s = {k: v["mean_ms"] for k, v in r["stages"].items()}
+        if "total" not in s:
+            continue
+        known = sum(s.get(k, 0.0) for k in ("decode", "tokenise", "queue_wait", "inference"))
+        client = r["mean_ms"] - s["total"] if r["mean_ms"] is not None else None
+        lines.append(
+            f"| {SCENARIOS[r['scenario']].title} | {r['concurrency']} | {_fmt(s.get('decode'), 2)} | "
+            f"{_fmt(s.get('tokenise'), 2)} | {_fmt(s.get('queue_wait'))} | {_fmt(s.get('inference'))} | "
+            f"{_fmt(s['total'] - known)} | {_fmt(s['total'])} | {_fmt(client)} |"
+        )
+    if report["targets"]:
+        lines += ["", "Targets (2-core machine, default int8 bundle):", ""]
+        lines += [
+            f"- {'MET ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}" for t in report["targets"]
+        ]
+    for note in report["notes"]:
+        lines += ["", f"Note: {note}"]
+    if report.get("plots"):
+        lines += ["", "Plots: " + ", ".join(Path(p).name for p in report["plots"])]
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# -- main ---------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="drive a server already running instead of starting one")
+    parser.add_argument("--ner-bundle", type=Path, default=ROOT / "weights" / "ner")
+    parser.add_argument("--re-bundle", type=Path, default=ROOT / "weights" / "re")
+    parser.add_argument("--build-precision", default="int8", choices=("fp32", "int8"))
+    parser.add_argument("--no-build", action="store_true", help="a missing bundle is an error")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests", type=int, default=200, help="measured requests per level, at most")
+    parser.add_argument("--level-seconds", type=float, default=25, help="measured seconds per level, at most")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="warm-up requests per level (at least the concurrency)"
+    )
+    parser.add_argument(
+        "--deadline-s", type=float, default=540, help="the whole run, start-up included, ends within this"
+    )
+    group = parser.add_argument_group("server settings (default: the service's defaults)")
+    group.add_argument("--intra-op-threads", type=int, help="IMM_INTRA_OP_THREADS")
+    group.add_argument("--preprocess-threads", type=int, help="IMM_PREPROCESS_THREADS")
+    group.add_argument("--max-batch-size", type=int, help="IMM_MAX_BATCH_SIZE")
+    group.add_argument("--batch-wait-ms", type=float, help="IMM_BATCH_WAIT_MS")
+    group.add_argument("--server-env", nargs="*", default=[], metavar="IMM_X=V", help="any other setting")
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder (tweets)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke test: concurrency 1 and 4, 10 requests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.requests, args.level_seconds, args.warmup = [1, 4], 10, 10, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_started = time.monotonic()
+    scenarios = [SCENARIOS[name] for name in args.scenarios]
+    tasks = sorted({s.endpoint.strip("/") for s in scenarios})
+    notes: list[str] = []
+
+    server_env: dict[str, str] = {}
+    for flag, variable in (
+        ("intra_op_threads", "IMM_INTRA_OP_THREADS"),
+        ("preprocess_threads", "IMM_PREPROCESS_THREADS"),
+        ("max_batch_size", "IMM_MAX_BATCH_SIZE"),
+        ("batch_wait_ms", "IMM_BATCH_WAIT_MS"),
+    ):
+        if getattr(args, flag) is not None:
+            server_env[variable] = str(getattr(args, flag))
+    for assignment in args.server_env:
+        key, _, value = assignment.partition("=")
+        server_env[key] = value
+
+    bundles: dict[str, dict | None] = {}
+    server = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        paths = {}
+        for task in ("ner", "re"):
+            requested = args.ner_bundle if task == "ner" else args.re_bundle
+            if task not in tasks:
+                paths[task] = None
+                continue
+            path, note = ensure_bundle(task, requested if requested.is_absolute() else ROOT / requested, args)
+            paths[task] = path
+            bundles[task] = bundle_summary(path)
+            if note:
+                notes.append(note)
+                if bundles[task]:
+                    bundles[task]["fallback"] = True
+        settings = {
+            "IMM_NER_BUNDLE": str(paths["ner"] or ""),
+            "IMM_RE_BUNDLE": str(paths["re"] or ""),
+            **server_env,
+        }
+        log_path = args.out / "server.log"
+        log_path.unlink(missing_ok=True)
+        started = time.perf_counter()
+        server, url = start_server(settings, log_path)
+        print(f"server ready in {time.perf_counter() - started:.1f} s on {url} (log: {log_path})", flush=True)
+    ready = httpx.get(f"{url}/ready", timeout=10).json()
+
+    texts, text_source = ner_texts(args.data)
+    pairs, pair_source = re_items(args.data)
+    images = {s.image: photo_jpeg(*s.image) for s in scenarios if s.image}
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    levels = [(s, c) for s in scenarios for c in args.concurrency]
+    try:
+        for index, (scenario, concurrency) in enumerate(levels):
+            task = scenario.endpoint.strip("/")
+            if ready["models"].get(task, {}).get("status") != "ready":
+                print(f"skipping {scenario.name}: the {task.upper()} model is not ready", flush=True)
+                continue
+            # Share what is left of the deadline (less 10 s for the plots) among the levels still to
+            # run; a fifth of a share goes to the level's warm-up.
+            left = args.deadline_s - (time.monotonic() - run_started) - 10
+            if left < 2:
+                notes.append(
+                    f"deadline reached: {scenario.name} at concurrency {concurrency} and later not run"
+                )
+                print(notes[-1], flush=True)
+                break
+            seconds = max(1.0, min(args.level_seconds, 0.8 * left / (len(levels) - index)))
+            if server is not None and server.poll() is not None:
+                notes.append(
+                    f"the server exited (status {server.returncode}) before {scenario.name} at concurrency "
+                    f"{concurrency}: stopped there (see server.log; a SIGTERM from outside shows as 'Shutting down')"
+                )
+                print(notes[-1], flush=True)
+                break
+            row = asyncio.run(
+                run_level(
+                    url,
+                    Load(scenario, texts, pairs, images),
+                    concurrency,
+                    args.requests,
+                    seconds,
+                    args.warmup,
+                    server.pid if server else None,
+                    offset=997 * index,
+                )
+            )
+            rows.append(row)
+            print(
+                f"{scenario.name:<10} c={concurrency:<3} ok={row['ok']:<4} err={row['errors']:<3} "
+                f"p50={_fmt(row['p50_ms'])} p90={_fmt(row['p90_ms'])} p99={_fmt(row['p99_ms'])} ms "
+                f"{_fmt(row['throughput_rps'])} req/s batch={_fmt(row['mean_batch_size'], 2)}",
+                flush=True,
+            )
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    load_after = os.getloadavg()
+
+    report: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "url": url,
+        "ready": ready,
+        "bundles": bundles,
+        "settings": {
+            "server_env": server_env,
+            "requests": args.requests,
+            "level_seconds": args.level_seconds,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+        },
+        "inputs": {
+            "ner_texts": f"{len(texts)} tweets from {text_source}",
+            "re_pairs": f"{len(pairs)} pairs from {pair_source}",
+            "images": {f"{w}x{h}": len(data) for (w, h), data in images.items()},
+        },
+        "levels": rows,
+        "targets": check_targets(rows),
+        "notes": notes,
+    }
+    if not args.no_plots and rows:
+        try:
+            from plots import plot_e2e
+
+            report["plots"] = [str(p) for p in plot_e2e(report, args.out)]
+        except ImportError as error:
+            notes.append(f"no plots: {error}")
+    summary = markdown(report)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.out / "summary.md").write_text(summary + "\n", encoding="utf-8")
+    print()
+    print(summary)
+    print(
+        f"\nwritten {args.out / 'results.json'}, {args.out / 'summary.md'} "
+        f"({time.monotonic() - run_started:.0f} s in all)"
+    )
+    return 1 if not rows or any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
