@@ -256,5 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(row["errors"] for row in rows) else 0
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 if __name__ == "__main__":
     sys.exit(main())

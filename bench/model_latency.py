@@ -35,6 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
+
+from e2e_latency import cpu_name  # noqa: E402
 
 RANDOM_CONFIGS: dict[str, dict[str, int]] = {
     # BERT-base and MiniLM-L6 dimensions; the default 2/3 ISA, 1/3 IA split.
@@ -380,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
             },
             "machine": {
-                "cpu": _cpu_name(),
+                "cpu": cpu_name(),
                 "cores": os.cpu_count(),
                 "load_average_before": load_before,
                 "load_average_after": load_after,
@@ -400,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"\nwritten {args.json}", file=sys.stderr)
         if args.plot:
-            sys.path.insert(0, str(ROOT / "bench"))
             from plots import plot_model
 
             print(f"written {plot_model([report], args.plot)}", file=sys.stderr)
@@ -464,16 +467,6 @@ def _machine_busy_s() -> float | None:
     except OSError:
         return None
     return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ for path in (str(ROOT), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from e2e_latency import TWEETS, percentile, photo_jpeg, start_server  # noqa: E402
+from e2e_latency import TWEETS, cpu_name, percentile, photo_jpeg, start_server  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
@@ -555,16 +555,6 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("plots"):
         lines += ["", "Plots: " + ", ".join(Path(p).name for p in report["plots"])]
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # -- main ---------------------------------------------------------------------------------------
