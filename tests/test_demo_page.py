@@ -18,23 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.screenshot_demo import CHROMIUM_ARGS
 from service import Settings, create_app
 from service.app import STATIC_DIR
 from tests.conftest import jpeg_bytes
 from tests.test_service import ServerThread, make_settings
 
 API_KEY = "demo-secret"
-# Chromium on a machine with no display, no sandbox (containers) and no network access.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TWEET = "alice smith 👍 is in london with the knicks #win"
 
 

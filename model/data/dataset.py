@@ -22,9 +22,8 @@ def encode_example(preprocessor: Preprocessor, example: Example) -> EncodedText:
     return preprocessor.text.encode(example.words)
 
 
-def label_ids(example: Example, labels: Sequence[str], num_words: int) -> list[int] | int:
-    """Gold label ids: one per kept word (NER), or the relation's id (RE)."""
-    index = {label: number for number, label in enumerate(labels)}
+def label_ids(example: Example, index: dict[str, int], num_words: int) -> list[int] | int:
+    """Gold label ids (``index`` maps label names to ids): one per kept word (NER), or the relation's id (RE)."""
     if isinstance(example, REExample):
         return index[example.relation]
     return [index[tag] for tag in example.tags[:num_words]]
@@ -63,7 +62,8 @@ class IMMDataset(Dataset):
         self.augment_seed = augment_seed
         self.epoch = 0
         self.texts = [encode_example(preprocessor, example) for example in self.examples]
-        self.labels = [label_ids(e, labels, t.num_words) for e, t in zip(self.examples, self.texts)]
+        index = {label: number for number, label in enumerate(labels)}
+        self.labels = [label_ids(e, index, t.num_words) for e, t in zip(self.examples, self.texts)]
 
     def __len__(self) -> int:
         return len(self.examples)
