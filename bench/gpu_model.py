@@ -144,10 +144,6 @@ def runner(model, mode: str, batch: dict[str, Any], device: str):
         return call
     if device != "cuda":
         raise ValueError("CUDA graphs need a CUDA device")
-    # The encoder asks has_image.any() on the host to skip the visual stream of text-only batches:
-    # a sync that a graph capture forbids. Every example here has an image, so the full path is
-    # the same computation (and what the ONNX graph runs).
-    model.encoder._text_only = lambda has_image: False
     try:
         static = {k: v.clone() for k, v in batch.items()}
         side = torch.cuda.Stream()

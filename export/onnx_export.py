@@ -72,7 +72,7 @@ _DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "input_ids": {0: "batch", 1: "sequence"},
     "attention_mask": {0: "batch", 1: "sequence"},
     "word_index": {0: "batch", 1: "words"},
-    "pixel_values": {0: "batch"},
+    "pixel_values": {0: "pictures"},
     "has_image": {0: "batch"},
     "marker_index": {0: "batch"},
     "emissions": {0: "batch", 1: "words"},

@@ -2,7 +2,7 @@
 
 Layout, one model per bundle, next to any other models already in the repository::
 
-    REPO/<name>/config.pbtxt       platform onnxruntime_onnx, dynamic batching
+    REPO/<name>/config.pbtxt       platform onnxruntime_onnx, whole batches from the client
     REPO/<name>/1/model.onnx       the bundle's graph
     REPO/<name>/manifest.json      for clients: labels, CRF scores, preprocessing constants
     REPO/<name>/tokenizer.json     for clients: the tokenizer
@@ -32,8 +32,6 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.pbtxt"
-MAX_BATCH_SIZE = 32
-MAX_QUEUE_DELAY_US = 2000
 _TRITON_TYPES = {
     "int64": "TYPE_INT64",
     "int32": "TYPE_INT32",
@@ -60,8 +58,8 @@ def check_repository_target(repository: Path, name: str) -> None:
 
 
 def _dims(shape: list[Any]) -> list[int]:
-    """Per-example dims (the batch axis removed): named (dynamic) axes become -1."""
-    return [size if isinstance(size, int) and size > 0 else -1 for size in shape[1:]]
+    """The full shape, batch axis included (max_batch_size 0): named (dynamic) axes become -1."""
+    return [size if isinstance(size, int) and size > 0 else -1 for size in shape]
 
 
 def _tensor_entry(item: dict[str, Any]) -> str:
@@ -69,17 +67,20 @@ def _tensor_entry(item: dict[str, Any]) -> str:
     if dtype not in _TRITON_TYPES:
         raise TritonRepositoryError(f"no Triton type for {item['name']}'s dtype {dtype}")
     dims = _dims(item["shape"])
-    lines = [f'    name: "{item["name"]}"', f"    data_type: {_TRITON_TYPES[dtype]}"]
-    if dims:
-        lines.append(f"    dims: [ {', '.join(str(d) for d in dims)} ]")
-    else:
-        # A per-example scalar (has_image): Triton wants at least one dim, the graph wants (batch,).
-        lines += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
+    lines = [
+        f'    name: "{item["name"]}"',
+        f"    data_type: {_TRITON_TYPES[dtype]}",
+        f"    dims: [ {', '.join(str(d) for d in dims)} ]",
+    ]
     return "  {\n" + "\n".join(lines) + "\n  }"
 
 
-def config_pbtxt(manifest: dict[str, Any], name: str, max_batch_size: int = MAX_BATCH_SIZE) -> str:
-    """The model configuration: ONNX Runtime backend, the bundle's inputs and outputs, dynamic batching.
+def config_pbtxt(manifest: dict[str, Any], name: str) -> str:
+    """The model configuration: ONNX Runtime backend, the bundle's inputs and outputs, no server batching.
+
+    ``max_batch_size: 0``: Triton's batcher needs every input to share the batch axis, but
+    ``pixel_values`` has one row per picture (N <= batch), so clients send whole batches,
+    collated by ``model.preprocessing.collate``.
 
     int8 bundles are pinned to CPU instances (dynamic quantisation is a CPU technique); fp16 to
     GPUs; fp32 lets Triton choose (GPU where there is one).
@@ -92,12 +93,10 @@ def config_pbtxt(manifest: dict[str, Any], name: str, max_batch_size: int = MAX_
         "# Labels, CRF scores and preprocessing constants: manifest.json next to this file.",
         f'name: "{name}"',
         'platform: "onnxruntime_onnx"',
-        f"max_batch_size: {max_batch_size}",
+        "# Whole batches from the client (pixel_values holds only the batch's pictures).",
+        "max_batch_size: 0",
         f"input [\n{inputs}\n]",
         f"output [\n{outputs}\n]",
-        "# Requests are batched together only when their shapes match: pad input_ids and",
-        "# word_index to a few fixed lengths on the client (see docs/export.md).",
-        f"dynamic_batching {{\n  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}\n}}",
     ]
     if kind:
         parts.append(f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]")

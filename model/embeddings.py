@@ -55,7 +55,10 @@ class PatchEmbeddings(nn.Module):
         nn.init.trunc_normal_(self.type_embedding, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, m, d)
+        projected = self.projection(pixel_values)  # (N, d, h, w); N may be 0
+        # reshape with the -1 on N, not flatten: ONNX Runtime cannot infer a -1 axis next to a 0.
+        patches = projected.reshape(-1, projected.shape[1], projected.shape[2] * projected.shape[3])
+        patches = patches.transpose(1, 2)  # (N, m, d)
         cls = self.cls_token.expand(patches.shape[0], -1, -1)
         embeddings = torch.cat([cls, patches], dim=1) + self.position_embeddings + self.type_embedding
         return self.dropout(self.LayerNorm(embeddings))

@@ -30,6 +30,16 @@ from model.config import IMMConfig
 from model.isa import FeedForward, ISALayer
 
 
+def rows_of_pictures(visual: torch.Tensor, picture_row: torch.Tensor) -> torch.Tensor:
+    """(N, m + 1, d) states of N pictures to (B, m + 1, d) per example: row r gets picture ``picture_row[r] - 1``.
+
+    ``picture_row`` is 0 for an example without a picture, which gets zeros (the caller masks
+    them); a zero row in front makes that a plain gather, also when N is 0.
+    """
+    padded = torch.cat([visual.new_zeros(1, *visual.shape[1:]), visual], dim=0)
+    return padded[picture_row]
+
+
 class VisualKnowledgeSelector(nn.Module):
     """Eqs. 16-20: per text token, the similarity-weighted visual vector, projected to a key and a value."""
 
@@ -83,13 +93,17 @@ class IALayer(ISALayer):
         text: torch.Tensor,
         text_bias: torch.Tensor,
         visual: torch.Tensor,
-        visual_bias: torch.Tensor,
+        visual_bias: torch.Tensor | None,
         has_image: torch.Tensor,
+        picture_row: torch.Tensor | None = None,
         compute_visual: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``picture_row`` (separate streams): which picture each example's text selects from
+        (see ``rows_of_pictures``); None when ``visual`` already has one row per example."""
         text, visual = self.attend(text, text_bias, visual, visual_bias)
         if self.selector is not None:
-            key, value = self.selector(text, visual)
+            own_visual = visual if picture_row is None else rows_of_pictures(visual, picture_row)
+            key, value = self.selector(text, own_visual)
             text_out = self.feed_forward(self.text_ffn, text, key, value, has_image)
         else:
             text_out = self.feed_forward(self.text_ffn, text)

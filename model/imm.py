@@ -25,7 +25,7 @@ from torch import nn
 from model.config import IMMConfig
 from model.embeddings import PatchEmbeddings, TextEmbeddings
 from model.heads import NERHead, REHead, gather_positions
-from model.ia import IALayer
+from model.ia import IALayer, rows_of_pictures
 from model.isa import ISALayer, attention_bias
 from model.sw_loss import SWLossOutput, sw_loss, teacher_targets
 
@@ -37,8 +37,8 @@ CONFIG_FILE = "config.json"
 class EncoderOutput:
     text: torch.Tensor  # (B, L, d) after the last block
     isa_text: torch.Tensor  # (B, L, d) after the last ISA block (SW inputs)
-    isa_visual: torch.Tensor | None  # (B, m + 1, d); None when the visual stream was skipped
-    isa_visual_augmented: torch.Tensor | None  # (B, m + 1, d) of the augmented view, when given
+    isa_visual: torch.Tensor | None  # (N, m + 1, d) of the N pictures; None when there were none
+    isa_visual_augmented: torch.Tensor | None  # (N, m + 1, d) of the augmented views, when given
 
 
 @dataclass
@@ -50,6 +50,14 @@ class IMMOutput:
 
 
 class IMMEncoder(nn.Module):
+    """Text ids (B, L) and the batch's N pictures to text states (B, L, d).
+
+    Input contract (shared with ``model.preprocessing.collate`` and the ONNX graph):
+    ``pixel_values`` (N, 3, H, W) holds the pictures of the examples whose ``has_image`` (B,) is
+    set, in batch order; N may be 0. The visual stream therefore costs nothing for text-only
+    examples, in training, in a mixed serving batch and in an exported graph alike.
+    """
+
     def __init__(self, config: IMMConfig):
         super().__init__()
         self.config = config
@@ -58,28 +66,20 @@ class IMMEncoder(nn.Module):
         self.isa_layers = nn.ModuleList(ISALayer(config) for _ in range(config.num_isa_layers))
         self.ia_layers = nn.ModuleList(IALayer(config) for _ in range(config.num_ia_layers))
 
-    def _visual_bias(self, has_image: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        # Separate streams: patches always attend to each other (a no-image row is ignored later).
-        # Joint attention: text must not see the zero "image" of a text-only example.
-        keep = has_image[:, None].expand(-1, visual.shape[1])
-        if self.config.attention_mode == "separate":
-            keep = torch.ones_like(keep)
-        return attention_bias(keep, visual.dtype)
-
     def _isa(self, text, text_bias, visual, visual_bias):
         for layer in self.isa_layers:
             text, visual = layer(text, text_bias, visual, visual_bias)
         return text, visual
 
-    def _text_only(self, has_image: torch.Tensor) -> bool:
-        """Whether the visual stream can be skipped: separate streams and no image in the batch.
+    def _text_only(self, pixel_values: torch.Tensor) -> bool:
+        """Whether the IA selection can be skipped: separate streams and no picture in the batch.
 
         The text output is then exactly what the full computation gives (IA adds nothing without
-        an image), at half the cost, which matters for text-only training. While exporting or
-        tracing, the full graph is always built, since ``has_image`` is an input there.
+        an image). While exporting or tracing, the full graph is always built, since the number
+        of pictures is an input's dynamic axis there.
         """
         exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-        return not exporting and self.config.attention_mode == "separate" and not bool(has_image.any())
+        return not exporting and self.config.attention_mode == "separate" and pixel_values.shape[0] == 0
 
     def forward(
         self,
@@ -90,8 +90,8 @@ class IMMEncoder(nn.Module):
         augmented_pixel_values: torch.Tensor | None = None,
     ) -> EncoderOutput:
         text_embeddings = self.text_embeddings(input_ids)
-        if self._text_only(has_image):
-            text_bias = attention_bias(attention_mask, text_embeddings.dtype)
+        text_bias = attention_bias(attention_mask, text_embeddings.dtype)
+        if self._text_only(pixel_values):
             text = text_embeddings
             for layer in self.isa_layers:
                 text = layer.text_only(text, text_bias)
@@ -99,19 +99,43 @@ class IMMEncoder(nn.Module):
             for layer in self.ia_layers:
                 text = layer.text_only(text, text_bias)
             return EncoderOutput(text=text, isa_text=isa_text, isa_visual=None, isa_visual_augmented=None)
-        visual = self.patch_embeddings(pixel_values)
-        text_bias = attention_bias(attention_mask, text_embeddings.dtype)
-        visual_bias = self._visual_bias(has_image, visual)
-        isa_text, isa_visual = self._isa(text_embeddings, text_bias, visual, visual_bias)
+        # Row r of the batch reads picture picture_row[r] - 1; 0 is a zero picture for the rest.
+        picture_row = torch.cumsum(has_image.long(), dim=0) * has_image.long()
+        joint = self.config.attention_mode == "joint"
+
+        def visual_stream(pixels: torch.Tensor) -> torch.Tensor:
+            visual = self.patch_embeddings(pixels)
+            # Joint attention needs each example's own visual tokens beside its text: one per row.
+            return rows_of_pictures(visual, picture_row) if joint else visual
+
+        # Separate streams: the patches of a picture attend to each other, unmasked. (With an
+        # all-keep mask ONNX Runtime fuses that attention too, but its fused kernel dies with a
+        # floating-point exception on a batch without pictures.)
+        visual_bias = None
+        if joint:  # text must not see the zero "image" of a text-only example
+            keep = has_image[:, None].expand(-1, self.config.num_patches + 1)
+            visual_bias = attention_bias(keep, text_embeddings.dtype)
+        isa_text, isa_visual = self._isa(text_embeddings, text_bias, visual_stream(pixel_values), visual_bias)
         augmented = None
         if augmented_pixel_values is not None:
             _, augmented = self._isa(
-                text_embeddings, text_bias, self.patch_embeddings(augmented_pixel_values), visual_bias
+                text_embeddings, text_bias, visual_stream(augmented_pixel_values), visual_bias
             )
         text, visual = isa_text, isa_visual
         for number, layer in enumerate(self.ia_layers):
             last = number == len(self.ia_layers) - 1
-            text, visual = layer(text, text_bias, visual, visual_bias, has_image, compute_visual=not last)
+            text, visual = layer(
+                text,
+                text_bias,
+                visual,
+                visual_bias,
+                has_image,
+                None if joint else picture_row,
+                compute_visual=not last,
+            )
+        if joint:  # back to one row per picture, like the separate streams
+            isa_visual = isa_visual[has_image]
+            augmented = None if augmented is None else augmented[has_image]
         return EncoderOutput(
             text=text, isa_text=isa_text, isa_visual=isa_visual, isa_visual_augmented=augmented
         )
@@ -217,10 +241,10 @@ class IMMPreTrainedModel(nn.Module):
         words = gather_positions(encoded.isa_text[rows], word_index[rows])
         mask = word_mask[rows].unsqueeze(-1).to(words.dtype)
         text_word = (words * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        image_word = encoded.isa_visual_augmented[rows, 1:].mean(dim=1)
+        image_word = encoded.isa_visual_augmented[:, 1:].mean(dim=1)  # one row per picture, in batch order
         return sw_loss(
             encoded.isa_text[rows, 0],
-            encoded.isa_visual[rows, 0],
+            encoded.isa_visual[:, 0],
             text_word,
             image_word,
             teacher_targets(teacher_text[rows], teacher_image[rows]),

@@ -54,6 +54,7 @@ class SharedAttention(nn.Module):
                 f"hidden size {hidden} is not a multiple of {backbone.num_attention_heads} heads"
             )
         self.num_heads = backbone.num_attention_heads
+        self.head_size = hidden // self.num_heads
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
@@ -63,10 +64,10 @@ class SharedAttention(nn.Module):
         self.dropout = nn.Dropout(backbone.hidden_dropout_prob)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, hidden = x.shape
-        return x.view(batch, length, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         context = F.scaled_dot_product_attention(
             self._heads(self.query(hidden_states)),
             self._heads(self.key(hidden_states)),
@@ -74,7 +75,9 @@ class SharedAttention(nn.Module):
             attn_mask=bias,
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
-        context = context.transpose(1, 2).flatten(2)
+        # An explicit shape, not flatten: the visual stream may have 0 rows, where ONNX Runtime
+        # cannot infer a -1 axis.
+        context = context.transpose(1, 2).reshape(hidden_states.shape)
         return self.LayerNorm(hidden_states + self.dropout(self.output(context)))
 
 
@@ -105,7 +108,11 @@ class ISALayer(nn.Module):
         self.dropout = nn.Dropout(config.backbone_config.hidden_dropout_prob)
 
     def attend(
-        self, text: torch.Tensor, text_bias: torch.Tensor, visual: torch.Tensor, visual_bias: torch.Tensor
+        self,
+        text: torch.Tensor,
+        text_bias: torch.Tensor,
+        visual: torch.Tensor,
+        visual_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.joint:
             return self.attention(text, text_bias), self.attention(visual, visual_bias)
@@ -116,7 +123,11 @@ class ISALayer(nn.Module):
         return self.output_LayerNorm(hidden_states + self.dropout(ffn(hidden_states, *args)))
 
     def forward(
-        self, text: torch.Tensor, text_bias: torch.Tensor, visual: torch.Tensor, visual_bias: torch.Tensor
+        self,
+        text: torch.Tensor,
+        text_bias: torch.Tensor,
+        visual: torch.Tensor,
+        visual_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         text, visual = self.attend(text, text_bias, visual, visual_bias)
         return self.feed_forward(self.text_ffn, text), self.feed_forward(self.visual_ffn, visual)

@@ -302,10 +302,10 @@ def test_triton_repository(bundles):
     model_dir = bundles["triton"] / "imm-ner"
     config = (model_dir / "config.pbtxt").read_text()
     assert 'name: "imm-ner"' in config and 'platform: "onnxruntime_onnx"' in config
-    assert "dynamic_batching" in config and "max_batch_size: 32" in config
+    assert "max_batch_size: 0" in config and "dynamic_batching" not in config
     for name in (*INPUT_NAMES["ner"], "emissions"):
         assert f'name: "{name}"' in config
-    assert "dims: [ 3, 224, 224 ]" in config and "reshape: { shape: [ ] }" in config
+    assert "dims: [ -1, 3, 224, 224 ]" in config and "dims: [ -1, -1 ]" in config
     assert sha256_file(model_dir / "1" / MODEL_FILE) == sha256_file(bundles["ner-fp32"] / MODEL_FILE)
     assert (model_dir / MANIFEST_FILE).is_file() and (model_dir / TOKENIZER_FILE).is_file()
 

@@ -163,7 +163,9 @@ def test_collate_pads_and_flags_images(preprocessor):
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
     assert batch["word_mask"].tolist() == [[True] * 3, [True, False, False]]
     assert batch["has_image"].tolist() == [False, True]
-    assert batch["pixel_values"][0].sum() == 0 and batch["pixel_values"][1].sum() == pixels.sum()
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)  # only the pictures there are
+    assert batch["pixel_values"][0].sum() == pixels.sum()
+    assert preprocessor.collate(texts, [None, None])["pixel_values"].shape == (0, 3, 224, 224)
     assert "marker_index" not in batch
 
 

@@ -99,11 +99,8 @@ class Collator:
             labels = torch.tensor([i.label for i in items], dtype=torch.long)
         batch["labels"] = labels
         if self.teacher is not None and any(i.augmented is not None for i in items):
-            size = self.preprocessor.config.image_size
-            augmented = np.zeros((len(items), 3, size, size), dtype=np.float32)
-            for row, item in enumerate(items):
-                if item.augmented is not None:
-                    augmented[row] = item.augmented
+            # The augmented views of the examples with a picture, in the order of pixel_values.
+            augmented = np.stack([i.augmented for i in items if i.pixels is not None])
             batch["augmented_pixel_values"] = torch.from_numpy(augmented)
             index = batch["example_index"]
             batch["teacher_text"] = self.teacher["text"][index]

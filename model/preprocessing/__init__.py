@@ -76,8 +76,9 @@ def collate(
 ) -> dict[str, np.ndarray]:
     """Pads a batch. The keys are the model's input names, shared with the ONNX graph.
 
-    ``has_image`` marks the examples with a picture; the others get zero pixels and the model
-    ignores their visual stream, so image and text-only requests can share a batch.
+    ``has_image`` (B,) marks the examples with a picture and ``pixel_values`` (N, 3, H, W) holds
+    those N pictures only, in batch order (N may be 0): the visual stream runs on the pictures
+    there are, so a text-only example costs the same alone or beside image examples in a batch.
     """
     if len(texts) != len(images) or not texts:
         raise ValueError("collate needs one image slot (or None) per text, and at least one example")
@@ -88,16 +89,16 @@ def collate(
     attention_mask = np.zeros((batch, seq_len), dtype=np.int64)
     word_index = np.zeros((batch, num_words), dtype=np.int64)
     word_mask = np.zeros((batch, num_words), dtype=bool)
-    pixel_values = np.zeros((batch, 3, image_size, image_size), dtype=np.float32)
-    has_image = np.zeros((batch,), dtype=bool)
-    for row, (text, image) in enumerate(zip(texts, images)):
+    has_image = np.array([image is not None for image in images], dtype=bool)
+    pixel_values = np.zeros((int(has_image.sum()), 3, image_size, image_size), dtype=np.float32)
+    for row, text in enumerate(texts):
         input_ids[row, : len(text.input_ids)] = text.input_ids
         attention_mask[row, : len(text.input_ids)] = 1
         word_index[row, : text.num_words] = text.word_index
         word_mask[row, : text.num_words] = True
-        if image is not None:
-            pixel_values[row] = image
-            has_image[row] = True
+    pictures = [image for image in images if image is not None]
+    for number, image in enumerate(pictures):
+        pixel_values[number] = image
     arrays = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
