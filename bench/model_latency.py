@@ -234,47 +234,18 @@ def directory_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
-def ner_dev_scores(
-    bundle_sessions: dict, model, preprocessor, dev: Path, images: Path | None, batch_size: int = 16
-):
-    """Entity micro-F1 of PyTorch and of each bundle on a Twitter CoNLL file (truncated words count as O)."""
-    import torch
-
+def ner_dev_scores(bundles: dict, model, preprocessor, dev: Path, images: Path | None, batch_size: int = 16):
+    """Entity micro-F1 of PyTorch and of each bundle on a Twitter CoNLL file (``model.evaluate``'s scoring)."""
     from model.data import read_twitter_conll
     from model.data.images import ImageStore
-    from model.decoding import viterbi_decode
-    from model.metrics import ner_scores
+    from model.evaluate import predict, predict_bundle, score
 
     examples = read_twitter_conll(dev)
     store = ImageStore(images, preprocessor.image)
-    gold = [list(e.tags) for e in examples]
-    predictions: dict[str, list[list[str]]] = {name: [] for name in ["torch", *bundle_sessions]}
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        texts = [preprocessor.text.encode(e.words) for e in chunk]
-        pictures = [store.load(e.image_id) for e in chunk]
-        batch = preprocessor.collate(texts, [preprocessor.image.to_array(p) if p else None for p in pictures])
-
-        with torch.inference_mode():
-            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
-            predictions["torch"] += _padded(model.predict(**tensors), chunk)
-        for name, (bundle, session) in bundle_sessions.items():
-            (emissions,) = session.run(None, {n: batch[n] for n in bundle.input_names})
-            crf = bundle.crf
-            ids = viterbi_decode(
-                emissions,
-                batch["word_mask"],
-                crf["transitions"],
-                crf["start_transitions"],
-                crf["end_transitions"],
-            )
-            predictions[name] += _padded([[bundle.labels[i] for i in row] for row in ids], chunk)
-    return {name: ner_scores(gold, tags)["f1"] for name, tags in predictions.items()}, len(examples)
-
-
-def _padded(rows: list[list[str]], examples) -> list[list[str]]:
-    """Words cut off by the sequence limit are predicted O (they still count in the gold)."""
-    return [row + ["O"] * (len(e.words) - len(row)) for row, e in zip(rows, examples)]
+    predictions = {"torch": predict(model, preprocessor, examples, store, batch_size=batch_size)}
+    for name, bundle in bundles.items():
+        predictions[name] = predict_bundle(bundle, preprocessor, examples, store, batch_size=batch_size)
+    return {name: score("ner", examples, tags)["f1"] for name, tags in predictions.items()}, len(examples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,11 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         dev = None
         if args.ner_dev:
-            scored = {
-                p: (bundles[p], sessions.get(p) or ort.InferenceSession(str(bundles[p].model_path)))
-                for p in bundles
-            }
-            f1, count = ner_dev_scores(scored, model, preprocessor, args.ner_dev, args.images)
+            f1, count = ner_dev_scores(bundles, model, preprocessor, args.ner_dev, args.images)
             dev = {"file": str(args.ner_dev), "examples": count, "f1": f1}
 
         report = {

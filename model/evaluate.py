@@ -1,4 +1,8 @@
-"""Evaluate a checkpoint on a dataset file: ``python -m model.evaluate``.
+"""Evaluate a checkpoint or an exported bundle on a dataset file: ``python -m model.evaluate``.
+
+``--checkpoint DIR`` runs the PyTorch model; ``--bundle DIR`` the ONNX graph of a serving bundle
+on ONNX Runtime (CPU) with the numpy CRF decoding the server uses, so an int8 or fp16 export is
+scored exactly as it will be served.
 
 Prints one JSON object on stdout: micro ``precision``, ``recall``, ``f1`` (0-1), per-type (NER)
 or per-relation (RE) scores, and the number of examples and of missing images. The scores
@@ -14,17 +18,20 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model.data import DataFormatError, NERExample, REExample, read_mnre, read_twitter_conll
 from model.data.dataset import Example, encode_example
 from model.data.images import ImageStore
-from model.decoding import bio_spans
+from model.decoding import bio_spans, viterbi_decode
 from model.imm import IMMPreTrainedModel
 from model.metrics import ner_scores, re_scores
 from model.preprocessing import Preprocessor
+
+if TYPE_CHECKING:
+    from export.bundle import Bundle
 
 log = logging.getLogger("model.evaluate")
 
@@ -34,6 +41,28 @@ def read_examples(task: str, path: str | Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return read_twitter_conll(path) if task == "ner" else read_mnre(path)
+
+
+def _batches(
+    preprocessor: Preprocessor, examples: Sequence[Example], images: ImageStore | None, batch_size: int
+):
+    """(examples, collated arrays) per batch, through the shared preprocessing."""
+    images = images or ImageStore(None, preprocessor.image)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        texts = [encode_example(preprocessor, example) for example in chunk]
+        pictures = [images.load(example.image_id) for example in chunk]
+        arrays = preprocessor.collate(
+            texts, [None if p is None else preprocessor.image.to_array(p) for p in pictures]
+        )
+        yield chunk, arrays
+
+
+def _full_length(task: str, labels: list, chunk: Sequence[Example]) -> list:
+    """NER: words cut off by the sequence limit are predicted ``O`` (they still count in the gold)."""
+    if task != "ner":
+        return labels
+    return [tags + ["O"] * (len(e.words) - len(tags)) for tags, e in zip(labels, chunk)]
 
 
 @torch.no_grad()
@@ -47,21 +76,42 @@ def predict(
     device: str | torch.device = "cpu",
 ) -> list:
     """Label names per example: a tag per word (words cut by truncation get ``O``) or a relation."""
-    images = images or ImageStore(None, preprocessor.image)
     model.eval()
     predictions: list = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        texts = [encode_example(preprocessor, example) for example in chunk]
-        pictures = [images.load(example.image_id) for example in chunk]
-        arrays = preprocessor.collate(
-            texts, [None if p is None else preprocessor.image.to_array(p) for p in pictures]
-        )
+    for chunk, arrays in _batches(preprocessor, examples, images, batch_size):
         batch = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
-        labels = model.predict(**batch)
-        if model.config.task == "ner":
-            labels = [tags + ["O"] * (len(e.words) - len(tags)) for tags, e in zip(labels, chunk)]
-        predictions.extend(labels)
+        predictions.extend(_full_length(model.config.task, model.predict(**batch), chunk))
+    return predictions
+
+
+def predict_bundle(
+    bundle: Bundle,
+    preprocessor: Preprocessor,
+    examples: Sequence[Example],
+    images: ImageStore | None = None,
+    *,
+    batch_size: int = 32,
+) -> list:
+    """``predict`` for a serving bundle: its ONNX graph on ONNX Runtime, then the server's decoding."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    predictions: list = []
+    for chunk, arrays in _batches(preprocessor, examples, images, batch_size):
+        (output,) = session.run(None, {name: arrays[name] for name in bundle.input_names})
+        if bundle.task == "ner":
+            crf = bundle.crf
+            ids = viterbi_decode(
+                output,
+                arrays["word_mask"],
+                crf["transitions"],
+                crf["start_transitions"],
+                crf["end_transitions"],
+            )
+            labels = [[bundle.labels[i] for i in row] for row in ids]
+        else:
+            labels = [bundle.labels[i] for i in output.argmax(axis=-1).tolist()]
+        predictions.extend(_full_length(bundle.task, labels, chunk))
     return predictions
 
 
@@ -81,11 +131,16 @@ def evaluate(
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Any], list]:
     predictions = predict(model, preprocessor, examples, images, batch_size=batch_size, device=device)
-    scores = score(model.config.task, examples, predictions)
+    return scored(model.config.task, examples, images, predictions), predictions
+
+
+def scored(task: str, examples: Sequence[Example], images: ImageStore, predictions: list) -> dict[str, Any]:
+    """The scores of ``predictions``, with the number of examples and of missing images."""
+    scores = score(task, examples, predictions)
     scores["examples"] = len(examples)
     image_ids = [e.image_id for e in examples]
     scores["missing_images"] = len(examples) - images.count_available(image_ids) + len(images.unreadable)
-    return scores, predictions
+    return scores
 
 
 def prediction_records(examples: Sequence[Example], predictions: list) -> list[dict[str, Any]]:
@@ -109,38 +164,54 @@ def prediction_records(examples: Sequence[Example], predictions: list) -> list[d
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by model.train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory written by model.train")
+    source.add_argument(
+        "--bundle", help="serving bundle written by python -m export (run on ONNX Runtime, CPU)"
+    )
     parser.add_argument("--data", required=True, help="a Twitter CoNLL file (NER) or an MNRE file (RE)")
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--images", help="directory of the tweet images")
     images.add_argument("--no-images", action="store_true", help="evaluate as if no example had an image")
     parser.add_argument("--predictions", help="write per-example predictions to this JSONL file")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --checkpoint")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from export.bundle import BundleError, load_bundle
     from model.checkpoint import CheckpointError, load_checkpoint
+    from model.preprocessing import load_tokenizer
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.images is not None and not Path(args.images).is_dir():
             raise FileNotFoundError(f"--images {args.images}: not a directory")
-        model, preprocessor = load_checkpoint(args.checkpoint)
-        examples = read_examples(model.config.task, args.data)
+        if args.bundle:
+            bundle = load_bundle(args.bundle)
+            task = bundle.task
+            preprocessor = Preprocessor(bundle.preprocessing, load_tokenizer(bundle.tokenizer_path))
+        else:
+            model, preprocessor = load_checkpoint(args.checkpoint)
+            task = model.config.task
+        examples = read_examples(task, args.data)
         if not examples:
             raise ValueError(f"{args.data} holds no examples")
-    except (FileNotFoundError, CheckpointError, DataFormatError, ValueError) as error:
+    except (FileNotFoundError, CheckpointError, BundleError, DataFormatError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model.to(args.device)
     images = ImageStore(None if args.no_images else args.images, preprocessor.image)
     images.report([e.image_id for e in examples], args.data)
-    scores, predictions = evaluate(
-        model, preprocessor, examples, images, batch_size=args.batch_size, device=args.device
-    )
+    if args.bundle:
+        predictions = predict_bundle(bundle, preprocessor, examples, images, batch_size=args.batch_size)
+    else:
+        model.to(args.device)
+        predictions = predict(
+            model, preprocessor, examples, images, batch_size=args.batch_size, device=args.device
+        )
+    scores = scored(task, examples, images, predictions)
     if args.predictions:
         with open(args.predictions, "w", encoding="utf-8") as handle:
             for record in prediction_records(examples, predictions):

@@ -24,7 +24,9 @@ from export.bundle import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, BundleError
 from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_bundle
 from model.checkpoint import load_checkpoint
 from model.decoding import viterbi_decode
+from model.evaluate import main as evaluate_main
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
+from tests.test_train import write_conll, write_mnre
 
 FIXTURE_SIZE = 104
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,3 +424,57 @@ def test_reexport_replaces_a_bundle(capsys, tmp_path, bundles, trained_re_checkp
     bundle = load_bundle(out)
     assert bundle.precision == "int8" and bundle.manifest["optimized"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["re"]  # no staging or retired copy left
+
+
+# --- scoring a bundle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_evaluate_scores_a_bundle_like_its_checkpoint(
+    task, bundles, trained_ner_checkpoint, trained_re_checkpoint, tmp_path, capsys
+):
+    """``python -m model.evaluate --bundle`` (ONNX Runtime + numpy CRF) predicts what the checkpoint does."""
+    if task == "ner":
+        data, bundle = (
+            write_conll(tmp_path / "dev.txt", synthetic_ner_examples(40, seed=11)),
+            bundles["ner-fp32"],
+        )
+        checkpoint = trained_ner_checkpoint
+    else:
+        data, bundle = (
+            write_mnre(tmp_path / "dev.txt", synthetic_re_examples(40, seed=11)),
+            bundles["re-fp32"],
+        )
+        checkpoint = trained_re_checkpoint
+    results = {}
+    for source, directory in (("--checkpoint", checkpoint), ("--bundle", bundle)):
+        predictions = tmp_path / f"{source.strip('-')}.jsonl"
+        argv = [
+            source,
+            str(directory),
+            "--data",
+            str(data),
+            "--batch-size",
+            "16",
+            "--predictions",
+            str(predictions),
+        ]
+        assert evaluate_main(argv) == 0
+        results[source] = json.loads(capsys.readouterr().out)
+        results[source]["pred"] = [json.loads(line)["pred"] for line in predictions.read_text().splitlines()]
+    assert results["--bundle"]["examples"] == 40
+    assert results["--bundle"]["f1"] > 0.5  # the tiny model learned the synthetic data
+    assert results["--bundle"] == results["--checkpoint"]
+
+
+def test_evaluate_refuses_a_tampered_bundle(bundles, tmp_path, capsys):
+    tampered = Path(shutil.copytree(bundles["re-fp32"], tmp_path / "tampered"))
+    (tampered / TOKENIZER_FILE).write_text("{}")
+    data = write_mnre(tmp_path / "dev.txt", synthetic_re_examples(4, seed=11))
+    assert evaluate_main(["--bundle", str(tampered), "--data", str(data)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        error.startswith("error: bundle")
+        and "does not match its manifest" in error
+        and "Traceback" not in error
+    )
