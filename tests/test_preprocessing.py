@@ -64,6 +64,20 @@ def test_normalisation_uses_the_configured_statistics():
     assert np.allclose(PROCESSOR(white)[:, 10, 10], expected, atol=1e-5)
 
 
+def test_normalisation_table_equals_the_float_arithmetic():
+    """Every 8-bit level of every channel, bit for bit: (level / 255 - mean) / std in float32."""
+    levels = np.arange(256, dtype=np.uint8)
+    image = Image.fromarray(
+        np.stack([levels, levels[::-1], np.roll(levels, 7)], axis=-1)[None].repeat(224, 0)
+    )
+    pixels = np.asarray(image).astype(np.float32) * np.float32(1.0 / 255.0)
+    mean = np.asarray(CONFIG.image_mean, dtype=np.float32)
+    std = np.asarray(CONFIG.image_std, dtype=np.float32)
+    expected = ((pixels - mean) / std).transpose(2, 0, 1)
+    processor = ImageProcessor(256, CONFIG.image_mean, CONFIG.image_std)  # 256x256: no resampling
+    assert np.array_equal(processor.to_array(image), expected)
+
+
 def test_transparency_is_composited_on_white():
     clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     assert open_image(encode(clear, "PNG")).getpixel((5, 5)) == (255, 255, 255)
