@@ -68,7 +68,7 @@ def test_normalisation_table_equals_the_float_arithmetic():
     """Every 8-bit level of every channel, bit for bit: (level / 255 - mean) / std in float32."""
     levels = np.arange(256, dtype=np.uint8)
     image = Image.fromarray(
-        np.stack([levels, levels[::-1], np.roll(levels, 7)], axis=-1)[None].repeat(224, 0)
+        np.stack([levels, levels[::-1], np.roll(levels, 7)], axis=-1)[None].repeat(256, 0)
     )
     pixels = np.asarray(image).astype(np.float32) * np.float32(1.0 / 255.0)
     mean = np.asarray(CONFIG.image_mean, dtype=np.float32)
