@@ -222,7 +222,7 @@ def summarise(times: list[float]) -> dict[str, float]:
 # -- the server's CPU stages --------------------------------------------------------------------
 def cpu_stages(tokenizer_path: Path | None, quick: bool) -> dict[str, Any]:
     """Per-call ms of the server's preprocessing on this machine, one thread and a thread pool."""
-    from e2e_latency import TWEETS, photo_jpeg
+    from common import TWEETS, photo_jpeg
 
     from model.config import PreprocessingConfig
     from model.preprocessing import ImageProcessor, Preprocessor, load_tokenizer, open_image, split_words

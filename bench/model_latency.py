@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "bench") not in sys.path:
     sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e_latency import cpu_name  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 RANDOM_CONFIGS: dict[str, dict[str, int]] = {
     # BERT-base and MiniLM-L6 dimensions; the default 2/3 ISA, 1/3 IA split.

@@ -57,7 +57,7 @@ for path in (str(ROOT), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from e2e_latency import TWEETS, cpu_name, percentile, photo_jpeg, start_server  # noqa: E402
+from common import TWEETS, cpu_name, percentile, photo_jpeg, start_server  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
@@ -101,7 +101,7 @@ def ner_texts(data: Path, limit: int = 2000) -> tuple[list[str], str]:
 
 
 def generated_tweets(count: int) -> list[str]:
-    """Tweet-like text: the invented tweets of e2e_latency.py, cut and recombined."""
+    """Tweet-like text: the invented tweets of common.py, cut and recombined."""
     rng = random.Random(0)
     words = [w for t in TWEETS for w in t.split()]
     texts = list(TWEETS)
