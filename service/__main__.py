@@ -42,6 +42,7 @@ def main() -> int:
         log_config=None,  # keep the JSON logging configured above
         access_log=False,  # RequestContextMiddleware writes one line per request
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keep_alive_s,
         server_header=False,
     )
     return 0

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for a batch slot and inference")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 when the queue is full")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        description="how long an idle client connection stays open; above a load balancer's idle timeout "
+        "(60 s on common ones), so the server never closes a connection the balancer is about to reuse",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body")
     max_image_pixels: int = Field(
         25_000_000,
