@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -478,3 +479,45 @@ def test_evaluate_refuses_a_tampered_bundle(bundles, tmp_path, capsys):
         and "does not match its manifest" in error
         and "Traceback" not in error
     )
+
+
+def test_embedding_rows_are_int8_with_a_scale_each():
+    """A Gather of a large table becomes int8 rows times per-row scales: a quarter of the size, error <= half a step."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import quantize_embedding_rows
+
+    rng = np.random.default_rng(0)
+    table = (rng.normal(size=(2048, 16)) * rng.uniform(0.01, 3.0, size=(2048, 1))).astype(np.float32)
+    table[5] = 0.0  # an all-zero row must not divide by zero
+    small = rng.normal(size=(64, 16)).astype(np.float32)  # below the size threshold: left alone
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["words"], name="word_embeddings"),
+            helper.make_node("Gather", ["small", "positions"], ["position_vectors"], name="positions"),
+            helper.make_node("Add", ["words", "position_vectors"], ["out"], name="add"),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None]),
+            helper.make_tensor_value_info("positions", TensorProto.INT64, [None, None]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, None, 16])],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(small, "small")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert quantize_embedding_rows(model) == 1
+    onnx.checker.check_model(model)
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "table" not in initializers and initializers["table_rows_int8"].dtype == np.int8
+    assert np.array_equal(initializers["small"], small)
+    ids = rng.integers(0, 2048, size=(3, 7))
+    positions = np.tile(np.arange(7), (3, 1))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"ids": ids, "positions": positions})
+    expected = table[ids] + small[positions]
+    step = np.abs(table).max(axis=1) / 127
+    assert np.all(np.abs(out - expected) <= step[ids][..., None] / 2 + 1e-6)
+    ids[0, 0] = 5
+    (out,) = session.run(None, {"ids": ids, "positions": positions})
+    assert np.array_equal(out[0, 0], small[0])
