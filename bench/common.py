@@ -1,5 +1,5 @@
-"""What the benchmarks share: invented tweets, a photo-like JPEG, percentiles, the CPU's name, and
-starting ``python -m service`` on a free loopback port.
+"""What the benchmarks share: invented tweets, a photo-like JPEG, percentiles and timing summaries,
+the CPU's name, and starting ``python -m service`` on a free loopback port.
 
 The end-to-end benchmark is ``bench/run.py`` (``make bench``); the model-only ones are
 ``bench/model_latency.py`` (``make bench-model``) and ``bench/gpu_model.py``.
@@ -92,6 +92,20 @@ def start_server(
         time.sleep(0.25)
     server.terminate()
     raise SystemExit(f"the server did not become ready within {ready_timeout_s:.0f} s")
+
+
+def summarise(wall: list[float], cpu: list[float] | None = None) -> dict[str, float]:
+    """p50/p99/mean/min of per-call wall times in ms, and p50/p99 of their CPU times when given."""
+    values = np.asarray(wall)
+    summary = {
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "mean_ms": float(values.mean()),
+        "min_ms": float(values.min()),
+    }
+    if cpu is not None:
+        summary |= {"cpu_p50_ms": float(np.percentile(cpu, 50)), "cpu_p99_ms": float(np.percentile(cpu, 99))}
+    return summary | {"n": len(wall)}
 
 
 def cpu_name() -> str:

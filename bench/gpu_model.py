@@ -49,6 +49,8 @@ for path in (str(ROOT), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from common import TWEETS, cpu_name, photo_jpeg, summarise  # noqa: E402
+
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 MODES = ("eager-fp32", "eager-fp16", "graph-fp16")
 ONNXRUNTIME_GPU_NOTE = (
@@ -208,21 +210,9 @@ def transfer_ms(config, batch_size: int, seq_len: int, iterations: int = 10) -> 
     return statistics.median(times[2:])
 
 
-def summarise(times: list[float]) -> dict[str, float]:
-    values = np.asarray(times)
-    return {
-        "p50_ms": float(np.percentile(values, 50)),
-        "p99_ms": float(np.percentile(values, 99)),
-        "mean_ms": float(values.mean()),
-        "min_ms": float(values.min()),
-        "n": len(times),
-    }
-
-
 # -- the server's CPU stages --------------------------------------------------------------------
 def cpu_stages(tokenizer_path: Path | None, quick: bool) -> dict[str, Any]:
     """Per-call ms of the server's preprocessing on this machine, one thread and a thread pool."""
-    from common import TWEETS, photo_jpeg
 
     from model.config import PreprocessingConfig
     from model.preprocessing import ImageProcessor, Preprocessor, load_tokenizer, open_image, split_words
@@ -372,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         del batch
 
     stages = None if args.no_cpu_stages else cpu_stages(tokenizer_path, args.quick)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     report = {
         "checkpoint": f"random {args.size} (PyTorch, {device_name})",
         "config": {
@@ -392,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": {
             "device": device_name,
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "load_average_before": list(os.getloadavg()),
             "python": platform.python_version(),
@@ -445,16 +435,6 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["", *[f"Note: {n}" for n in report["notes"]], *[f"Error: {e}" for e in report["errors"]]]
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

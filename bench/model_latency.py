@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 if str(ROOT / "bench") not in sys.path:
     sys.path.insert(0, str(ROOT / "bench"))
 
-from common import cpu_name  # noqa: E402
+from common import cpu_name, summarise  # noqa: E402
 
 RANDOM_CONFIGS: dict[str, dict[str, int]] = {
     # BERT-base and MiniLM-L6 dimensions; the default 2/3 ISA, 1/3 IA split.
@@ -204,19 +204,6 @@ def time_backends(
                 wall.append((time.perf_counter() - started) * 1000)
                 cpu.append((time.process_time() - started_cpu) * 1000)
     return times
-
-
-def summarise(wall: list[float], cpu: list[float]) -> dict[str, float]:
-    values = np.asarray(wall)
-    return {
-        "p50_ms": float(np.percentile(values, 50)),
-        "p99_ms": float(np.percentile(values, 99)),
-        "mean_ms": float(values.mean()),
-        "min_ms": float(values.min()),
-        "cpu_p50_ms": float(np.percentile(cpu, 50)),
-        "cpu_p99_ms": float(np.percentile(cpu, 99)),
-        "n": len(wall),
-    }
 
 
 def _exported_from(directory: Path, checkpoint: Path, precision: str) -> bool:

@@ -64,6 +64,16 @@ def _caption(report: dict[str, Any]) -> str:
     )
 
 
+def _save_captioned(fig, title: str, fontsize: int, caption: str, path: Path) -> Path:
+    """Title, the run's caption along the bottom, then the PNG at ``path``; closes the figure."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.text(0.5, 0.005, caption, ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_e2e(report: dict[str, Any], out: Path) -> list[Path]:
     """latency.png, throughput.png and stages.png in ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -98,12 +108,7 @@ def plot_e2e(report: dict[str, Any], out: Path) -> list[Path]:
     for row in axes:
         row[0].set_ylabel("latency, ms (client side)")
     axes[0][0].legend()
-    fig.suptitle("IMM service: latency percentiles", fontsize=11)
-    fig.text(0.5, 0.005, caption, ha="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    written.append(out / "latency.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save_captioned(fig, "IMM service: latency percentiles", 11, caption, out / "latency.png"))
 
     # Throughput against concurrency, and the mean server batch size.
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -122,12 +127,9 @@ def plot_e2e(report: dict[str, Any], out: Path) -> list[Path]:
         axis.set_ylim(bottom=0)
         axis.grid(True, alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle("IMM service: throughput and batching", fontsize=11)
-    fig.text(0.5, 0.005, caption, ha="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    written.append(out / "throughput.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(
+        _save_captioned(fig, "IMM service: throughput and batching", 11, caption, out / "throughput.png")
+    )
 
     # Per-stage breakdown: stacked mean ms per request, one bar per workload and concurrency.
     bars, labels = [], []
@@ -155,17 +157,12 @@ def plot_e2e(report: dict[str, Any], out: Path) -> list[Path]:
             axis.set_ylabel("% of the client latency" if relative else "mean ms per request")
             axis.grid(True, axis="y", alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle(
+        title = (
             "Where a request's time goes (server's imm_stage_seconds, mean per request)\n"
             "inference: the batch's call (collate, ONNX Runtime, CRF); other: server total - stages\n"
-            "(HTTP, multipart, hand-offs); client: client latency - server total",
-            fontsize=9,
+            "(HTTP, multipart, hand-offs); client: client latency - server total"
         )
-        fig.text(0.5, 0.005, caption, ha="center", fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        written.append(out / "stages.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save_captioned(fig, title, 9, caption, out / "stages.png"))
     return written
 
 
