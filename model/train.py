@@ -11,6 +11,7 @@ metrics to ``metrics.jsonl``, redraws ``training_curves.png`` and saves the stat
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -44,7 +45,13 @@ from model.data.images import ImageStore
 from model.evaluate import evaluate, read_examples
 from model.imm import IMMPreTrainedModel
 from model.teacher import CLIPTeacher, TeacherLoadError
-from model.training_state import has_training_state, load_training_state, save_training_state
+from model.training_state import (
+    averaged_epoch_weights,
+    has_training_state,
+    load_training_state,
+    save_epoch_weights,
+    save_training_state,
+)
 
 log = logging.getLogger("model.train")
 
@@ -91,6 +98,7 @@ class TrainingArguments:
     device: str = "cpu"
     num_workers: int = 0
     max_train_examples: int | None = None
+    average_last: int = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", choices=["cpu", "cuda"], default="cpu")
     add("--num-workers", type=int, default=0, help="data loader processes (image decoding)")
     add("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+    add(
+        "--average-last",
+        type=int,
+        default=1,
+        metavar="K",
+        help="checkpoint averaging: also score the mean of the last K epochs' weights, and keep it if "
+        "its dev F1 is the best (1: off)",
+    )
     return parser
 
 
@@ -209,6 +225,10 @@ def check_inputs(args: TrainingArguments) -> None:
             raise UsageError(f"{flag} {path}: not a directory")
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
+    if not 1 <= args.average_last <= args.epochs:
+        raise UsageError(
+            f"--average-last must be between 1 and --epochs ({args.epochs}), not {args.average_last}"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
 
@@ -303,10 +323,15 @@ def mean_f1(dev_scores: dict[str, dict[str, Any]]) -> float:
     return float(np.mean([scores["f1"] for scores in dev_scores.values()]))
 
 
-def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.jsonl (rewritten whole from the history, so a resumed run has no duplicate lines) and the plot."""
+def write_metrics(
+    run_dir: Path, history: list[dict[str, Any]], averaged: dict[str, Any] | None = None
+) -> None:
+    """metrics.jsonl (rewritten whole from the history, so a resumed run has no duplicate lines) and the plot.
+
+    The averaged weights' scores (``--average-last``), when there are any, are the last line."""
+    rows = [*history, averaged] if averaged is not None else history
     staging = run_dir / f".{METRICS_FILE}.tmp"
-    staging.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    staging.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     os.replace(staging, run_dir / METRICS_FILE)
     plot_history(history, run_dir / PLOT_FILE)
 
@@ -441,6 +466,8 @@ def train(
             "lr": scheduler.get_last_lr()[0],
         }
         if distributed.is_main:
+            if args.average_last > 1:
+                save_epoch_weights(run_dir, module, epoch + 1, keep=args.average_last)
             record["dev"] = {
                 name: evaluate(
                     module, preprocessor, examples, images, batch_size=args.eval_batch_size, device=device
@@ -476,9 +503,55 @@ def train(
         distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
+    if args.average_last > 1 and distributed.is_main and "averaged" not in progress:
+        progress["averaged"] = _score_average(args, module, preprocessor, dev_sets, images, device, progress)
+        write_metrics(run_dir, progress["history"], progress["averaged"])
+        save_training_state(run_dir, module, optimizer, scheduler, progress)
     if distributed.enabled:
         dist.destroy_process_group()
     return progress["best"] if distributed.is_main else None
+
+
+def _score_average(args, module, preprocessor, dev_sets, images, device, progress) -> dict[str, Any]:
+    """Checkpoint averaging: scores the mean weights of the last ``--average-last`` epochs, and makes
+    them the checkpoint when their dev F1 beats every single epoch's."""
+    epochs = list(range(args.epochs - args.average_last + 1, args.epochs + 1))
+    averaged = copy.deepcopy(module)
+    averaged.load_state_dict(averaged_epoch_weights(Path(args.out), epochs))
+    record: dict[str, Any] = {"epoch": f"mean of epochs {epochs[0]}-{epochs[-1]}", "epochs": epochs}
+    record["dev"] = {
+        name: evaluate(
+            averaged, preprocessor, examples, images, batch_size=args.eval_batch_size, device=device
+        )[0]
+        for name, examples in dev_sets.items()
+    }
+    record["dev_f1"] = mean_f1(record["dev"])
+    best = progress["best"]
+    record["kept"] = record["dev_f1"] > best["dev_f1"]
+    if record["kept"]:
+        progress["best"] = record
+        save_checkpoint(
+            args.out,
+            averaged,
+            preprocessor,
+            training_args=dataclasses.asdict(args),
+            scores={
+                "epoch": record["epoch"],
+                "averaged_epochs": epochs,
+                "dev_f1": record["dev_f1"],
+                "dev": record["dev"],
+            },
+        )
+    log.info(
+        "mean of epochs %d-%d: dev F1 %.4f (%s; best single epoch %.4f at epoch %d)",
+        epochs[0],
+        epochs[-1],
+        record["dev_f1"],
+        "kept" if record["kept"] else "not kept",
+        best["dev_f1"],
+        best["epoch"],
+    )
+    return record
 
 
 def _autocast(device: torch.device):

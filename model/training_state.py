@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 STATE_DIR = "training_state"
 TENSORS_FILE = "state.safetensors"
 PROGRESS_FILE = "progress.json"
+EPOCH_WEIGHTS_DIR = "epoch_weights"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -91,3 +92,32 @@ def load_training_state(
     optimizer.load_state_dict({"state": state, "param_groups": document["optimizer"]["param_groups"]})
     scheduler.load_state_dict(document["scheduler"])
     return document["progress"]
+
+
+def _epoch_weights_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / EPOCH_WEIGHTS_DIR / f"epoch-{epoch:03d}.safetensors"
+
+
+def save_epoch_weights(run_dir: Path, model: torch.nn.Module, epoch: int, keep: int) -> None:
+    """Keeps the weights after ``epoch`` (and those of the ``keep - 1`` epochs before it) for averaging."""
+    directory = run_dir / EPOCH_WEIGHTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    target = _epoch_weights_path(run_dir, epoch)
+    staging = target.with_name(f".{target.name}.tmp")
+    save_file(tensors, str(staging))
+    os.replace(staging, target)
+    for old in directory.glob("epoch-*.safetensors"):
+        if int(old.stem.removeprefix("epoch-")) <= epoch - keep:
+            old.unlink()
+
+
+def averaged_epoch_weights(run_dir: Path, epochs: list[int]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the weights kept after ``epochs`` (checkpoint averaging)."""
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for epoch in epochs:
+        for name, tensor in load_file(str(_epoch_weights_path(run_dir, epoch))).items():
+            dtypes[name] = tensor.dtype
+            total[name] = total[name] + tensor.double() if name in total else tensor.double()
+    return {name: (tensor / len(epochs)).to(dtypes[name]) for name, tensor in total.items()}

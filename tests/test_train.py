@@ -246,3 +246,27 @@ def _mkdir(path: Path) -> Path:
     path.mkdir()
     (path / "unrelated.jpg").write_bytes(b"")
     return path
+
+
+def test_average_last_scores_the_mean_of_the_last_epochs(tmp_path, ner_files, tiny_backbone):
+    train_file, dev_file = ner_files
+    out = tmp_path / "averaged"
+    train(parse_args([
+        "--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
+        "--epochs", "3", "--average-last", "2", "--out", str(out), *FAST,
+    ]))  # fmt: skip
+    kept = sorted(p.name for p in (out / "epoch_weights").iterdir())
+    assert kept == ["epoch-002.safetensors", "epoch-003.safetensors"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows[:3]] == [1, 2, 3]
+    averaged = rows[3]
+    assert averaged["epochs"] == [2, 3] and 0 <= averaged["dev_f1"] <= 1
+    first, second = (load_file(str(out / "epoch_weights" / name)) for name in kept)
+    best_single = max(row["dev_f1"] for row in rows[:3])
+    checkpoint = load_file(str(out / "model.safetensors"))
+    name = "head.classifier.weight"
+    if averaged["kept"]:
+        assert averaged["dev_f1"] > best_single
+        assert torch.allclose(checkpoint[name], (first[name] + second[name]) / 2, atol=1e-6)
+    else:
+        assert not torch.allclose(checkpoint[name], (first[name] + second[name]) / 2, atol=1e-6)
