@@ -83,6 +83,8 @@ def run_recipe(name: str, flags: list[str], base: list[str], runs: Path, seed: i
     started = time.time()
     with open(runs / f"{name}.log", "a", encoding="utf-8") as log:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0 or not (out / "metrics.jsonl").is_file():
+        raise SystemExit(f"{name} failed (exit status {result.returncode}): see {runs / f'{name}.log'}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [row for row in rows if isinstance(row["epoch"], int)]
     averaged = next((row for row in rows if not isinstance(row["epoch"], int)), None)
