@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             precision: {
                 "model_onnx_bytes": bundle.model_path.stat().st_size,
                 "bundle_bytes": directory_bytes(bundle.directory),
-                "optimized": bundle.manifest.get("optimized"),
+                "visual_stream": bundle.manifest.get("visual_stream", True),
                 "sample_label_agreement": bundle.manifest.get("parity", {}).get("label_agreement"),
                 "sample_max_abs": bundle.manifest.get("parity", {}).get("max_abs"),
             }
@@ -398,7 +398,7 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "| precision | model.onnx MB | bundle MB | fused | sample label agreement | sample max abs |",
+        "| precision | model.onnx MB | bundle MB | visual stream | sample label agreement | sample max abs |",
         "|---|---:|---:|---|---:|---:|",
     ]
     for precision, size in report["sizes"].items():
@@ -406,7 +406,7 @@ def markdown(report: dict) -> str:
         agreement_text = "-" if agreement is None else f"{agreement:.3f}"
         lines.append(
             f"| {precision} | {size['model_onnx_bytes'] / 1e6:.1f} | {size['bundle_bytes'] / 1e6:.1f} | "
-            f"{size['optimized']} | {agreement_text} | {size['sample_max_abs']:.2g} |"
+            f"{size['visual_stream']} | {agreement_text} | {size['sample_max_abs']:.2g} |"
         )
     if report["dev"]:
         lines += ["", f"Entity F1 on {report['dev']['file']} ({report['dev']['examples']} tweets):", ""]

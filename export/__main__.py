@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="bundle directory to write (replaced if it holds a bundle)"
     )
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32", help="fp32 (default), int8 (CPU), fp16 (GPU)"
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), int8 (int8 weights, fp32 compute: a quarter of the size), fp16",
     )
     parser.add_argument(
         "--opset",
@@ -50,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", help="model name in the manifest and in Triton (default: the checkpoint's directory name)"
     )
-    parser.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer fusions")
     return parser
 
 
@@ -78,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             opset=args.opset,
             triton_dir=args.triton,
             name=args.name,
-            optimize=not args.no_optimize,
             log=lambda message: print(
                 message, file=sys.stderr if message.startswith("warning") else sys.stdout
             ),

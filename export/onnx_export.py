@@ -1,17 +1,21 @@
-"""Checkpoint to ONNX serving bundle: export, optimise or convert, check parity, write atomically.
+"""Checkpoint to ONNX serving bundle: export, convert the precision, check parity, write atomically.
 
 The graph holds what the server runs per request: patch projection, ISA and IA blocks and the
 task head. CLIP (a training-time teacher) and the losses stay out, and so does CRF decoding,
 which the server does in numpy (``model.decoding``) with the CRF scores from the manifest.
 
-Exporter: the TorchScript exporter (``dynamo=False``). On this model it gives a graph whose
-attention ONNX Runtime's transformer optimizer fuses, in about a second; the dynamo exporter
-(torch 2.13) takes ~25 s on MiniLM, duplicates the shared attention weights (+25 % size) and
-leaves no fusible attention. Both match PyTorch to ~1e-6.
+Exporter: the TorchScript exporter (``dynamo=False``). The dynamo exporter (torch 2.13) takes
+~25 s on MiniLM and duplicates the shared attention weights (+25 % size). Both match PyTorch to
+~1e-6. ONNX Runtime's offline transformer fusions are not applied: on this graph they made CPU
+inference slower (batch 16 with pictures, 1 thread: 273 against 242 ms) and the file larger
+(the text stream's fused attention copies the weights the visual stream still reads), and ONNX
+Runtime's own graph optimisations run when a session is made anyway.
 
 Every bundle is checked against PyTorch on deterministic sample batches (mixed lengths, mixed
 image and text-only rows) before it is accepted: fp32 within ``FP32_TOLERANCE`` (max abs), fp16
-within ``FP16_TOLERANCE`` of the output's scale, int8 by how many decoded labels it keeps.
+within ``FP16_TOLERANCE`` of the output's scale, int8 by how many decoded labels it keeps; and a
+model rebuilt from the manifest's ``weights`` table (what the PyTorch runtime serves) must give
+the graph's outputs.
 """
 
 from __future__ import annotations
@@ -33,11 +37,20 @@ import onnx
 import torch
 from torch import nn
 
-from export.bundle import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, MODEL_FILE, TOKENIZER_FILE, write_manifest
+from export.bundle import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    session_options,
+    write_manifest,
+)
 from export.checks import ExportError, check_export_arguments, safe_model_name
-from model.checkpoint import SCORES_FILE, load_checkpoint, read_json
+from model.checkpoint import SCORES_FILE, TRAINING_ARGS_FILE, load_checkpoint, read_json
+from model.config import IMMConfig
 from model.decoding import viterbi_decode
-from model.imm import IMMForNER, IMMForRE, IMMPreTrainedModel
+from model.imm import TASK_MODELS, IMMForNER, IMMPreTrainedModel
 from model.preprocessing import Preprocessor
 
 __all__ = [
@@ -57,10 +70,12 @@ __all__ = [
     "export_bundle",
     "export_onnx",
     "graph_module",
+    "rebuild_model",
     "restore_signature",
     "sample_batches",
     "sample_image",
     "sample_vocabulary",
+    "visual_stream",
 ]
 
 INPUT_NAMES: dict[str, tuple[str, ...]] = {
@@ -86,34 +101,50 @@ INT8_MIN_AGREEMENT = 0.98  # below this share of identical labels, int8 export w
 logger = logging.getLogger("export")
 
 
-class NERGraph(nn.Module):
+class _Graph(nn.Module):
+    """What a bundle's graph computes; ``visual=False`` leaves the visual stream out (the pictures
+    are then ignored: for a model whose visual path was never trained, see ``visual_stream``)."""
+
+    def __init__(self, model: IMMPreTrainedModel, visual: bool = True):
+        super().__init__()
+        self.model = model
+        self.visual = visual
+
+    def encode(self, input_ids, attention_mask, pixel_values, has_image) -> torch.Tensor:
+        if not self.visual:
+            return self.model.encoder.encode_text(input_ids, attention_mask).text
+        return self.model.encoder(input_ids, attention_mask, pixel_values, has_image).text
+
+
+class NERGraph(_Graph):
     """The NER graph: inputs in ``INPUT_NAMES["ner"]`` order, word emissions out (B, W, T)."""
 
-    def __init__(self, model: IMMForNER):
-        super().__init__()
-        self.model = model
-
     def forward(self, input_ids, attention_mask, word_index, pixel_values, has_image) -> torch.Tensor:
-        encoded = self.model.encoder(input_ids, attention_mask, pixel_values, has_image)
-        return self.model.head.emissions(encoded.text, word_index)
+        return self.model.head.emissions(
+            self.encode(input_ids, attention_mask, pixel_values, has_image), word_index
+        )
 
 
-class REGraph(nn.Module):
+class REGraph(_Graph):
     """The RE graph: inputs in ``INPUT_NAMES["re"]`` order, relation logits out (B, R)."""
 
-    def __init__(self, model: IMMForRE):
-        super().__init__()
-        self.model = model
-
     def forward(self, input_ids, attention_mask, pixel_values, has_image, marker_index) -> torch.Tensor:
-        encoded = self.model.encoder(input_ids, attention_mask, pixel_values, has_image)
-        return self.model.head(encoded.text, marker_index)
+        return self.model.head(self.encode(input_ids, attention_mask, pixel_values, has_image), marker_index)
 
 
-def graph_module(model: IMMPreTrainedModel) -> nn.Module:
-    """The eval-mode wrapper that is traced into the graph."""
-    wrapper = NERGraph(model) if model.config.task == "ner" else REGraph(model)
+def graph_module(model: IMMPreTrainedModel, visual: bool = True) -> nn.Module:
+    """The eval-mode wrapper that is traced into the graph (and that the PyTorch runtime runs)."""
+    wrapper = NERGraph(model, visual) if model.config.task == "ner" else REGraph(model, visual)
     return wrapper.eval()
+
+
+def visual_stream(visual_training: dict[str, Any]) -> bool:
+    """Whether a bundle keeps the visual stream: only if the model learned from pictures.
+
+    A model trained on text alone has an inert visual path (IA's value projection is still at its
+    zero start), so a picture would cost a decode and the visual stream and change nothing.
+    """
+    return visual_training.get("examples_with_images") != 0  # None: unknown, keep it
 
 
 # --- sample inputs ------------------------------------------------------------------------------
@@ -183,7 +214,11 @@ def graph_feeds(batch: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray
 
 
 def export_onnx(
-    model: IMMPreTrainedModel, path: str | Path, example: dict[str, np.ndarray], opset: int
+    model: IMMPreTrainedModel,
+    path: str | Path,
+    example: dict[str, np.ndarray],
+    opset: int,
+    visual: bool = True,
 ) -> None:
     """Traces the model's graph with dynamic batch, sequence and word axes and writes it to ``path``."""
     task = model.config.task
@@ -194,7 +229,7 @@ def export_onnx(
         # ints (layer count, head size) that are fixed by design.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph_module(model),
+            graph_module(model, visual),
             args,
             str(path),
             dynamo=False,
@@ -301,8 +336,10 @@ class Parity:
         return dataclasses.asdict(self)
 
 
-def torch_outputs(model: IMMPreTrainedModel, batches: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    wrapper = graph_module(model)
+def torch_outputs(
+    model: IMMPreTrainedModel, batches: Sequence[dict[str, np.ndarray]], visual: bool = True
+) -> list[np.ndarray]:
+    wrapper = graph_module(model, visual)
     task = model.config.task
     with torch.inference_mode():
         return [
@@ -312,13 +349,10 @@ def torch_outputs(model: IMMPreTrainedModel, batches: Sequence[dict[str, np.ndar
 
 
 def ort_session(path: str | Path, threads: int | None = None):
-    """A CPU session for the parity checks: as many threads as torch uses, no spinning (kind to shared CPUs)."""
+    """A CPU session for the parity checks, with the options the server uses."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the parity check reports problems; ORT's warnings are noise here
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(intra_op_threads=threads or torch.get_num_threads())
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -368,15 +402,13 @@ def export_bundle(
     triton_dir: str | Path | None = None,
     *,
     name: str | None = None,
-    optimize: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Exports a checkpoint into a bundle at ``out_dir`` (and a Triton model under ``triton_dir``).
 
     Everything is checked before anything is written; the bundle is built in a hidden sibling
     directory and renamed into place, so a failure leaves nothing at ``out_dir``. An existing
-    bundle at ``out_dir`` is replaced; any other non-empty directory is refused. ``optimize=False``
-    skips ONNX Runtime's transformer fusions (they are also dropped when they break parity).
+    bundle at ``out_dir`` is replaced; any other non-empty directory is refused.
     """
     say = log or (lambda message: logger.info(message))
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -391,13 +423,17 @@ def export_bundle(
     started = time.perf_counter()
     try:
         model, preprocessor = load_checkpoint(checkpoint_dir)
+        visual_training = checkpoint_visual_training(checkpoint_dir)
     except Exception as error:  # noqa: BLE001 - bad config, weights that do not fit it, corrupt files
         raise ExportError(f"cannot load checkpoint {checkpoint_dir}: {_first_line(error)}") from error
     model.eval()
     task = model.config.task
+    visual = visual_stream(visual_training)
+    if not visual:
+        say("the visual path was never trained: the bundle leaves the visual stream out and ignores pictures")
     crf = _crf_arrays(model) if task == "ner" else None
     batches = sample_batches(preprocessor, task)
-    references = torch_outputs(model, batches)
+    references = torch_outputs(model, batches, visual)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -406,7 +442,7 @@ def export_bundle(
         with tempfile.TemporaryDirectory(prefix="imm-export-") as work:
             work = Path(work)
             graph, details = _build_graph(
-                model, precision, opset, batches, references, crf, work, say, optimize
+                model, precision, opset, batches, references, crf, work, say, visual
             )
             shutil.move(str(graph), staging / MODEL_FILE)
         shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
@@ -425,6 +461,8 @@ def export_bundle(
             crf=crf,
             extra={
                 **details,
+                "visual_stream": visual,
+                "visual_training": visual_training,
                 "source": {
                     "checkpoint": str(checkpoint_dir.resolve()),
                     "backbone": model.config.backbone,
@@ -447,6 +485,14 @@ def export_bundle(
         f"{', Triton model ' + str(triton_model) if triton_model else ''}) in {time.perf_counter() - started:.1f} s"
     )
     return out_dir
+
+
+def checkpoint_visual_training(checkpoint_dir: Path) -> dict[str, Any]:
+    """How the checkpoint's visual path was trained (for checkpoints without a record: from its
+    training arguments, where no ``--images`` means no picture was ever seen)."""
+    arguments = read_json(checkpoint_dir, TRAINING_ARGS_FILE)
+    trained = arguments.get("images") is not None
+    return {"examples_with_images": None if trained else 0, "derived_from": TRAINING_ARGS_FILE}
 
 
 def _crf_arrays(model: IMMForNER) -> dict[str, np.ndarray]:
@@ -473,59 +519,48 @@ def _build_graph(
     crf: dict[str, np.ndarray] | None,
     work: Path,
     say: Callable[[str], None],
-    optimize: bool,
+    visual: bool,
 ) -> tuple[Path, dict[str, Any]]:
     """The final graph file in ``work`` and what the manifest records about it.
 
-    fp32: the exported graph, fused by the transformer optimizer if the fused one still matches
-    PyTorch within ``FP32_TOLERANCE``. int8: that graph with dynamically quantised weights. fp16:
-    the GPU-flavoured fusions converted to fp16 (fp32 inputs and outputs), else the plain graph
-    converted, whichever first stays within ``FP16_TOLERANCE``.
+    fp32: the exported graph. int8: its weights int8 (``export.quantize``). fp16: converted to
+    fp16 with fp32 inputs and outputs, if it stays within ``FP16_TOLERANCE``. Every bundle also
+    gets its ``weights`` table (``export.weights``), checked by rebuilding the model from it.
     """
     from export import quantize
+    from export.weights import apply_quantization, find_weights
 
     task = model.config.task
 
     def rewrite(what: str, function: Callable[..., Any], source: Path, target: Path, *args: Any) -> Any:
-        """One graph tool, then the stable signature back; a failure is reported, and gives None."""
+        """One graph tool, then the stable signature back; a failure is an ExportError."""
         try:
             result = function(source, target, *args)
             restore_signature(target, task, batches[2])
             return result
         except Exception as error:  # noqa: BLE001 - third-party graph tools raise anything
-            say(f"{what} skipped: {type(error).__name__}: {_first_line(error)}")
-            return None
+            raise ExportError(f"{what} failed: {type(error).__name__}: {_first_line(error)}") from error
 
     raw = work / "raw.onnx"
-    export_onnx(model, raw, batches[2], opset)
+    export_onnx(model, raw, batches[2], opset, visual)
     parity = compare(raw, task, batches, references, crf)
     if not parity.max_abs <= FP32_TOLERANCE:
         raise ExportError(
             f"the exported graph does not match PyTorch: max abs difference {parity.max_abs:.3g} "
             f"> {FP32_TOLERANCE:g}"
         )
-    details: dict[str, Any] = {"optimized": False, "fusions": {}}
-    base = raw
-    if optimize and precision in ("fp32", "int8"):
-        fused = work / "fused.onnx"
-        fusions = rewrite("transformer optimizer", quantize.optimize, raw, fused, model.config)
-        if fusions is not None:
-            fused_parity = compare(fused, task, batches, references, crf)
-            if fused_parity.max_abs <= FP32_TOLERANCE:
-                base, parity = fused, fused_parity
-                details.update(optimized=True, fusions=fusions)
-            else:
-                say(
-                    f"transformer fusions dropped: max abs difference {fused_parity.max_abs:.3g} breaks parity"
-                )
+    state = {key: value.detach().float().numpy() for key, value in model.state_dict().items()}
+    weights = find_weights(onnx.load(str(raw)), state)
+    details: dict[str, Any] = {}
+    final, tolerance = raw, FP32_TOLERANCE
     if precision == "fp32":
         details["parity"] = parity.to_dict() | {"tolerance": FP32_TOLERANCE}
-        return base, details
-    if precision == "int8":
-        quantized = work / "int8.onnx"
-        if rewrite("int8 quantization", quantize.quantize_int8, base, quantized) is None:
-            raise ExportError("int8 quantization failed (see the line above)")
-        int8_parity = compare(quantized, task, batches, references, crf)
+    elif precision == "int8":
+        final = work / "int8.onnx"
+        weights = apply_quantization(
+            weights, rewrite("int8 quantization", quantize.quantize_int8, raw, final)
+        )
+        int8_parity = compare(final, task, batches, references, crf)
         if not np.isfinite(int8_parity.max_abs):
             raise ExportError("the int8 graph produces non-finite outputs")
         if int8_parity.label_agreement < INT8_MIN_AGREEMENT:
@@ -535,24 +570,62 @@ def _build_graph(
             )
         details["parity"] = int8_parity.to_dict() | {"min_agreement_warning": INT8_MIN_AGREEMENT}
         details["quantization"] = quantize.INT8_SETTINGS
-        return quantized, details
-    # fp16: fusions for GPUs first, then the plain graph.
-    candidates = [("fused", True), ("plain", False)] if optimize else [("plain", False)]
-    failures = []
-    for label, fuse in candidates:
-        half = work / f"fp16-{label}.onnx"
-        fusions = rewrite(f"fp16 conversion ({label})", quantize.convert_fp16, raw, half, model.config, fuse)
-        if fusions is None:
-            continue
-        half_parity = compare(half, task, batches, references, crf)
-        bound = FP16_TOLERANCE * max(1.0, half_parity.output_scale)
-        if half_parity.max_abs <= bound:
-            details.update(
-                optimized=fuse, fusions=fusions, parity=half_parity.to_dict() | {"tolerance": bound}
+    else:
+        final = work / "fp16.onnx"
+        rewrite("fp16 conversion", quantize.convert_fp16, raw, final)
+        half_parity = compare(final, task, batches, references, crf)
+        tolerance = FP16_TOLERANCE * max(1.0, half_parity.output_scale)
+        if not half_parity.max_abs <= tolerance:
+            raise ExportError(
+                f"the fp16 graph does not match PyTorch: max abs difference {half_parity.max_abs:.3g} > {tolerance:.3g}"
             )
-            return half, details
-        failures.append(f"{label}: max abs difference {half_parity.max_abs:.3g} > {bound:.3g}")
-    raise ExportError(f"no fp16 graph matches PyTorch ({'; '.join(failures) or 'conversion failed'})")
+        details["parity"] = half_parity.to_dict() | {"tolerance": tolerance}
+    details["weights"] = weights
+    _check_weights(model, final, weights, batches, crf, visual, tolerance)
+    return final, details
+
+
+def rebuild_model(
+    config: IMMConfig, graph: str | Path, weights: dict[str, dict[str, Any]]
+) -> IMMPreTrainedModel:
+    """The model of ``config`` holding the weights a bundle's graph has (``weights``: its manifest's
+    table); parameters the graph never reads are zero. What the PyTorch runtime serves."""
+    from export.weights import read_weights
+
+    model = TASK_MODELS[config.task](config).eval()
+    with torch.no_grad():
+        for parameter in model.state_dict().values():
+            parameter.zero_()
+    values = {key: torch.from_numpy(value) for key, value in read_weights(graph, weights).items()}
+    unknown = set(values) - set(model.state_dict())
+    if unknown:
+        raise ExportError(
+            f"the weights table names parameters this model does not have: {sorted(unknown)[:5]}"
+        )
+    model.load_state_dict(values, strict=False)
+    return model
+
+
+def _check_weights(
+    model: IMMPreTrainedModel,
+    graph: Path,
+    weights: dict[str, dict[str, Any]],
+    batches: Sequence[dict[str, np.ndarray]],
+    crf: dict[str, np.ndarray] | None,
+    visual: bool,
+    tolerance: float,
+) -> None:
+    """A model rebuilt from the ``weights`` table alone must give the graph's outputs: the table is
+    what the PyTorch runtime serves, so a parameter it misses or misreads fails the export here."""
+    rebuilt = rebuild_model(model.config, graph, weights)
+    task = model.config.task
+    parity = compare(graph, task, batches, torch_outputs(rebuilt, batches, visual), crf)
+    if not parity.max_abs <= tolerance:
+        missing = sorted(set(model.state_dict()) - set(weights))
+        raise ExportError(
+            f"the bundle's weights table does not rebuild the model (max abs difference {parity.max_abs:.3g} "
+            f"> {tolerance:.3g}; parameters not found in the graph: {', '.join(missing[:8]) or 'none'})"
+        )
 
 
 def _first_line(error: BaseException) -> str:

@@ -37,8 +37,12 @@ CONFIG_FILE = "config.json"
 class EncoderOutput:
     text: torch.Tensor  # (B, L, d) after the last block
     isa_text: torch.Tensor  # (B, L, d) after the last ISA block (SW inputs)
-    isa_visual: torch.Tensor | None  # (N, m + 1, d) of the N pictures; None when there were none
-    isa_visual_augmented: torch.Tensor | None  # (N, m + 1, d) of the augmented views, when given
+    # (N, m + 1, d) of the N pictures (None when there were none); joint attention keeps one row
+    # per example instead, (B, m + 1, d), and says so in ``visual_per_example``: picking the rows
+    # that have a picture needs their count on the host, which a CUDA graph cannot wait for.
+    isa_visual: torch.Tensor | None
+    isa_visual_augmented: torch.Tensor | None  # the augmented views', laid out like isa_visual
+    visual_per_example: bool = False
 
 
 @dataclass
@@ -81,6 +85,18 @@ class IMMEncoder(nn.Module):
         exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
         return not exporting and self.config.attention_mode == "separate" and pixel_values.shape[0] == 0
 
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        """The text stream alone: what ``forward`` gives the text when no example has a picture
+        (separate attention), and the whole graph of a bundle whose visual path was never trained."""
+        text = self.text_embeddings(input_ids)
+        text_bias = attention_bias(attention_mask, text.dtype)
+        for layer in self.isa_layers:
+            text = layer.text_only(text, text_bias)
+        isa_text = text
+        for layer in self.ia_layers:
+            text = layer.text_only(text, text_bias)
+        return EncoderOutput(text=text, isa_text=isa_text, isa_visual=None, isa_visual_augmented=None)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -89,16 +105,10 @@ class IMMEncoder(nn.Module):
         has_image: torch.Tensor,
         augmented_pixel_values: torch.Tensor | None = None,
     ) -> EncoderOutput:
+        if self._text_only(pixel_values):
+            return self.encode_text(input_ids, attention_mask)
         text_embeddings = self.text_embeddings(input_ids)
         text_bias = attention_bias(attention_mask, text_embeddings.dtype)
-        if self._text_only(pixel_values):
-            text = text_embeddings
-            for layer in self.isa_layers:
-                text = layer.text_only(text, text_bias)
-            isa_text = text
-            for layer in self.ia_layers:
-                text = layer.text_only(text, text_bias)
-            return EncoderOutput(text=text, isa_text=isa_text, isa_visual=None, isa_visual_augmented=None)
         # Row r of the batch reads picture picture_row[r] - 1; 0 is a zero picture for the rest.
         picture_row = torch.cumsum(has_image.long(), dim=0) * has_image.long()
         joint = self.config.attention_mode == "joint"
@@ -133,11 +143,12 @@ class IMMEncoder(nn.Module):
                 None if joint else picture_row,
                 compute_visual=not last,
             )
-        if joint:  # back to one row per picture, like the separate streams
-            isa_visual = isa_visual[has_image]
-            augmented = None if augmented is None else augmented[has_image]
         return EncoderOutput(
-            text=text, isa_text=isa_text, isa_visual=isa_visual, isa_visual_augmented=augmented
+            text=text,
+            isa_text=isa_text,
+            isa_visual=isa_visual,
+            isa_visual_augmented=augmented,
+            visual_per_example=joint,
         )
 
     def load_backbone_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -238,13 +249,16 @@ class IMMPreTrainedModel(nn.Module):
         rows = has_image.nonzero().squeeze(-1)
         if rows.numel() < 2 or encoded.isa_visual_augmented is None:
             return None
+        visual, augmented = encoded.isa_visual, encoded.isa_visual_augmented
+        if encoded.visual_per_example:  # joint attention: back to one row per picture
+            visual, augmented = visual[rows], augmented[rows]
         words = gather_positions(encoded.isa_text[rows], word_index[rows])
         mask = word_mask[rows].unsqueeze(-1).to(words.dtype)
         text_word = (words * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        image_word = encoded.isa_visual_augmented[:, 1:].mean(dim=1)  # one row per picture, in batch order
+        image_word = augmented[:, 1:].mean(dim=1)  # one row per picture, in batch order
         return sw_loss(
             encoded.isa_text[rows, 0],
-            encoded.isa_visual[:, 0],
+            visual[:, 0],
             text_word,
             image_word,
             teacher_targets(teacher_text[rows], teacher_image[rows]),

@@ -1,7 +1,8 @@
 """``python -m service``: the server on uvicorn, configured from ``IMM_*`` environment variables.
 
-One process, one event loop: dynamic batching gathers requests within the process, so scale
-with ONNX Runtime threads (``IMM_INTRA_OP_THREADS``) or more containers, not uvicorn workers.
+One process by default; ``IMM_WORKERS`` runs several on one port (``service.server``). Each
+process batches its own requests, so more workers mean smaller batches: take them when parsing
+requests, not the model, is what keeps a core busy (a GPU, or many cores).
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ import logging
 import logging.config
 import sys
 
-import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.observability import logging_config
+from service.server import run
 from service.settings import Settings
 
 
@@ -27,24 +27,15 @@ def main() -> int:
     logging.config.dictConfig(logging_config(settings.log_level))
     log = logging.getLogger("service")
     log.info(
-        "starting on http://%s:%d (NER bundle: %s, RE bundle: %s, providers: %s, API key: %s)",
+        "starting on http://%s:%d (NER bundle: %s, RE bundle: %s, runtime: %s, API key: %s)",
         settings.host,
         settings.port,
         settings.ner_bundle,
         settings.re_bundle,
-        settings.providers,
+        settings.runtime,
         "set" if settings.api_key else "none",
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the JSON logging configured above
-        access_log=False,  # RequestContextMiddleware writes one line per request
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=settings.keep_alive_s,
-        server_header=False,
-    )
+    run(settings)
     return 0
 
 

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.batcher import BatcherClosed, QueueFull
 from service.errors import ApiError, install_error_handlers
@@ -49,6 +49,7 @@ Multimodal named entity recognition and relation extraction on tweets (IMM), ser
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key (when one is configured)"},
+    408: {"model": ErrorResponse, "description": "The request body did not arrive within IMM_BODY_TIMEOUT_S"},
     413: {"model": ErrorResponse, "description": "Upload, text or image pixel count over the limit"},
     415: {"model": ErrorResponse, "description": "The file is not an image"},
     422: {
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.stop()
+            state.metrics.process_exiting()
 
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     # Documents the bearer scheme in /docs; the key is enforced by GuardMiddleware before parsing.
@@ -115,7 +117,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.imm = state
     install_error_handlers(app)
     app.add_middleware(
-        GuardMiddleware, paths=("/ner", "/re"), max_body_bytes=settings.max_upload_bytes, api_key=api_key
+        GuardMiddleware,
+        paths=("/ner", "/re"),
+        max_body_bytes=settings.max_upload_bytes,
+        api_key=api_key,
+        body_timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(
         RequestContextMiddleware,
@@ -153,7 +159,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             with slot.batcher.incoming():
                 prepared: Prepared = await loop.run_in_executor(state.preprocess_pool, prepare, *args)
+            state.metrics.queue_depth.labels(slot.task).set(slot.batcher.depth + 1)
             result, timings = await slot.batcher.submit(prepared, settings.request_timeout_s)
+            state.metrics.queue_depth.labels(slot.task).set(slot.batcher.depth)
         except QueueFull:
             state.metrics.rejected.labels(slot.task).inc()
             raise ApiError(
@@ -194,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             image_used=prepared.image_used,
             truncated=prepared.truncated,
             model=slot.pipeline.name,
+            notes=prepared.notes,
         )
 
     @app.post("/re", response_model=REResponse, responses=_ERRORS, dependencies=auth, tags=["inference"])
@@ -236,6 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             image_used=prepared.image_used,
             truncated=prepared.truncated,
             model=slot.pipeline.name,
+            notes=prepared.notes,
         )
 
     @app.get("/health", response_model=HealthResponse, tags=["operations"])
@@ -268,7 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for task, slot in state.slots.items():
             if slot.batcher is not None:
                 state.metrics.queue_depth.labels(task).set(slot.batcher.depth)
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> FileResponse:

@@ -1,13 +1,16 @@
-"""The API key and the upload size limit, checked on the raw ASGI stream before any parsing.
+"""The API key, the upload size limit and the body deadline, checked on the raw ASGI stream.
 
-Both run before FastAPI reads the multipart body, so an unauthenticated or oversized upload costs
+All run before FastAPI reads the multipart body, so an unauthenticated or oversized upload costs
 the server nothing: a ``Content-Length`` over the limit is refused before one byte of the body is
 read, and a body without one (chunked) is counted while it streams and cut off as soon as it
-passes the limit, without reading the rest.
+passes the limit, without reading the rest. A body trickled in slowly is cut off with 408 once
+``body_timeout_s`` has passed since the request's head arrived (the head's own deadline is the
+server's: ``service.server``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Iterable
@@ -17,6 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 class BodyTooLarge(Exception):
     """Raised from ``receive`` once the streamed body passes the limit."""
+
+
+class BodyTooSlow(Exception):
+    """Raised from ``receive`` once the body's deadline has passed."""
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -29,11 +36,20 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 class GuardMiddleware:
     """401 without the right bearer token, 413 for a body over ``max_body_bytes``, on ``paths`` only."""
 
-    def __init__(self, app: ASGIApp, *, paths: Iterable[str], max_body_bytes: int, api_key: str | None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        paths: Iterable[str],
+        max_body_bytes: int,
+        api_key: str | None,
+        body_timeout_s: float = 30.0,
+    ):
         self.app = app
         self.paths = frozenset(paths)
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.body_timeout_s = body_timeout_s
 
     async def _refuse(
         self, scope: Scope, send: Send, status: int, detail: str, headers: list | None = None
@@ -87,26 +103,36 @@ class GuardMiddleware:
                 return
 
         received = 0
-        exceeded = False
+        refusal: tuple[int, str] | None = None  # set once the body broke a limit
         response_started = False
+        too_slow = f"request body not received within {self.body_timeout_s:g} s"
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, refusal, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                refusal = (408, too_slow)
+                raise BodyTooSlow(too_slow) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    exceeded = True
+                    refusal = (413, too_large)
                     raise BodyTooLarge(too_large)
+                body_done = not message.get("more_body", False)
             return message
 
         async def watching_send(message: Message) -> None:
             nonlocal response_started
-            if exceeded:
-                # The framework turned our BodyTooLarge into its own error answer: replace it.
+            if refusal is not None:
+                # The framework turned our exception into its own error answer: replace it.
                 if message["type"] == "http.response.start" and not response_started:
                     response_started = True
-                    await self._refuse(scope, send, 413, too_large)
+                    await self._refuse(scope, send, *refusal)
                 return
             if message["type"] == "http.response.start":
                 response_started = True
@@ -114,6 +140,6 @@ class GuardMiddleware:
 
         try:
             await self.app(scope, counting_receive, watching_send)
-        except BodyTooLarge:
-            if not response_started:
-                await self._refuse(scope, send, 413, too_large)
+        except (BodyTooLarge, BodyTooSlow):
+            if not response_started and refusal is not None:
+                await self._refuse(scope, send, *refusal)

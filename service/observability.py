@@ -2,19 +2,31 @@
 
 Every answer carries ``X-Request-ID`` (the client's, when it sent a sane one, else a new one);
 the same id is in the request's log line and in the body of a 500. Metrics live in a registry of
-their own per app, so several apps (tests) never collide in the global one.
+their own per app, so several apps (tests) never collide in the global one. With several worker
+processes (``IMM_WORKERS``, ``PROMETHEUS_MULTIPROC_DIR`` set) prometheus-client keeps each
+process's values in files and ``Metrics.exposition`` adds them up: counters and histograms sum,
+the queue depth sums over live processes, readiness is the least ready process's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import json_error_body
@@ -57,7 +69,11 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "imm_queue_depth", "Requests waiting for a batch", ["model"], registry=self.registry
+            "imm_queue_depth",
+            "Requests waiting for a batch",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "imm_rejected", "Requests refused because the queue was full", ["model"], registry=self.registry
@@ -67,10 +83,27 @@ class Metrics:
             "Loaded models (value 1), with their bundle name and execution provider",
             ["model", "name", "provider"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.ready = Gauge(
-            "imm_ready", "1 when every available model is loaded and warmed up", registry=self.registry
+            "imm_ready",
+            "1 when every available model is loaded and warmed up (in every worker process)",
+            registry=self.registry,
+            multiprocess_mode="livemin",
         )
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this process's registry, or every worker's when there are several."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def process_exiting(self) -> None:
+        """Drops this process's live gauges from the multiprocess files (a clean worker exit)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.mark_process_dead(os.getpid())
 
     def observe_stages(self, endpoint: str, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():

@@ -2,10 +2,12 @@
 
 ``prepare`` (in the preprocessing thread pool) turns raw text and image bytes into model inputs
 through the project's one preprocessing path (``model.preprocessing``); ``run_batch`` (in the
-model's inference thread) pads a batch with the shared ``collate``, runs ONNX Runtime once and
-decodes each row on its own, so a request gets the same answer alone or in any batch.
+model's inference thread) hands the batch to the model's runtime (``service.runtime``: ONNX
+Runtime, or PyTorch on a GPU), which pads it, runs the model once and decodes the CRF, and turns
+each row into its answer, so a request gets the same answer alone or in any batch.
 
-Torch-free: only numpy, tokenizers, Pillow, onnxruntime and the torch-free project modules.
+Torch-free: only numpy, tokenizers, Pillow and the torch-free project modules (the PyTorch
+runtime is imported by ``service.runtime`` only when it is chosen).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from export.bundle import Bundle
-from model.decoding import bio_spans, char_spans, crf_marginals, viterbi_decode
-from model.preprocessing import EncodedText, Preprocessor, load_tokenizer, split_words
+from model.decoding import bio_spans, char_spans
+from model.preprocessing import EncodedText, Preprocessor, split_words
 from service.errors import FieldError
-from service.runtime import OnnxModel
+from service.runtime import NEROutput, Picture, Runtime, jpeg_header
 
 log = logging.getLogger("service.pipeline")
 
@@ -36,9 +38,10 @@ class Prepared:
     text: str
     words: list[tuple[str, int, int]]  # (word, start, end) for the words that fit the window
     encoded: EncodedText
-    pixels: np.ndarray | None
+    pixels: Picture | None  # normalised pixels, or JPEG bytes for a runtime that decodes them
     truncated: bool
     stages: dict[str, float] = field(default_factory=dict)  # decode, tokenise seconds
+    notes: list[str] = field(default_factory=list)  # what the client should know (an ignored picture)
 
     @property
     def image_used(self) -> bool:
@@ -72,47 +75,52 @@ class Pipeline:
     """The task-independent half: image decoding, batching, warm-up."""
 
     task: str = ""
-    output_name: str = ""
 
-    def __init__(self, bundle: Bundle, model: OnnxModel, max_image_pixels: int):
+    def __init__(self, bundle: Bundle, preprocessor: Preprocessor, runtime: Runtime):
         if bundle.task != self.task:
             raise ValueError(f"the bundle holds a {bundle.task!r} model, not {self.task!r}")
         self.bundle = bundle
         self.name = bundle.name
         self.labels = list(bundle.labels)
-        self.model = model
-        self.preprocessor = Preprocessor(
-            bundle.preprocessing, load_tokenizer(bundle.tokenizer_path), max_pixels=max_image_pixels
-        )
+        self.runtime = runtime
+        self.preprocessor = preprocessor
         self.budget = bundle.preprocessing.max_seq_len - 2  # pieces between [CLS] and [SEP]
+        # A model trained on text alone has its visual stream left out (export.onnx_export.visual_stream).
+        self.visual = bool(bundle.manifest.get("visual_stream", True))
+        self.ignored_picture_note = (
+            f"the picture was not used: this {self.task.upper()} model was trained without pictures"
+        )
 
-    def _image(self, image: bytes | None, stages: dict[str, float]) -> np.ndarray | None:
-        """Decoded pixels (JPEG in draft mode: never a full-size decode of a large photo)."""
+    def _image(self, image: bytes | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
+        """The picture for the model: decoded pixels (JPEG in draft mode: never a full-size decode of
+        a large photo), JPEG bytes for a runtime that decodes them on its device, or None (no
+        picture, or a model that ignores them: then nothing is decoded)."""
         if image is None:
             return None
+        if not self.visual:
+            notes.append(self.ignored_picture_note)
+            return None
         started = time.perf_counter()
-        pixels = self.preprocessor.image(image)
+        pixels: Picture | None = None
+        if self.runtime.decodes_jpeg:
+            pixels = jpeg_header(image, self.preprocessor.image.max_pixels)
+        if pixels is None:
+            pixels = self.preprocessor.image(image)
         stages["decode"] = time.perf_counter() - started
         return pixels
 
-    def _collate(self, batch: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        return self.preprocessor.collate([p.encoded for p in batch], [p.pixels for p in batch])
-
     def run_batch(self, batch: Sequence[Prepared]) -> list[Any]:
-        arrays = self._collate(batch)
-        output = self.model.run(arrays)
-        return self.decode(batch, arrays, output)
+        output = self.runtime.infer([p.encoded for p in batch], [p.pixels for p in batch])
+        return self.decode(batch, output)
 
-    def decode(
-        self, batch: Sequence[Prepared], arrays: dict[str, np.ndarray], output: np.ndarray
-    ) -> list[Any]:
+    def decode(self, batch: Sequence[Prepared], output: Any) -> list[Any]:
         raise NotImplementedError
 
     def warmup_items(self) -> list[Prepared]:
         raise NotImplementedError
 
     def warmup(self, max_batch_size: int) -> float:
-        """Runs a text-only, an image and a full batch (pre-sizing ONNX Runtime's memory); seconds taken."""
+        """Runs a text-only, an image and a full batch (pre-sizing the runtime's memory); seconds taken."""
         started = time.perf_counter()
         items = self.warmup_items()
         size = self.preprocessor.config.image_size
@@ -129,17 +137,6 @@ class NERPipeline(Pipeline):
     """Words in, entities with character offsets and CRF confidences out."""
 
     task = "ner"
-    output_name = "emissions"
-
-    def __init__(self, bundle: Bundle, model: OnnxModel, max_image_pixels: int):
-        super().__init__(bundle, model, max_image_pixels)
-        if bundle.crf is None:
-            raise ValueError("an NER bundle needs its CRF transitions")
-        self.crf = (
-            np.asarray(bundle.crf["transitions"], dtype=np.float64),
-            np.asarray(bundle.crf["start_transitions"], dtype=np.float64),
-            np.asarray(bundle.crf["end_transitions"], dtype=np.float64),
-        )
 
     def prepare(self, text: str, image: bytes | None) -> Prepared:
         stages: dict[str, float] = {}
@@ -149,23 +146,19 @@ class NERPipeline(Pipeline):
         # out changes nothing but the cost (and the encoder still reports the truncation).
         encoded = self.preprocessor.text.encode([w for w, _, _ in words[: self.budget + 1]])
         stages["tokenise"] = time.perf_counter() - started
-        pixels = self._image(image, stages)
+        notes: list[str] = []
+        pixels = self._image(image, stages, notes)
         truncated = encoded.truncated or len(words) > self.budget + 1
-        return Prepared(text, words[: encoded.num_words], encoded, pixels, truncated, stages)
+        return Prepared(text, words[: encoded.num_words], encoded, pixels, truncated, stages, notes)
 
-    def decode(
-        self, batch: Sequence[Prepared], arrays: dict[str, np.ndarray], output: np.ndarray
-    ) -> list[list[Entity]]:
-        mask = arrays["word_mask"]
-        paths = viterbi_decode(output, mask, *self.crf)
-        marginals = crf_marginals(output, mask, *self.crf)
+    def decode(self, batch: Sequence[Prepared], output: NEROutput) -> list[list[Entity]]:
         results = []
-        for row, (item, path) in enumerate(zip(batch, paths)):
+        for item, path, confidence in zip(batch, output.tags, output.confidence):
             spans = bio_spans([self.labels[t] for t in path])
             offsets = [(start, end) for _, start, end in item.words]
             entities = []
             for (kind, first, last), (_, start, end) in zip(spans, char_spans(spans, offsets)):
-                score = float(np.mean([marginals[row, i, path[i]] for i in range(first, last)]))
+                score = float(np.mean(confidence[first:last]))
                 entities.append(Entity(item.text[start:end], kind, start, end, round(score, 6)))
             results.append(entities)
         return results
@@ -215,7 +208,6 @@ class REPipeline(Pipeline):
     """Text and an entity pair (character offsets) in, relation probabilities out."""
 
     task = "re"
-    output_name = "logits"
 
     def prepare(
         self, text: str, image: bytes | None, head: tuple[int, int], tail: tuple[int, int]
@@ -231,18 +223,13 @@ class REPipeline(Pipeline):
             )
         encoded = self.preprocessor.text.encode_relation([w for w, _, _ in words], head_words, tail_words)
         stages["tokenise"] = time.perf_counter() - started
-        pixels = self._image(image, stages)
-        return Prepared(text, words, encoded, pixels, encoded.truncated, stages)
+        notes: list[str] = []
+        pixels = self._image(image, stages, notes)
+        return Prepared(text, words, encoded, pixels, encoded.truncated, stages, notes)
 
-    def decode(
-        self, batch: Sequence[Prepared], arrays: dict[str, np.ndarray], output: np.ndarray
-    ) -> list[Relation]:
-        logits = np.asarray(output, dtype=np.float64)
-        logits = logits - logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(logits)
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
+    def decode(self, batch: Sequence[Prepared], output: np.ndarray) -> list[Relation]:
         results = []
-        for row in probabilities:
+        for row in output:
             best = int(row.argmax())
             scores = {label: round(float(p), 6) for label, p in zip(self.labels, row)}
             results.append(Relation(self.labels[best], round(float(row[best]), 6), scores))

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.bundle import load_bundle
+from model.preprocessing import Preprocessor, load_tokenizer
 from service.batcher import Batcher
 from service.observability import Metrics
 from service.pipeline import PIPELINES, Pipeline
-from service.runtime import CUDA, OnnxModel, select_providers, session_options
+from service.runtime import create_runtime
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -126,7 +127,7 @@ class ServiceState:
             log.error("%s: %s answers 503", slot.detail, endpoint, exc_info=not _expected(error))
             return
         slot.pipeline = pipeline
-        slot.provider = pipeline.model.provider
+        slot.provider = pipeline.runtime.provider
         slot.executor = ThreadPoolExecutor(1, thread_name_prefix=f"imm-{task}-inference")
         metrics = self.metrics
         slot.batcher = Batcher(
@@ -153,19 +154,13 @@ class ServiceState:
 
     def _build(self, task: str, path: Path) -> Pipeline:
         bundle = load_bundle(path)
-        pipeline_class = PIPELINES[task]
-        providers = select_providers(self.settings.providers)
-        options = session_options(
-            self.settings.intra_op_threads, self.settings.inter_op_threads, self.settings.ort_spinning
+        preprocessor = Preprocessor(
+            bundle.preprocessing,
+            load_tokenizer(bundle.tokenizer_path),
+            max_pixels=self.settings.max_image_pixels,
         )
-        model = OnnxModel(bundle.model_path, providers, options, pipeline_class.output_name)
-        if providers[0] == CUDA and model.provider != CUDA:
-            log.warning(
-                "%s: CUDA was asked for but could not start (no usable GPU?): running on %s",
-                task,
-                model.provider,
-            )
-        return pipeline_class(bundle, model, self.settings.max_image_pixels)
+        runtime = create_runtime(bundle, preprocessor, self.settings)
+        return PIPELINES[task](bundle, preprocessor, runtime)
 
 
 def _expected(error: Exception) -> bool:

@@ -1,18 +1,40 @@
-"""ONNX Runtime sessions for the bundles: execution providers, threads, input feeding.
+"""Model runtimes: what runs a bundle's model on a batch. One small interface, two implementations.
 
-CUDA runs when onnxruntime-gpu is installed and a GPU is present (``providers=auto``), else
-the CPU; the provider a session really got (ONNX Runtime falls back silently when CUDA cannot
-start) is what the service reports at start-up, in /ready and in ``imm_model_info``.
+``Runtime.infer(texts, images)`` takes a batch of encoded texts and their pictures and returns the
+task's decoded output: for NER each word's CRF tag and confidence (``NEROutput``), for RE each
+example's relation probabilities. The pipeline (``service.pipeline``) turns those into answers,
+whichever runtime computed them.
+
+- ``OnnxRuntime``: the bundle's ONNX graph on ONNX Runtime, CRF decoding in numpy. Torch-free:
+  the CPU server. (CUDA too, where onnxruntime-gpu is installed: ``IMM_PROVIDERS``.)
+- ``service.torch_runtime.TorchRuntime``: the same model rebuilt in PyTorch from the bundle's own
+  weights, fp16 CUDA graphs, CRF decoding and JPEG decoding on the GPU. Imported only when chosen.
+
+``IMM_RUNTIME=auto`` picks PyTorch when it is installed and sees a CUDA device, else ONNX Runtime;
+the check never imports torch on a machine without an NVIDIA driver.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import logging
-from collections.abc import Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
+
+from export.bundle import Bundle, session_options
+from model.decoding import crf_marginals, viterbi_decode
+from model.preprocessing import EncodedText, Preprocessor
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger("service.runtime")
 
@@ -31,8 +53,50 @@ _DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """A JPEG left undecoded for a runtime that decodes on its device (its header was checked)."""
+
+    data: bytes
+    width: int
+    height: int
+
+
+#: A picture as the pipeline hands it to a runtime: normalised pixels (3, S, S), or JPEG bytes.
+Picture = np.ndarray | EncodedImage
+
+
+@dataclass
+class NEROutput:
+    """Per example: the CRF's tag id for each of its words, and that tag's marginal probability."""
+
+    tags: list[np.ndarray]
+    confidence: list[np.ndarray]
+
+
 class ProviderError(RuntimeError):
     """An execution provider was asked for that this onnxruntime build does not have."""
+
+
+class Runtime(ABC):
+    """Runs one bundle's model; called from the model's single inference thread."""
+
+    #: Whether ``infer`` takes ``EncodedImage`` JPEGs (decoding them on its device).
+    decodes_jpeg: bool = False
+
+    def __init__(self, bundle: Bundle, preprocessor: Preprocessor):
+        self.bundle = bundle
+        self.preprocessor = preprocessor
+        self.task = bundle.task
+
+    @property
+    @abstractmethod
+    def provider(self) -> str:
+        """What runs the model, as reported in /ready and imm_model_info."""
+
+    @abstractmethod
+    def infer(self, texts: Sequence[EncodedText], images: Sequence[Picture | None]) -> NEROutput | np.ndarray:
+        """NER: ``NEROutput``; RE: relation probabilities (B, R) float64."""
 
 
 def select_providers(setting: str, available: Sequence[str] | None = None) -> list[str]:
@@ -59,52 +123,36 @@ def select_providers(setting: str, available: Sequence[str] | None = None) -> li
     return chosen
 
 
-def session_options(
-    intra_op_threads: int, inter_op_threads: int, allow_spinning: bool = False
-) -> ort.SessionOptions:
-    """Session options; spinning off by default.
-
-    ONNX Runtime's worker threads busy-wait after each run by default. On a few shared cores that
-    steals the CPU the next request's parsing and image decoding need: measured on 2 cores, /ner
-    p50 at concurrency 1 went from 200 to 115 ms (with an image) and 169 to 98 ms (text) with
-    spinning off. Turn it on for a dedicated many-core machine.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = inter_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
-    options.log_severity_level = 3  # errors only: CUDA fallback warnings are reported by us, once
-    return options
-
-
-class OnnxModel:
-    """One ONNX Runtime session and the names and dtypes of its inputs and output."""
+class OnnxRuntime(Runtime):
+    """The bundle's ONNX graph on ONNX Runtime; CRF Viterbi and marginals in numpy."""
 
     def __init__(
         self,
-        path: str | Path,
+        bundle: Bundle,
+        preprocessor: Preprocessor,
         providers: Sequence[str],
         options: ort.SessionOptions,
-        output_name: str,
     ):
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        super().__init__(bundle, preprocessor)
+        self.session = ort.InferenceSession(
+            str(bundle.model_path), sess_options=options, providers=list(providers)
+        )
         self.inputs = {i.name: _DTYPES.get(i.type) for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        if output_name not in outputs:
-            raise ValueError(f"{path} has no output {output_name!r} (it has {outputs})")
-        self.output_name = output_name
+        self.output_name = bundle.output_names[0]
+        if providers[0] == CUDA and self.provider != CUDA:
+            log.warning(
+                "%s: CUDA was asked for but could not start (no usable GPU?): running on %s",
+                self.task,
+                self.provider,
+            )
 
     @property
     def provider(self) -> str:
         """The provider that runs the graph (the first ONNX Runtime kept)."""
         return self.session.get_providers()[0]
 
-    def run(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Feeds the graph's inputs from ``arrays`` (extra arrays such as ``word_mask`` are ignored)."""
+    def run(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's raw output for a collated batch (extra arrays such as ``word_mask`` are ignored)."""
         missing = [name for name in self.inputs if name not in arrays]
         if missing:
             raise KeyError(f"the batch lacks the graph inputs {missing}")
@@ -113,3 +161,86 @@ class OnnxModel:
             for name, dtype in self.inputs.items()
         }
         return self.session.run([self.output_name], feed)[0]
+
+    def infer(self, texts: Sequence[EncodedText], images: Sequence[Picture | None]) -> NEROutput | np.ndarray:
+        arrays = self.preprocessor.collate(texts, images)
+        output = self.run(arrays)
+        if self.task == "re":
+            return softmax(output)
+        crf = self.bundle.crf
+        assert crf is not None
+        scores = (crf["transitions"], crf["start_transitions"], crf["end_transitions"])
+        mask = arrays["word_mask"]
+        paths = viterbi_decode(output, mask, *scores)
+        marginals = crf_marginals(output, mask, *scores)
+        tags = [np.asarray(path, dtype=np.int64) for path in paths]
+        confidence = [marginals[row, np.arange(len(path)), path] for row, path in enumerate(tags)]
+        return NEROutput(tags, confidence)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits)
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+
+# --- choosing and building a runtime ---------------------------------------------------------------
+
+
+def _nvidia_driver_present() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+
+
+def resolve_runtime(setting: str) -> str:
+    """``onnx`` or ``torch`` for ``IMM_RUNTIME`` (``auto``: torch when it is installed and sees a GPU).
+
+    ``auto`` imports torch only where an NVIDIA driver is present, so a CPU server stays torch-free
+    even when torch happens to be installed beside it.
+    """
+    if setting != "auto":
+        return setting
+    if importlib.util.find_spec("torch") is None or not _nvidia_driver_present():
+        return "onnx"
+    import torch
+
+    return "torch" if torch.cuda.is_available() else "onnx"
+
+
+def create_runtime(bundle: Bundle, preprocessor: Preprocessor, settings: Settings) -> Runtime:
+    """The runtime ``settings`` ask for, loaded with ``bundle``."""
+    kind = resolve_runtime(settings.runtime)
+    if kind == "torch":
+        if importlib.util.find_spec("torch") is None:
+            raise ProviderError(
+                "IMM_RUNTIME=torch needs PyTorch: install the gpu extra (pip install 'imm[gpu]')"
+            )
+        from service.torch_runtime import TorchRuntime
+
+        return TorchRuntime(
+            bundle,
+            preprocessor,
+            device=settings.device,
+            cuda_graphs=settings.cuda_graphs,
+            max_batch_size=settings.max_batch_size,
+        )
+    providers = select_providers(settings.providers)
+    options = session_options(settings.intra_op_threads, settings.inter_op_threads, settings.ort_spinning)
+    return OnnxRuntime(bundle, preprocessor, providers, options)
+
+
+def jpeg_header(data: bytes, max_pixels: int) -> EncodedImage | None:
+    """An ``EncodedImage`` for JPEG bytes whose header is sane and within ``max_pixels``, else None
+    (the caller then takes the CPU path, which decodes what it can and names any problem)."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):  # CMYK and others: Pillow's
+                return None
+    except Exception:  # noqa: BLE001 - whatever Pillow refuses is the CPU path's to report
+        return None
+    if width * height > max_pixels:
+        return None
+    return EncodedImage(data, width, height)

@@ -8,6 +8,11 @@ _MODEL_FIELD = Field(description="The bundle that answered: '<model>@<sha12>'")
 _TRUNCATED_FIELD = Field(
     description="True when the text was longer than the model's window: only its first window was read"
 )
+_NOTES_FIELD = Field(
+    default_factory=list,
+    description="What else to know about this answer, e.g. that a picture was sent but not used "
+    "because the model was trained without pictures",
+)
 
 
 class EntityOut(BaseModel):
@@ -36,9 +41,10 @@ class NERResponse(BaseModel):
     )
 
     entities: list[EntityOut]
-    image_used: bool = Field(description="Whether an image was given and read")
+    image_used: bool = Field(description="Whether an image was given and read by the model")
     truncated: bool = _TRUNCATED_FIELD
     model: str = _MODEL_FIELD
+    notes: list[str] = _NOTES_FIELD
 
 
 class REResponse(BaseModel):
@@ -65,9 +71,10 @@ class REResponse(BaseModel):
     relation: str = Field(description="The most probable relation between head and tail")
     score: float = Field(description="Its probability (softmax of the logits)")
     scores: dict[str, float] = Field(description="Probability of every relation")
-    image_used: bool = Field(description="Whether an image was given and read")
+    image_used: bool = Field(description="Whether an image was given and read by the model")
     truncated: bool = _TRUNCATED_FIELD
     model: str = _MODEL_FIELD
+    notes: list[str] = _NOTES_FIELD
 
 
 class ModelStatus(BaseModel):
@@ -76,7 +83,9 @@ class ModelStatus(BaseModel):
     status: str = Field(description="'ready', 'loading', 'absent' (not configured or not found) or 'failed'")
     detail: str | None = None
     name: str | None = None
-    provider: str | None = Field(None, description="The ONNX Runtime execution provider running it")
+    provider: str | None = Field(
+        None, description="What runs it: an ONNX Runtime execution provider, or the PyTorch runtime's device"
+    )
 
 
 class ReadyResponse(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,10 +28,22 @@ class Settings(BaseSettings):
     re_bundle: Path | None = Field(Path("weights/re"), description="RE bundle directory ('' disables /re)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535)
+    runtime: Literal["auto", "onnx", "torch"] = Field(
+        "auto",
+        description="what runs the models: 'onnx' (ONNX Runtime), 'torch' (PyTorch, the gpu extra: fp16 CUDA "
+        "graphs, nvJPEG), or 'auto' (torch when PyTorch is installed and sees a CUDA device, else onnx)",
+    )
+    device: str = Field(
+        "cuda",
+        description="the PyTorch runtime's device ('cuda', 'cuda:1', or 'cpu' for fp32 without graphs)",
+    )
+    cuda_graphs: bool = Field(
+        True, description="the PyTorch runtime captures CUDA graphs at start-up (off: eager fp16)"
+    )
     providers: str = Field(
         "auto",
         description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', or a comma-separated list of "
-        "ONNX Runtime execution providers",
+        "ONNX Runtime execution providers (the onnx runtime)",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads inside one operator (0: one per core)"
@@ -53,6 +65,23 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, description="longest wait for a batch slot and inference")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 when the queue is full")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="server processes on the one port (0: 1 with ONNX Runtime, 4 with the PyTorch runtime)",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections (and requests in flight) per process; beyond: 503"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that sends no complete request head within this is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not fully received within this (from its head) gets 408"
+    )
+    shutdown_grace_s: int = Field(
+        10, ge=0, description="on SIGTERM, how long requests in flight may finish before the rest get 503"
+    )
     keep_alive_s: float = Field(
         75.0,
         gt=0,

@@ -49,7 +49,7 @@ def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> 
 
     root = tmp_path_factory.mktemp("demo_bundles")
     return {
-        task: export_bundle(checkpoint, root / task, optimize=False, log=lambda _: None)
+        task: export_bundle(checkpoint, root / task, log=lambda _: None)
         for task, checkpoint in (("ner", trained_ner_checkpoint), ("re", trained_re_checkpoint))
     }
 

@@ -418,12 +418,11 @@ def test_reexport_replaces_a_bundle(capsys, tmp_path, bundles, trained_re_checkp
         str(out),
         "--precision",
         "int8",
-        "--no-optimize",
     )
     code, err = run_cli(capsys, *args)
     assert code == 0, err
     bundle = load_bundle(out)
-    assert bundle.precision == "int8" and bundle.manifest["optimized"] is False
+    assert bundle.precision == "int8" and bundle.manifest["quantization"]["batch_independent"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["re"]  # no staging or retired copy left
 
 
@@ -506,7 +505,9 @@ def test_embedding_rows_are_int8_with_a_scale_each():
         initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(small, "small")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert quantize_embedding_rows(model) == 1
+    assert quantize_embedding_rows(model) == {
+        "table": {"tensor": "table_rows_int8", "scale": "table_row_scales", "axis": 0}
+    }
     onnx.checker.check_model(model)
     initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert "table" not in initializers and initializers["table_rows_int8"].dtype == np.int8
@@ -521,3 +522,92 @@ def test_embedding_rows_are_int8_with_a_scale_each():
     ids[0, 0] = 5
     (out,) = session.run(None, {"ids": ids, "positions": positions})
     assert np.array_equal(out[0, 0], small[0])
+
+
+def test_int8_answers_do_not_depend_on_the_batch(bundles, ner_model, ner_fixture_set):
+    """Weight-only int8: an example's emissions are the same alone and in any batch (pads included)."""
+    _, preprocessor = ner_model
+    bundle = load_bundle(bundles["ner-int8"])
+    runner = session(bundle)
+    texts, images = ner_fixture_set
+    together = preprocessor.collate(texts[:16], images[:16])
+    (batched,) = runner.run(["emissions"], {name: together[name] for name in bundle.input_names})
+    for row in range(16):
+        alone = preprocessor.collate(texts[row : row + 1], images[row : row + 1])
+        (single,) = runner.run(["emissions"], {name: alone[name] for name in bundle.input_names})
+        words = texts[row].num_words
+        np.testing.assert_allclose(batched[row, :words], single[0, :words], rtol=0, atol=1e-5)
+
+
+def test_weights_table_rebuilds_the_model(bundles, ner_model):
+    """The manifest's weights table gives back every parameter the graph uses (int8: within half a step)."""
+    from export.weights import read_weights
+
+    model, _ = ner_model
+    state = model.state_dict()
+    for name in ("ner-fp32", "ner-int8", "ner-fp16"):
+        bundle = load_bundle(bundles[name])
+        weights = read_weights(bundle.model_path, bundle.manifest["weights"])
+        assert "encoder.isa_layers.0.attention.query.weight" in weights
+        assert "encoder.patch_embeddings.projection.weight" in weights  # a picture-trained model keeps it
+        for key, value in weights.items():
+            expected = state[key].numpy()
+            entry = bundle.manifest["weights"][key]
+            if "row" in entry:  # only the row the graph reads
+                expected = np.where(np.arange(len(expected))[:, None] == entry["row"], expected, 0)
+            bound = {"ner-fp32": 0.0, "ner-int8": np.abs(expected).max() / 127 / 2 + 1e-7}.get(
+                name, 1e-3 * max(1.0, float(np.abs(expected).max()))
+            )
+            assert np.abs(value - expected).max() <= bound, (name, key)
+
+
+def test_find_weights_by_value():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.weights import find_weights
+
+    rng = np.random.default_rng(0)
+    linear = rng.normal(size=(3, 4)).astype(np.float32)  # torch layout (out, in); the graph stores (in, out)
+    types = rng.normal(size=(2, 4)).astype(np.float32)  # the graph only reads row 0
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["x", "type0"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 3])],
+        initializer=[
+            numpy_helper.from_array(linear.T.copy(), "w"),
+            numpy_helper.from_array(types[0], "type0"),
+        ],
+    )
+    model = helper.make_model(graph)
+    table = find_weights(
+        model, {"a.weight": linear, "b.weight": linear.copy(), "types": types, "unused": types * 3}
+    )
+    assert table["a.weight"] == {"tensor": "w", "transpose": True, "shape": [3, 4]}
+    assert table["b.weight"]["tensor"] == "w"  # equal tensors share one initializer
+    assert table["types"] == {"tensor": "type0", "transpose": False, "row": 0, "shape": [2, 4]}
+    assert "unused" not in table
+
+
+def test_an_untrained_visual_path_is_left_out(tmp_path, tiny_backbone, ner_model, ner_fixture_set):
+    """A model trained on text alone: no visual stream in the graph, and a picture changes nothing."""
+    from model.checkpoint import save_checkpoint
+
+    model, preprocessor = ner_model
+    checkpoint = save_checkpoint(tmp_path / "text-only", model, preprocessor, training_args={"images": None})
+    bundle = load_bundle(export_bundle(checkpoint, tmp_path / "bundle", "int8"))
+    assert bundle.manifest["visual_stream"] is False
+    assert bundle.input_names == list(INPUT_NAMES["ner"])  # the same signature as every NER bundle
+    graph = onnx.load(str(bundle.model_path))
+    assert not [node for node in graph.graph.node if node.op_type == "Conv"]
+    assert not [key for key in bundle.manifest["weights"] if "patch_embeddings" in key or "visual_ffn" in key]
+    runner = session(bundle)
+    texts, images = ner_fixture_set
+    with_pictures = preprocessor.collate(texts[:8], [images[0]] * 8)
+    without = preprocessor.collate(texts[:8], [None] * 8)
+    (a,) = runner.run(["emissions"], {name: with_pictures[name] for name in bundle.input_names})
+    (b,) = runner.run(["emissions"], {name: without[name] for name in bundle.input_names})
+    assert np.array_equal(a, b)

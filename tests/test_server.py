@@ -1,0 +1,182 @@
+"""``python -m service`` as an operator runs it: several worker processes, slow and greedy clients.
+
+Each test starts the real server in a subprocess on a free loopback port, with the tiny test
+bundles, and talks to it over raw sockets or httpx.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import jpeg_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> dict[str, Path]:
+    from export import export_bundle
+
+    root = tmp_path_factory.mktemp("server_bundles")
+    return {
+        "ner": export_bundle(trained_ner_checkpoint, root / "ner", "int8", log=lambda _: None),
+        "re": export_bundle(trained_re_checkpoint, root / "re", "int8", log=lambda _: None),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """``python -m service`` in a subprocess, ready when /ready says so."""
+
+    def __init__(self, bundles: dict[str, Path], tmp_path: Path, **settings: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("IMM_", "PROMETHEUS_"))}
+        env.update(
+            IMM_NER_BUNDLE=str(bundles["ner"]),
+            IMM_RE_BUNDLE=str(bundles["re"]),
+            IMM_HOST="127.0.0.1",
+            IMM_PORT=str(self.port),
+            IMM_INTRA_OP_THREADS="1",
+            IMM_PREPROCESS_THREADS="1",
+            PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+            PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+            **settings,
+        )
+        self.metrics_dir = tmp_path / "metrics"
+        self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, self.output()
+            assert time.monotonic() < deadline, "the server never became ready\n" + self.output()
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture()
+def server_factory(bundles, tmp_path) -> Iterator:
+    started: list[Server] = []
+
+    def start(**settings: str) -> Server:
+        server = Server(bundles, tmp_path, **settings)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus exposition ``text`` (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def test_two_workers_serve_one_port_and_metrics_count_both(server_factory):
+    server = server_factory(IMM_WORKERS="2")
+
+    def post(number: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=30) as client:  # a new connection each time
+            return client.post("/ner", data={"text": f"alice smith in paris {number}"}).status_code
+
+    sent = 0
+    with ThreadPoolExecutor(8) as pool:
+        # Which process accepts a connection is the kernel's choice: send concurrent requests until
+        # both have served some (each worker keeps its counts in files of its own).
+        while len(list(server.metrics_dir.glob("counter_*.db"))) < 2 and sent < 400:
+            assert list(pool.map(post, range(sent, sent + 16))) == [200] * 16
+            sent += 16
+    assert len(list(server.metrics_dir.glob("counter_*.db"))) == 2, server.output()
+    # /metrics, answered by one of them, adds both up.
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert metric(text, "imm_requests_total", endpoint="/ner", status="200") == sent
+    assert metric(text, "imm_ready") == 1
+
+
+def test_a_request_head_sent_too_slowly_is_cut_off(server_factory):
+    server = server_factory(IMM_HEADER_TIMEOUT_S="1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"POST /ner HTTP/1.1\r\nHost: x\r\n")  # ... and the rest of the head never comes
+        started = time.monotonic()
+        assert slow.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 8
+    # The server still answers everyone else.
+    assert httpx.post(f"{server.url}/ner", data={"text": "alice in paris"}, timeout=30).status_code == 200
+
+
+def test_a_body_trickled_too_slowly_gets_408(server_factory):
+    server = server_factory(IMM_BODY_TIMEOUT_S="1")
+    body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nalice in paris\r\n--b--\r\n'
+    head = (
+        f"POST /ner HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(head + body[:10])  # then stalls
+        answer = slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"not received within 1 s" in answer
+
+
+def test_connections_beyond_the_limit_get_503(server_factory):
+    server = server_factory(IMM_MAX_CONNECTIONS="2", IMM_HEADER_TIMEOUT_S="30")
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        answer = httpx.get(f"{server.url}/health", timeout=10)
+        assert answer.status_code == 503
+    finally:
+        for connection in idle:
+            connection.close()
+    time.sleep(0.5)
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_a_photo_on_two_workers(server_factory):
+    server = server_factory(IMM_WORKERS="2")
+    files = {"image": ("photo.jpg", jpeg_bytes(640, 480), "image/jpeg")}
+    answer = httpx.post(f"{server.url}/ner", data={"text": "alice smith in paris"}, files=files, timeout=30)
+    assert answer.status_code == 200 and answer.json()["image_used"] is True
