@@ -231,12 +231,25 @@ def server_timing(header: str) -> dict[str, float]:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu_s(pid: int) -> float | None:
+def _stat(pid: int | str) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime, all threads
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds of the server process and its children (the workers of IMM_WORKERS), all threads."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
+    total = int(fields[11]) + int(fields[12])  # utime + stime
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            child = _stat(entry.name)
+            if child is not None and child[1] == str(pid):  # field 4, ppid
+                total += int(child[11]) + int(child[12])
+    return total / _TICK
 
 
 def machine_busy_s() -> float | None:
@@ -382,6 +395,40 @@ async def run_level(
             others -= cpu_server_after - cpu_server
         # Other processes' share of the machine's CPUs while this level ran (0 on an idle machine).
         row["other_processes_cpu_share"] = round(max(0.0, others) / (wall * (os.cpu_count() or 1)), 3)
+    return row
+
+
+def run_wrk_level(
+    url: str, load: Load, concurrency: int, seconds: float, server_pid: int | None, offset: int
+) -> dict[str, Any]:
+    """One level driven by wrk (``bench/wrk.py``): client-side numbers from wrk, stages and batch
+    sizes from the server's metrics as in ``run_level``."""
+    from wrk import run_wrk
+
+    endpoint = load.scenario.endpoint
+    requests = []
+    for number in range(200):  # distinct tweets, each body written once
+        data, files = load.request(offset + number)
+        requests.append((data, files["image"][1] if files else None))
+    run_wrk(url, endpoint, requests, concurrency, min(3.0, seconds))  # warm-up: opens the connections
+    before = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    cpu_server = process_cpu_s(server_pid) if server_pid else None
+    result = run_wrk(url, endpoint, requests, concurrency, seconds)
+    cpu_server_after = process_cpu_s(server_pid) if server_pid else None
+    after = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+    batch = histogram_delta(before, after, "imm_batch_size", model=endpoint.strip("/"))
+    row: dict[str, Any] = {
+        "scenario": load.scenario.name,
+        "endpoint": endpoint,
+        "concurrency": concurrency,
+        **result,
+        "stopped_by": "time",
+        "batches": int(batch["count"]),
+        "mean_batch_size": round(batch["sum"] / batch["count"], 2) if batch["count"] else None,
+        "stages": stage_breakdown(before, after, endpoint),
+    }
+    if cpu_server is not None and cpu_server_after is not None and result["sent"]:
+        row["server_cpu_ms_per_request"] = round(1000 * (cpu_server_after - cpu_server) / result["sent"], 2)
     return row
 
 
@@ -569,6 +616,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-build", action="store_true", help="a missing bundle is an error")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument(
+        "--load-generator",
+        choices=("python", "wrk"),
+        default="python",
+        help="python: this process's httpx client (exact per-request stage timings); wrk: the C load "
+        "generator (bench/wrk.py), for throughput at high concurrency without stealing the server's CPU",
+    )
     parser.add_argument("--requests", type=int, default=200, help="measured requests per level, at most")
     parser.add_argument("--level-seconds", type=float, default=25, help="measured seconds per level, at most")
     parser.add_argument(
@@ -673,18 +727,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(notes[-1], flush=True)
                 break
-            row = asyncio.run(
-                run_level(
-                    url,
-                    Load(scenario, texts, pairs, images),
-                    concurrency,
-                    args.requests,
-                    seconds,
-                    args.warmup,
-                    server.pid if server else None,
-                    offset=997 * index,
+            load = Load(scenario, texts, pairs, images)
+            pid = server.pid if server else None
+            if args.load_generator == "wrk":
+                row = run_wrk_level(url, load, concurrency, seconds, pid, offset=997 * index)
+            else:
+                row = asyncio.run(
+                    run_level(
+                        url, load, concurrency, args.requests, seconds, args.warmup, pid, offset=997 * index
+                    )
                 )
-            )
             rows.append(row)
             print(
                 f"{scenario.name:<10} c={concurrency:<3} ok={row['ok']:<4} err={row['errors']:<3} "
@@ -721,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             "level_seconds": args.level_seconds,
             "warmup": args.warmup,
             "concurrency": args.concurrency,
+            "load_generator": args.load_generator,
         },
         "inputs": {
             "ner_texts": f"{len(texts)} tweets from {text_source}",

@@ -23,7 +23,9 @@ class CRFDecoder(torch.nn.Module):
     bucket has one dummy word).
     """
 
-    def __init__(self, transitions: torch.Tensor, start_transitions: torch.Tensor, end_transitions: torch.Tensor):
+    def __init__(
+        self, transitions: torch.Tensor, start_transitions: torch.Tensor, end_transitions: torch.Tensor
+    ):
         super().__init__()
         self.register_buffer("transitions", transitions.float().clone())
         self.register_buffer("start_transitions", start_transitions.float().clone())
@@ -69,9 +71,7 @@ class CRFDecoder(torch.nn.Module):
         # beta at a row's last word is the end score; padding positions carry it backwards.
         betas = [self.end_transitions.expand_as(alphas[0])]
         for i in range(num_words - 2, -1, -1):
-            step = torch.logsumexp(
-                self.transitions + (emissions[:, i + 1] + betas[-1]).unsqueeze(1), dim=2
-            )
+            step = torch.logsumexp(self.transitions + (emissions[:, i + 1] + betas[-1]).unsqueeze(1), dim=2)
             betas.append(torch.where(mask[:, i + 1].unsqueeze(1), step, betas[-1]))
         alpha = torch.stack(alphas, dim=1)
         beta = torch.stack(betas[::-1], dim=1)

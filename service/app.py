@@ -98,6 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        if settings.workers > 1:
+            # One of several processes on a shared port: take no connection before the models are
+            # warm, or the kernel would hand this process requests that the ready ones could answer.
+            await asyncio.to_thread(state.loaded.wait)
         try:
             yield
         finally:

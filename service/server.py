@@ -154,5 +154,6 @@ def run(settings: Settings) -> None:
         uvicorn.run(create_app(settings), **options)
         return
     directory = prepare_multiprocess_metrics()
+    os.environ["IMM_WORKERS"] = str(workers)  # the resolved count, for the workers' own Settings()
     log.info("starting %d worker processes (metrics gathered in %s)", workers, directory)
     uvicorn.run("service.app:create_app", factory=True, workers=workers, **options)

@@ -219,7 +219,11 @@ def trained_ner_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
 
     model, preprocessor = train_tiny("ner", tiny_backbone, synthetic_ner_examples(200))
     return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "ner", model, preprocessor, training_args=TINY_ARGS, scores={"f1": 1.0}
+        tmp_path_factory.mktemp("ckpt") / "ner",
+        model,
+        preprocessor,
+        training_args=TINY_ARGS,
+        scores={"f1": 1.0},
     )
 
 
@@ -229,5 +233,9 @@ def trained_re_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
 
     model, preprocessor = train_tiny("re", tiny_backbone, synthetic_re_examples(200))
     return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "re", model, preprocessor, training_args=TINY_ARGS, scores={"f1": 1.0}
+        tmp_path_factory.mktemp("ckpt") / "re",
+        model,
+        preprocessor,
+        training_args=TINY_ARGS,
+        scores={"f1": 1.0},
     )
