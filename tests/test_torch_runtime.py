@@ -23,7 +23,7 @@ from model.crf import CRFDecoder
 from model.decoding import crf_marginals, viterbi_decode
 from model.preprocessing import ImageProcessor, Preprocessor, load_tokenizer, split_words
 from model.preprocessing.tensor_image import TOLERANCE, from_pil, resize_normalise
-from service.runtime import OnnxRuntime, create_runtime, jpeg_header, resolve_runtime
+from service.runtime import OnnxRuntime, jpeg_header, resolve_runtime
 from service.settings import Settings
 from service.torch_runtime import TorchRuntime
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
