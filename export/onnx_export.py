@@ -35,7 +35,7 @@ from torch import nn
 
 from export.bundle import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, MODEL_FILE, TOKENIZER_FILE, write_manifest
 from export.checks import ExportError, check_export_arguments, safe_model_name
-from model.checkpoint import SCORES_FILE, load_checkpoint, read_json
+from model.checkpoint import SCORES_FILE, load_checkpoint, read_json, resolve_checkpoint
 from model.decoding import viterbi_decode
 from model.imm import IMMForNER, IMMForRE, IMMPreTrainedModel
 from model.preprocessing import Preprocessor
@@ -389,8 +389,10 @@ def export_bundle(
         check_repository_target(Path(triton_dir), model_name)
 
     started = time.perf_counter()
+    # Resolved once: a training run writing to checkpoint_dir may commit a newer generation meanwhile.
+    files = resolve_checkpoint(checkpoint_dir)
     try:
-        model, preprocessor = load_checkpoint(checkpoint_dir)
+        model, preprocessor = load_checkpoint(files)
     except Exception as error:  # noqa: BLE001 - bad config, weights that do not fit it, corrupt files
         raise ExportError(f"cannot load checkpoint {checkpoint_dir}: {_first_line(error)}") from error
     model.eval()
@@ -409,7 +411,7 @@ def export_bundle(
                 model, precision, opset, batches, references, crf, work, say, optimize
             )
             shutil.move(str(graph), staging / MODEL_FILE)
-        shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        shutil.copyfile(files / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         inputs, outputs = _io_description(staging / MODEL_FILE)
         write_manifest(
             staging,
@@ -421,7 +423,7 @@ def export_bundle(
             opset=opset,
             inputs=inputs,
             outputs=outputs,
-            scores=read_json(checkpoint_dir, SCORES_FILE),
+            scores=read_json(files, SCORES_FILE),
             crf=crf,
             extra={
                 **details,

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from model.checkpoint import has_checkpoint, read_json, resolve_checkpoint
 from model.evaluate import main as evaluate_main
+from model.run_directory import live_generation
 from model.train import main as train_main
 from model.train import parse_args, train
 from tests.conftest import FIRST_NAMES, synthetic_ner_examples, synthetic_re_examples
@@ -70,6 +72,17 @@ def run_train(*argv) -> int:
     return train_main([str(a) for a in argv])
 
 
+def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The committed resume state (weights and optimizer) of a run."""
+    return load_file(str(live_generation(run_dir) / "training_state" / "state.safetensors"))
+
+
+def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
 def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, tiny_backbone, capsys):
     train_file, dev_file = ner_files
     out = tmp_path / "ner"
@@ -78,7 +91,7 @@ def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, ti
         "--epochs", "12", *FAST,
     )  # fmt: skip
     assert code == 0
-    scores = json.loads((out / "scores.json").read_text())
+    scores = read_json(out, "scores.json")
     assert scores["dev_f1"] == 1.0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == list(range(1, 13))
@@ -170,13 +183,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, t
     interrupted = tmp_path / "interrupted"
     with pytest.raises(Killed):
         train(parse_args([*common, "--out", str(interrupted)]), on_epoch_end=kill_after_first_epoch)
-    assert json.loads((interrupted / "scores.json").read_text())["epoch"] == 1
+    assert read_json(interrupted, "scores.json")["epoch"] == 1
     train(parse_args([*common, "--out", str(interrupted), "--resume"]))
-    final = load_file(str(interrupted / "training_state" / "state.safetensors"))
-    expected = load_file(str(tmp_path / "straight" / "training_state" / "state.safetensors"))
-    assert final.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(final[name], tensor), name
+    assert_same_tensors(state_tensors(interrupted), state_tensors(tmp_path / "straight"))
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
@@ -199,7 +208,7 @@ def test_two_process_ddp_run_completes(tmp_path, ner_files, tiny_backbone):
     assert result.returncode == 0, result.stderr[-3000:]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [1, 2]
-    assert (out / "model.safetensors").is_file()
+    assert has_checkpoint(out)
     assert result.stdout.count('"best_epoch"') == 1  # only rank 0 reports
 
 
@@ -234,7 +243,7 @@ def test_bad_input_is_one_line_before_training(tmp_path, ner_files, tiny_backbon
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: ") and message in error[-1]
     assert "Traceback" not in "\n".join(error)
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not has_checkpoint(tmp_path / "out")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -255,15 +264,16 @@ def test_average_last_scores_the_mean_of_the_last_epochs(tmp_path, ner_files, ti
         "--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
         "--epochs", "3", "--average-last", "2", "--out", str(out), *FAST,
     ]))  # fmt: skip
-    kept = sorted(p.name for p in (out / "epoch_weights").iterdir())
+    weights = live_generation(out) / "epoch_weights"
+    kept = sorted(p.name for p in weights.iterdir())
     assert kept == ["epoch-002.safetensors", "epoch-003.safetensors"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows[:3]] == [1, 2, 3]
     averaged = rows[3]
     assert averaged["epochs"] == [2, 3] and 0 <= averaged["dev_f1"] <= 1
-    first, second = (load_file(str(out / "epoch_weights" / name)) for name in kept)
+    first, second = (load_file(str(weights / name)) for name in kept)
     best_single = max(row["dev_f1"] for row in rows[:3])
-    checkpoint = load_file(str(out / "model.safetensors"))
+    checkpoint = load_file(str(resolve_checkpoint(out) / "model.safetensors"))
     name = "head.classifier.weight"
     if averaged["kept"]:
         assert averaged["dev_f1"] > best_single
