@@ -115,14 +115,17 @@ def remove_debris(directory: str | Path, live: Path | None) -> None:
     ``CURRENT.tmp``. Never touches ``live``."""
     directory = Path(directory)
     generations = directory / GENERATIONS_DIR
-    if generations.is_dir():
+    if live is None:
+        remove_path(generations)
+    elif generations.is_dir():
         for entry in sorted(generations.iterdir()):
-            if live is None or entry.name != live.name:
+            if entry.name != live.name:
                 remove_path(entry)
     (directory / POINTER_STAGING).unlink(missing_ok=True)
 
 
 def remove_path(path: Path) -> None:
+    """Removes a file or a directory tree, if there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:

@@ -379,8 +379,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     f1_axis.set(title="dev F1", xlabel="epoch", ylim=(0, 1))
     f1_axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    staging = path.with_name(f".{path.name}.tmp")  # files of a run directory are replaced, never rewritten
+    figure.savefig(staging, dpi=100, format="png")
     plt.close(figure)
+    os.replace(staging, path)
 
 
 # --- the loop ----------------------------------------------------------------------------------
