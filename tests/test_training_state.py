@@ -58,7 +58,10 @@ class FaultInjector:
 
         def wrapped(name, original):
             def operation(*args, **kwargs):
-                self.operations.append((name, str(args[0]) if args else ""))
+                target = str(args[0]) if args else ""
+                if name == "fsync" and os.path.exists(f"/proc/self/fd/{args[0]}"):  # Linux: the file's name
+                    target = os.readlink(f"/proc/self/fd/{args[0]}")
+                self.operations.append((name, target))
                 if len(self.operations) == self.kill_at:
                     raise Killed(f"killed before {name} {args[0] if args else ''}")
                 return None if name == "fsync" else original(*args, **kwargs)
@@ -112,7 +115,10 @@ def outcome(run_dir: Path) -> dict:
     progress = json.loads((generation / STATE_DIR / "progress.json").read_text())["progress"]
     weights = generation / EPOCH_WEIGHTS_DIR
     return {
-        "layout": tree(run_dir),
+        "layout": [
+            path.replace(f"{GENERATIONS_DIR}/{generation.name}", f"{GENERATIONS_DIR}/LIVE")
+            for path in tree(run_dir)
+        ],
         "state": load_file(str(generation / STATE_DIR / "state.safetensors")),
         "checkpoint": load_file(str(checkpoint / "model.safetensors")),
         "epoch_weights": {p.name: load_file(str(p)) for p in sorted(weights.iterdir())}
@@ -345,3 +351,66 @@ def test_two_kills_in_a_row_always_leave_one_complete_state(tmp_path, new_checkp
         assert sorted(os.listdir(run)) == [POINTER_FILE, GENERATIONS_DIR], (first, second)
         assert len(os.listdir(run / GENERATIONS_DIR)) == 1, (first, second)
         shutil.rmtree(run)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through /proc/self/fd")
+def test_a_save_is_durable_before_it_is_switched_in(tmp_path):
+    """Every file and directory of the new generation, and the pointer's staging file, are fsynced
+    before the rename that switches to it; the run directory after it; only then is the previous
+    generation removed. (A power cut cannot lose a save the log reported, nor switch to a generation
+    whose files are not on disk.)"""
+    run = tmp_path / "run"
+    tiny_generation_save(run, 1, new_checkpoint=True)
+    operations = tiny_generation_save(run, 2, new_checkpoint=False).operations
+    generation = live_generation(run)
+    switch = operations.index(("replace", str(run / "CURRENT.tmp")))
+    synced_before = {target for name, target in operations[:switch] if name == "fsync"}
+    must = {str(path) for path in generation.rglob("*")} | {str(generation), str(generation.parent), str(run)}
+    assert must <= synced_before, sorted(must - synced_before)
+    assert str(run / "CURRENT.tmp") in synced_before
+    after = operations[switch + 1 :]
+    assert after[0] == ("fsync", str(run))
+    removals = [i for i, (name, target) in enumerate(after) if name in ("unlink", "rmdir")]
+    assert removals and min(removals) > 0 and ("rmdir", str(run / GENERATIONS_DIR / "000001")) in after
+
+
+def test_a_run_of_the_layout_before_generations_resumes_and_is_cleaned(
+    tmp_path, small_ner_files, nano_backbone, monkeypatch
+):
+    """A run directory written before generations (flat checkpoint, training_state/, epoch_weights/,
+    and the temporaries its interrupted saves left inside and beside it) resumes to the same
+    weights, and its first commit leaves only the new layout."""
+    train_file, dev_file = small_ner_files
+    common = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(nano_backbone),
+              "--epochs", "2", "--average-last", "2", "--max-seq-len", "64", *FAST]  # fmt: skip
+    monkeypatch.setattr(model.train, "plot_history", lambda history, path: None)
+    straight = tmp_path / "straight"
+    train(parse_args([*common, "--out", str(straight)]))
+
+    def stop_after_first_epoch(epoch, record):
+        raise Killed
+
+    old = tmp_path / "old"
+    with pytest.raises(Killed):
+        train(parse_args([*common, "--out", str(old)]), on_epoch_end=stop_after_first_epoch)
+    generation = live_generation(old)  # rearranged as the older code left it
+    for path in (generation / "checkpoint").iterdir():
+        path.rename(old / path.name)
+    (old / "visual_training.json").unlink()
+    (generation / STATE_DIR).rename(old / STATE_DIR)
+    (generation / EPOCH_WEIGHTS_DIR).rename(old / EPOCH_WEIGHTS_DIR)
+    (old / POINTER_FILE).unlink()
+    shutil.rmtree(old / GENERATIONS_DIR)
+    (old / ".state.k2j4_x9a").mkdir()  # an interrupted save_training_state
+    (old / ".state.k2j4_x9a" / "state.safetensors").write_bytes(b"partial")
+    (old / EPOCH_WEIGHTS_DIR / ".epoch-002.safetensors.tmp").write_bytes(b"partial")
+    beside = tmp_path / ".old.q8w3e5r7"  # an interrupted save_checkpoint
+    beside.mkdir()
+    (beside / "model.safetensors").write_bytes(b"partial")
+    unrelated = tmp_path / ".old.notes"
+    unrelated.mkdir()
+    assert has_checkpoint(old) and has_training_state(old)
+
+    train(parse_args([*common, "--out", str(old), "--resume"]))
+    assert_same_outcome(outcome(old), outcome(straight), "resumed from the older layout")
+    assert not beside.exists() and unrelated.exists()
