@@ -215,3 +215,19 @@ def test_relation_model_uses_markers(tiny_backbone):
         assert output.logits.shape == (1, 3)
         output.loss.backward()
         assert model.predict(**batch)[0] in labels
+
+
+@pytest.mark.parametrize("attention_mode, picture_matters", [("separate", False), ("joint", True)])
+def test_without_ia_only_joint_attention_carries_the_picture_to_the_text(
+    tiny_backbone, attention_mode, picture_matters
+):
+    """Why ``--no-ia`` alone is a text-only model and the ablation comparable to the paper's "w/o IA"
+    (Figure 4) adds ``--attention-mode joint`` (docs/architecture.md)."""
+    torch.manual_seed(0)
+    model, preprocessor = create_model(
+        "ner", NER_LABELS, tiny_backbone, use_ia=False, attention_mode=attention_mode
+    )
+    model.eval()
+    with_picture = model(**batch_for(preprocessor, SENTENCES[:1], [image(preprocessor, 0)])).logits
+    without = model(**batch_for(preprocessor, SENTENCES[:1], [None])).logits
+    assert torch.equal(with_picture, without) != picture_matters

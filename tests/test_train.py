@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,11 +16,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.checkpoint import has_checkpoint, read_json, resolve_checkpoint
+from model.checkpoint import (
+    describe_visual_training,
+    has_checkpoint,
+    load_checkpoint,
+    read_json,
+    resolve_checkpoint,
+    visual_training,
+)
 from model.evaluate import main as evaluate_main
 from model.run_directory import live_generation
+from model.train import UsageError, build_model, build_parser, parameter_groups, parse_args, train
 from model.train import main as train_main
-from model.train import parse_args, train
 from tests.conftest import FIRST_NAMES, synthetic_ner_examples, synthetic_re_examples
 
 FAST = [
@@ -93,6 +101,8 @@ def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, ti
     assert code == 0
     scores = read_json(out, "scores.json")
     assert scores["dev_f1"] == 1.0
+    record = visual_training(out)  # trained without --images
+    assert (record["trained"], record["pictures_seen"], record["source"]) == (False, 0, "recorded")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == list(range(1, 13))
     assert (out / "training_curves.png").stat().st_size > 1000
@@ -164,6 +174,12 @@ def test_the_image_path_learns(tmp_path, tiny_backbone, capsys):
     assert scores["--images"]["missing_images"] == 0 and scores["--no-images"]["missing_images"] == 32
     assert with_images >= 0.9, scores
     assert with_images - without >= 0.3, scores
+    record = visual_training(out)
+    epoch = read_json(out, "scores.json")["epoch"]
+    assert record["trained"] is True and record["pictures_seen"] == 64 * epoch, record
+    assert (record["examples_with_picture"], record["training_examples"]) == (64, 64)
+    assert (record["ia"], record["attention_mode"], record["sw"]) == (True, "separate", False)
+    assert record["sw_reason"] == "off: no --clip teacher given"
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, tiny_backbone):
@@ -280,3 +296,73 @@ def test_average_last_scores_the_mean_of_the_last_epochs(tmp_path, ner_files, ti
         assert torch.allclose(checkpoint[name], (first[name] + second[name]) / 2, atol=1e-6)
     else:
         assert not torch.allclose(checkpoint[name], (first[name] + second[name]) / 2, atol=1e-6)
+
+
+def test_init_from_takes_max_seq_len(tmp_path, trained_ner_checkpoint):
+    """Issue 16: --init-from used to return before the --max-seq-len override."""
+    argv = ["--task", "re", "--train", "x", "--dev", "y", "--out", str(tmp_path / "re"),
+            "--init-from", str(trained_ner_checkpoint)]  # fmt: skip
+    model, preprocessor = build_model(parse_args([*argv, "--max-seq-len", "40"]))
+    assert model.config.preprocessing.max_seq_len == 40 and preprocessor.config.max_seq_len == 40
+    assert len(preprocessor.text.encode(["word"] * 100).input_ids) == 40
+    source, _ = load_checkpoint(trained_ner_checkpoint)
+    assert source.config.preprocessing.max_seq_len == 128  # the source's config is not touched
+    with pytest.raises(UsageError, match="--max-seq-len must be between 3 and the backbone's 128 positions"):
+        build_model(parse_args([*argv, "--max-seq-len", "512"]))
+
+
+def test_weight_decay_spares_biases_layernorms_and_the_visual_vectors(tmp_path, tiny_backbone):
+    """Issue 16: the visual [CLS] and type embedding were decayed although the docstring exempted them."""
+    args = parse_args(["--task", "ner", "--train", "x", "--dev", "y", "--out", str(tmp_path / "o"),
+                       "--backbone", str(tiny_backbone)])  # fmt: skip
+    model, _ = build_model(args)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    decayed = {
+        names[id(p)]
+        for group in parameter_groups(model, args)
+        if group["weight_decay"] > 0
+        for p in group["params"]
+    }
+    visual_vectors = {
+        f"encoder.patch_embeddings.{name}" for name in ("cls_token", "position_embeddings", "type_embedding")
+    }
+    expected = {
+        name
+        for name in names.values()
+        if name.endswith(".weight") and "LayerNorm" not in name or name == "head.crf.transitions"
+    }
+    assert decayed == expected
+    assert not decayed & visual_vectors and "encoder.text_embeddings.word_embeddings.weight" in decayed
+    assert all(
+        group["weight_decay"] == args.weight_decay
+        for group in parameter_groups(model, args)
+        if group["weight_decay"]
+    )
+
+
+def test_no_ia_help_says_what_it_leaves():
+    text = " ".join(build_parser().format_help().split())
+    assert "text-only model" in text and "--attention-mode joint" in text
+
+
+def test_visual_training_is_recorded_and_derived_for_older_checkpoints(tmp_path, trained_ner_checkpoint):
+    """Issue 14: the checkpoint says whether its visual path was trained; older ones are read from
+    training_args.json (``images`` None: never trained)."""
+    older = Path(shutil.copytree(trained_ner_checkpoint, tmp_path / "older"))  # no record, no training args
+    assert visual_training(older)["source"] == "unknown" and visual_training(older)["trained"] is True
+    arguments = resolve_checkpoint(older) / "training_args.json"
+    arguments.write_text(json.dumps({"images": None, "no_ia": False, "attention_mode": "separate"}))
+    record = visual_training(older)
+    assert (record["trained"], record["source"], record["sw"]) == (False, "training_args.json", False)
+    arguments.write_text(json.dumps({"images": "pictures/", "clip": "clip/", "no_sw": False}))
+    record = visual_training(older)
+    assert (record["trained"], record["pictures_seen"], record["sw"]) == (True, None, True)
+    common = {"use_ia": False, "attention_mode": "separate", "pictures_seen": 100}
+    assert describe_visual_training({"images": "x"}, **common)["trained"] is False  # nothing reaches the text
+    assert (
+        describe_visual_training({"images": "x"}, **{**common, "attention_mode": "joint"})["trained"] is True
+    )
+    assert (
+        describe_visual_training({"images": "x"}, **{**common, "use_ia": True, "pictures_seen": 0})["trained"]
+        is False
+    )
