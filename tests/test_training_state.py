@@ -317,39 +317,44 @@ def committed(run_dir: Path) -> tuple[int, int, list[str]]:
     return progress["epoch"], checkpoint_epoch, kept
 
 
-@pytest.mark.parametrize("new_checkpoint", [True, False], ids=["new-best", "checkpoint-kept"])
-def test_two_kills_in_a_row_always_leave_one_complete_state(tmp_path, new_checkpoint):
-    """Issue 15, items 9-11: a kill at step n of a save, then another at step m of the next try
-    (every n with the next try completing; every m after a kill just before and just after the
-    switch): the live generation is always whole (state, checkpoint and epoch weights of one
-    save), and the next completed save leaves no temporary and no older generation behind."""
+def test_two_kills_in_a_row_always_leave_one_complete_state(tmp_path):
+    """Issue 15, items 9-11. A save of epoch 2 (with a new best checkpoint, or sharing the live one)
+    killed at every step n, then tried again to completion; and (new best) killed just before and
+    just after the switch, then killed again at every step m of the next try. The live generation
+    is always whole (state, checkpoint and epoch weights of one save), and the next completed save
+    leaves no temporary and no older generation behind."""
     base = tmp_path / "base"
     tiny_generation_save(base, 1, new_checkpoint=True)
-    probe = tmp_path / "probe"
-    shutil.copytree(base, probe)
-    operations = tiny_generation_save(probe, 2, new_checkpoint=new_checkpoint).operations
-    steps = len(operations)
-    switch = operations.index(("replace", str(probe / "CURRENT.tmp"))) + 1
-    assert steps >= 15 and switch < steps, operations
-    epochs_1 = (1, 1, ["epoch-001.safetensors"])
-    epochs_2 = (2, 2 if new_checkpoint else 1, ["epoch-001.safetensors", "epoch-002.safetensors"])
-    pairs = [(first, None) for first in range(1, steps + 1)]
-    pairs += [(first, second) for first in (switch, switch + 1) for second in range(1, steps + 2)]
-    for first, second in pairs:
+    cases = []
+    for new_checkpoint in (True, False):
+        probe = tmp_path / "probe"
+        shutil.copytree(base, probe)
+        operations = tiny_generation_save(probe, 2, new_checkpoint=new_checkpoint).operations
+        shutil.rmtree(probe)
+        switch = operations.index(("replace", str(probe / "CURRENT.tmp"))) + 1
+        assert len(operations) >= 15 and switch < len(operations), operations
+        cases += [(new_checkpoint, switch, first, None) for first in range(1, len(operations) + 1)]
+        if new_checkpoint:
+            seconds = range(1, len(operations) + 2)
+            cases += [(True, switch, first, second) for first in (switch, switch + 1) for second in seconds]
+    for new_checkpoint, switch, first, second in cases:
+        epochs_1 = (1, 1, ["epoch-001.safetensors"])
+        epochs_2 = (2, 2 if new_checkpoint else 1, ["epoch-001.safetensors", "epoch-002.safetensors"])
+        context = (new_checkpoint, first, second)
         run = tmp_path / "run"
         shutil.copytree(base, run)
         assert tiny_generation_save(run, 2, new_checkpoint=new_checkpoint, kill_at=first).killed
-        assert committed(run) == (epochs_1 if first <= switch else epochs_2), (first, operations[first - 1])
+        assert committed(run) == (epochs_1 if first <= switch else epochs_2), context
         if second is not None:
             tiny_generation_save(run, 2, new_checkpoint=new_checkpoint, kill_at=second)
-            assert committed(run) in (epochs_1, epochs_2), (first, second)
-        assert has_training_state(run) and has_checkpoint(run)
-        if committed(run)[0] == 1:  # what --resume does: epoch 2 again
+        state = committed(run)
+        assert state in (epochs_1, epochs_2) and has_training_state(run) and has_checkpoint(run), context
+        if state == epochs_1:  # what --resume does: epoch 2 again
             assert not tiny_generation_save(run, 2, new_checkpoint=new_checkpoint).killed
         assert not tiny_generation_save(run, 3, new_checkpoint=True).killed
-        assert committed(run) == (3, 3, ["epoch-002.safetensors", "epoch-003.safetensors"])
-        assert sorted(os.listdir(run)) == [POINTER_FILE, GENERATIONS_DIR], (first, second)
-        assert len(os.listdir(run / GENERATIONS_DIR)) == 1, (first, second)
+        assert committed(run) == (3, 3, ["epoch-002.safetensors", "epoch-003.safetensors"]), context
+        assert sorted(os.listdir(run)) == [POINTER_FILE, GENERATIONS_DIR], context
+        assert len(os.listdir(run / GENERATIONS_DIR)) == 1, context
         shutil.rmtree(run)
 
 
