@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from model.run_directory import live_generation
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DATA", ROOT.parent / "shared" / "data"))
 
@@ -77,7 +79,8 @@ def run_recipe(name: str, flags: list[str], base: list[str], runs: Path, seed: i
     out = runs / name
     command = [sys.executable, "-m", "model.train", *base, "--out", str(out), "--batch-size", "16",
                "--seed", str(seed), *flags]  # fmt: skip
-    if (out / "training_state").exists():
+    # A committed generation (or the older layout's state): continue it.
+    if live_generation(out) is not None or (out / "training_state").exists():
         command.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1")
     started = time.time()

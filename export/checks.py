@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from export.bundle import MANIFEST_FILE, MAX_OPSET, MIN_OPSET, PRECISIONS, TOKENIZER_FILE
+from model.run_directory import CheckpointError, resolve_checkpoint
 
 __all__ = ["CHECKPOINT_FILES", "ExportError", "check_export_arguments", "safe_model_name"]
 
@@ -25,7 +26,11 @@ def check_export_arguments(checkpoint_dir: Path, out_dir: Path, precision: str, 
         raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET} to {MAX_OPSET}")
     if not checkpoint_dir.is_dir():
         raise ExportError(f"checkpoint {checkpoint_dir} is not a directory")
-    missing = [name for name in CHECKPOINT_FILES if not (checkpoint_dir / name).is_file()]
+    try:
+        files = resolve_checkpoint(checkpoint_dir)  # a training run's live generation
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    missing = [name for name in CHECKPOINT_FILES if not (files / name).is_file()]
     if missing:
         raise ExportError(f"{checkpoint_dir} is not an IMM checkpoint: missing {', '.join(missing)}")
     if out_dir.exists():

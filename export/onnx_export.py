@@ -47,7 +47,7 @@ from export.bundle import (
     write_manifest,
 )
 from export.checks import ExportError, check_export_arguments, safe_model_name
-from model.checkpoint import SCORES_FILE, TRAINING_ARGS_FILE, load_checkpoint, read_json
+from model.checkpoint import SCORES_FILE, load_checkpoint, read_json, resolve_checkpoint, visual_training
 from model.config import IMMConfig
 from model.decoding import viterbi_decode
 from model.imm import TASK_MODELS, IMMForNER, IMMPreTrainedModel
@@ -139,12 +139,13 @@ def graph_module(model: IMMPreTrainedModel, visual: bool = True) -> nn.Module:
 
 
 def visual_stream(visual_training: dict[str, Any]) -> bool:
-    """Whether a bundle keeps the visual stream: only if the model learned from pictures.
+    """Whether a bundle keeps the visual stream: only if the model learned from pictures
+    (``model.checkpoint.visual_training``).
 
     A model trained on text alone has an inert visual path (IA's value projection is still at its
     zero start), so a picture would cost a decode and the visual stream and change nothing.
     """
-    return visual_training.get("examples_with_images") != 0  # None: unknown, keep it
+    return bool(visual_training["trained"])
 
 
 # --- sample inputs ------------------------------------------------------------------------------
@@ -421,14 +422,16 @@ def export_bundle(
         check_repository_target(Path(triton_dir), model_name)
 
     started = time.perf_counter()
+    # Resolved once: a training run writing to checkpoint_dir may commit a newer generation meanwhile.
+    files = resolve_checkpoint(checkpoint_dir)
     try:
-        model, preprocessor = load_checkpoint(checkpoint_dir)
-        visual_training = checkpoint_visual_training(checkpoint_dir)
+        model, preprocessor = load_checkpoint(files)
+        training = visual_training(files)
     except Exception as error:  # noqa: BLE001 - bad config, weights that do not fit it, corrupt files
         raise ExportError(f"cannot load checkpoint {checkpoint_dir}: {_first_line(error)}") from error
     model.eval()
     task = model.config.task
-    visual = visual_stream(visual_training)
+    visual = visual_stream(training)
     if not visual:
         say("the visual path was never trained: the bundle leaves the visual stream out and ignores pictures")
     crf = _crf_arrays(model) if task == "ner" else None
@@ -445,7 +448,7 @@ def export_bundle(
                 model, precision, opset, batches, references, crf, work, say, visual
             )
             shutil.move(str(graph), staging / MODEL_FILE)
-        shutil.copyfile(checkpoint_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        shutil.copyfile(files / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         inputs, outputs = _io_description(staging / MODEL_FILE)
         write_manifest(
             staging,
@@ -457,12 +460,12 @@ def export_bundle(
             opset=opset,
             inputs=inputs,
             outputs=outputs,
-            scores=read_json(checkpoint_dir, SCORES_FILE),
+            scores=read_json(files, SCORES_FILE),
             crf=crf,
             extra={
                 **details,
                 "visual_stream": visual,
-                "visual_training": visual_training,
+                "visual_training": training,
                 "source": {
                     "checkpoint": str(checkpoint_dir.resolve()),
                     "backbone": model.config.backbone,
@@ -485,14 +488,6 @@ def export_bundle(
         f"{', Triton model ' + str(triton_model) if triton_model else ''}) in {time.perf_counter() - started:.1f} s"
     )
     return out_dir
-
-
-def checkpoint_visual_training(checkpoint_dir: Path) -> dict[str, Any]:
-    """How the checkpoint's visual path was trained (for checkpoints without a record: from its
-    training arguments, where no ``--images`` means no picture was ever seen)."""
-    arguments = read_json(checkpoint_dir, TRAINING_ARGS_FILE)
-    trained = arguments.get("images") is not None
-    return {"examples_with_images": None if trained else 0, "derived_from": TRAINING_ARGS_FILE}
 
 
 def _crf_arrays(model: IMMForNER) -> dict[str, np.ndarray]:

@@ -80,7 +80,8 @@ class BackboneConfig:
 
 
 def default_layer_split(num_layers: int) -> tuple[int, int]:
-    """The paper's split of the backbone's layers: two thirds ISA, one third IA (12 -> 8 + 4, 6 -> 4 + 2)."""
+    """The project's default split of the backbone's layers: two thirds ISA, one third IA (12 -> 8 + 4,
+    6 -> 4 + 2). The paper's text gives no layer counts."""
     num_ia = max(1, num_layers // 3)
     return num_layers - num_ia, num_ia
 

@@ -5,7 +5,8 @@ task's checkpoint), optionally caches CLIP teacher embeddings for the SW loss, a
 AdamW, linear warmup and decay, per-group learning rates and gradient clipping. After each
 epoch it scores the dev set(s), keeps the best checkpoint in ``--out``, appends the epoch's
 metrics to ``metrics.jsonl``, redraws ``training_curves.png`` and saves the state that
-``--resume`` continues from.
+``--resume`` continues from. The checkpoint and that state are saved together, in one atomic
+switch per epoch (``model.training_state.save_generation``): a run killed at any moment resumes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -33,24 +35,28 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from model.checkpoint import (
-    SCORES_FILE,
     CheckpointError,
     create_model,
     create_model_from_checkpoint,
-    save_checkpoint,
+    describe_visual_training,
+    has_checkpoint,
+    sw_status,
+    write_checkpoint,
 )
 from model.data import MNRE_RELATIONS, NER_LABELS, DataFormatError
 from model.data.dataset import Collator, IMMDataset
 from model.data.images import ImageStore
+from model.embeddings import PatchEmbeddings
 from model.evaluate import evaluate, read_examples
 from model.imm import IMMPreTrainedModel
+from model.preprocessing import Preprocessor
 from model.teacher import CLIPTeacher, TeacherLoadError
 from model.training_state import (
     averaged_epoch_weights,
     has_training_state,
     load_training_state,
-    save_epoch_weights,
-    save_training_state,
+    remove_stale_temporaries,
+    save_generation,
 )
 
 log = logging.getLogger("model.train")
@@ -119,12 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=float, default=0.01)
     add("--warmup-ratio", type=float, default=0.1)
     add("--grad-clip", type=float, default=1.0)
-    add("--max-seq-len", type=int, default=128)
+    add("--max-seq-len", type=int, default=128, help="word pieces per example (also with --init-from)")
     add("--seed", type=int, default=42)
     add("--clip", help="local CLIPModel directory: the SW teacher (without it SW is off)")
     add("--no-sw", action="store_true", help="ablation: no SW loss even with --clip")
-    add("--no-ia", action="store_true", help="ablation: no insert-activation")
-    add("--attention-mode", choices=["separate", "joint"], default="separate")
+    add(
+        "--no-ia",
+        action="store_true",
+        help="ablation: no insert-activation. With separate attention nothing then carries the picture to "
+        "the text (a text-only model): the paper's 'w/o IA' needs --attention-mode joint",
+    )
+    add(
+        "--attention-mode",
+        choices=["separate", "joint"],
+        default="separate",
+        help="separate: each modality attends within itself (the project's default); joint: over both",
+    )
     add(
         "--re-pooling",
         choices=["cls", "entity_start"],
@@ -216,7 +232,7 @@ def check_inputs(args: TrainingArguments) -> None:
     out = Path(args.out)
     if args.resume and not has_training_state(out):
         raise UsageError(f"--resume: {out} holds no interrupted run to resume")
-    if not args.resume and (out / SCORES_FILE).exists():
+    if not args.resume and has_checkpoint(out):
         raise UsageError(f"--out {out} already holds a checkpoint; use --resume or another --out")
     if args.images is not None and not Path(args.images).is_dir():
         raise UsageError(f"--images {args.images}: not a directory")
@@ -241,11 +257,20 @@ def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
     }
     labels = labels_for(args.task)
     if args.init_from:
-        return create_model_from_checkpoint(args.task, labels, args.init_from, **overrides)
-    model, preprocessor = create_model(args.task, labels, args.backbone or default_backbone(), **overrides)
+        model, preprocessor = create_model_from_checkpoint(args.task, labels, args.init_from, **overrides)
+    else:
+        model, preprocessor = create_model(
+            args.task, labels, args.backbone or default_backbone(), **overrides
+        )
+    positions = model.config.backbone_config.max_position_embeddings
+    if not 3 <= args.max_seq_len <= positions:
+        raise UsageError(f"--max-seq-len must be between 3 and the backbone's {positions} positions")
     if args.max_seq_len != model.config.preprocessing.max_seq_len:
-        model.config.preprocessing.max_seq_len = args.max_seq_len
-        preprocessor.text.max_seq_len = args.max_seq_len
+        # A copy: with --init-from the preprocessing config is still shared with the source's.
+        model.config.preprocessing = dataclasses.replace(
+            model.config.preprocessing, max_seq_len=args.max_seq_len
+        )
+        preprocessor = Preprocessor(model.config.preprocessing, preprocessor.text.tokenizer)
     return model, preprocessor
 
 
@@ -253,11 +278,9 @@ def teacher_embeddings(
     args: TrainingArguments, examples: list, images: ImageStore, device: str
 ) -> dict[str, torch.Tensor] | None:
     """CLIP runs once per training example; SW then costs a dot product per batch."""
-    if args.clip is None or args.no_sw:
-        log.info("SW loss is off: %s", "--no-sw given" if args.no_sw else "no --clip teacher given")
-        return None
-    if images.directory is None:
-        log.info("SW loss is off: it needs images and no --images directory was given")
+    on, reason = sw_status(dataclasses.asdict(args))
+    if not on:
+        log.info("SW loss is %s", reason)
         return None
     teacher = CLIPTeacher.from_pretrained(args.clip, device=device)
     size = len(examples)
@@ -284,7 +307,9 @@ def teacher_embeddings(
 def parameter_groups(model: IMMPreTrainedModel, args: TrainingArguments) -> list[dict[str, Any]]:
     """Three learning rates: the pretrained backbone, the new visual modules, and the head/CRF.
 
-    No weight decay on biases, LayerNorms and learned embeddings vectors.
+    No weight decay on biases, LayerNorms and the visual stream's learned vectors (its [CLS],
+    position and type embeddings: the parameters of ``PatchEmbeddings`` itself, not of a layer in
+    it). Weight matrices decay, the backbone's embedding tables included, as in BERT fine-tuning.
     """
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
@@ -294,7 +319,8 @@ def parameter_groups(model: IMMPreTrainedModel, args: TrainingArguments) -> list
             kind = "new"
         else:
             kind = "backbone"
-        no_decay = parameter.ndim < 2 or "LayerNorm" in name or "embeddings" in name.rsplit(".", 1)[-1]
+        owner = model.get_submodule(name.rpartition(".")[0])
+        no_decay = parameter.ndim < 2 or "LayerNorm" in name or isinstance(owner, PatchEmbeddings)
         groups.setdefault((kind, no_decay), []).append(parameter)
     rates = {"backbone": args.lr, "new": args.new_module_lr, "head": args.head_lr}
     return [
@@ -353,8 +379,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     f1_axis.set(title="dev F1", xlabel="epoch", ylim=(0, 1))
     f1_axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    staging = path.with_name(f".{path.name}.tmp")  # files of a run directory are replaced, never rewritten
+    figure.savefig(staging, dpi=100, format="png")
     plt.close(figure)
+    os.replace(staging, path)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -372,7 +400,10 @@ def train(
     train_examples, dev_sets = load_datasets(args)
     model, preprocessor = build_model(args)
     images = ImageStore(args.images, preprocessor.image)
-    if images.directory is not None and images.count_available(e.image_id for e in train_examples) == 0:
+    with_picture = (
+        images.count_available(e.image_id for e in train_examples) if images.directory is not None else 0
+    )
+    if images.directory is not None and with_picture == 0:
         raise UsageError(f"--images {args.images}: none of the training examples' images is there")
     if distributed.is_main:
         images.report([e.image_id for e in train_examples], "train")
@@ -407,10 +438,49 @@ def train(
     scheduler = linear_schedule(optimizer, steps_per_epoch * args.epochs, args.warmup_ratio)
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress: dict[str, Any] = {"epoch": 0, "best": None, "history": []}
+    if distributed.is_main:
+        remove_stale_temporaries(run_dir)
+    progress: dict[str, Any] = {"epoch": 0, "best": None, "history": [], "pictures_seen": 0}
     if args.resume:
         progress = load_training_state(run_dir, module, optimizer, scheduler)
+        # A state saved before pictures were counted: every available picture was fed every epoch.
+        progress.setdefault("pictures_seen", progress["epoch"] * with_picture)
         log.info("resuming after epoch %d of %d", progress["epoch"], args.epochs)
+        if distributed.is_main:  # a kill between a save and the metrics left them one epoch behind
+            write_metrics(run_dir, progress["history"], progress.get("averaged"))
+
+    def save(new_checkpoint: IMMPreTrainedModel | None, scores: dict[str, Any] | None, new_epoch: int | None):
+        """One atomic switch: the checkpoint (when ``new_checkpoint`` is given), the resume state and
+        the epoch weights kept for --average-last."""
+        writer = None
+        if new_checkpoint is not None:
+            record = describe_visual_training(
+                dataclasses.asdict(args),
+                use_ia=module.config.use_ia,
+                attention_mode=module.config.attention_mode,
+                pictures_seen=progress["pictures_seen"],
+                examples_with_picture=with_picture,
+                training_examples=len(train_examples),
+            )
+            writer = functools.partial(
+                write_checkpoint,
+                model=new_checkpoint,
+                preprocessor=preprocessor,
+                training_args=dataclasses.asdict(args),
+                scores=scores,
+                visual_training=record,
+            )
+        save_generation(
+            run_dir,
+            model=module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            progress=progress,
+            new_checkpoint=writer,
+            keep_epochs=args.average_last,
+            new_epoch=new_epoch,
+        )
+
     amp = _autocast(device)
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -432,11 +502,12 @@ def train(
             num_workers=args.num_workers,
         )
         model.train()
-        totals = {"loss": 0.0, "task": 0.0, "sw": 0.0, "examples": 0, "steps": 0}
+        totals = {"loss": 0.0, "task": 0.0, "sw": 0.0, "examples": 0, "steps": 0, "pictures": 0}
         bar = tqdm(
             loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not distributed.is_main, mininterval=5
         )
         for batch in bar:
+            totals["pictures"] += int(batch["has_image"].sum())
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             with amp:
                 output = model(**batch)
@@ -464,10 +535,10 @@ def train(
             "train_sw_loss": totals["sw"] / max(1, totals["examples"]),
             "train_seconds": round(time.perf_counter() - started, 2),
             "lr": scheduler.get_last_lr()[0],
+            "train_pictures": _sum_over_ranks(totals["pictures"], distributed, device),
         }
         if distributed.is_main:
-            if args.average_last > 1:
-                save_epoch_weights(run_dir, module, epoch + 1, keep=args.average_last)
+            progress["pictures_seen"] += record["train_pictures"]
             record["dev"] = {
                 name: evaluate(
                     module, preprocessor, examples, images, batch_size=args.eval_batch_size, device=device
@@ -477,18 +548,16 @@ def train(
             record["dev_f1"] = mean_f1(record["dev"])
             record["seconds"] = round(time.perf_counter() - started, 2)
             progress["history"].append(record)
-            if progress["best"] is None or record["dev_f1"] > progress["best"]["dev_f1"]:
-                progress["best"] = record
-                save_checkpoint(
-                    run_dir,
-                    module,
-                    preprocessor,
-                    training_args=dataclasses.asdict(args),
-                    scores={"epoch": epoch + 1, "dev_f1": record["dev_f1"], "dev": record["dev"]},
-                )
-            write_metrics(run_dir, progress["history"])
             progress["epoch"] = epoch + 1
-            save_training_state(run_dir, module, optimizer, scheduler, progress)
+            best = progress["best"] is None or record["dev_f1"] > progress["best"]["dev_f1"]
+            if best:
+                progress["best"] = record
+            save(
+                module if best else None,
+                {"epoch": epoch + 1, "dev_f1": record["dev_f1"], "dev": record["dev"]},
+                new_epoch=epoch + 1,
+            )
+            write_metrics(run_dir, progress["history"])
             log.info(
                 "epoch %d: loss %.4f, dev F1 %.4f (best %.4f at epoch %d), %.0f s",
                 epoch + 1,
@@ -504,17 +573,36 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     if args.average_last > 1 and distributed.is_main and "averaged" not in progress:
-        progress["averaged"] = _score_average(args, module, preprocessor, dev_sets, images, device, progress)
+        record, averaged = _score_average(args, module, preprocessor, dev_sets, images, device, progress)
+        progress["averaged"] = record
+        if record["kept"]:
+            progress["best"] = record
+        scores = {
+            "epoch": record["epoch"],
+            "averaged_epochs": record["epochs"],
+            "dev_f1": record["dev_f1"],
+            "dev": record["dev"],
+        }
+        save(averaged if record["kept"] else None, scores, new_epoch=None)
         write_metrics(run_dir, progress["history"], progress["averaged"])
-        save_training_state(run_dir, module, optimizer, scheduler, progress)
     if distributed.enabled:
         dist.destroy_process_group()
     return progress["best"] if distributed.is_main else None
 
 
-def _score_average(args, module, preprocessor, dev_sets, images, device, progress) -> dict[str, Any]:
-    """Checkpoint averaging: scores the mean weights of the last ``--average-last`` epochs, and makes
-    them the checkpoint when their dev F1 beats every single epoch's."""
+def _sum_over_ranks(count: int, distributed: Distributed, device: torch.device) -> int:
+    if not distributed.enabled:
+        return count
+    total = torch.tensor(count, device=device)
+    dist.all_reduce(total)
+    return int(total)
+
+
+def _score_average(
+    args, module, preprocessor, dev_sets, images, device, progress
+) -> tuple[dict[str, Any], IMMPreTrainedModel]:
+    """Checkpoint averaging: scores the mean weights of the last ``--average-last`` epochs; they are
+    to become the checkpoint (``kept``) when their dev F1 beats every single epoch's."""
     epochs = list(range(args.epochs - args.average_last + 1, args.epochs + 1))
     averaged = copy.deepcopy(module)
     averaged.load_state_dict(averaged_epoch_weights(Path(args.out), epochs))
@@ -528,20 +616,6 @@ def _score_average(args, module, preprocessor, dev_sets, images, device, progres
     record["dev_f1"] = mean_f1(record["dev"])
     best = progress["best"]
     record["kept"] = record["dev_f1"] > best["dev_f1"]
-    if record["kept"]:
-        progress["best"] = record
-        save_checkpoint(
-            args.out,
-            averaged,
-            preprocessor,
-            training_args=dataclasses.asdict(args),
-            scores={
-                "epoch": record["epoch"],
-                "averaged_epochs": epochs,
-                "dev_f1": record["dev_f1"],
-                "dev": record["dev"],
-            },
-        )
     log.info(
         "mean of epochs %d-%d: dev F1 %.4f (%s; best single epoch %.4f at epoch %d)",
         epochs[0],
@@ -551,7 +625,7 @@ def _score_average(args, module, preprocessor, dev_sets, images, device, progres
         best["dev_f1"],
         best["epoch"],
     )
-    return record
+    return record, averaged
 
 
 def _autocast(device: torch.device):

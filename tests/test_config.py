@@ -11,7 +11,7 @@ def test_json_round_trip(tmp_path, minilm_dir):
     assert IMMConfig.from_json_file(path) == config
 
 
-def test_default_layer_split_follows_the_paper(minilm_dir):
+def test_default_layer_split_is_two_thirds_isa(minilm_dir):
     assert default_layer_split(12) == (8, 4)
     assert default_layer_split(6) == (4, 2)
     config = IMMConfig.from_backbone(minilm_dir, "re", ["None", "x"])

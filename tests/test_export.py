@@ -23,7 +23,7 @@ from torchcrf import CRF
 from export.__main__ import main as export_main
 from export.bundle import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, BundleError, load_bundle, sha256_file
 from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_bundle
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, resolve_checkpoint
 from model.decoding import viterbi_decode
 from model.evaluate import main as evaluate_main
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
@@ -200,7 +200,8 @@ def test_manifest_records_the_checkpoint(bundles, trained_ner_checkpoint):
     assert manifest["parity"]["max_abs"] <= 1e-4
     assert set(manifest["files"]) == {MODEL_FILE, TOKENIZER_FILE}
     assert bundle.name == f"imm-ner@{sha256_file(bundle.model_path)[:12]}"
-    assert bundle.tokenizer_path.read_bytes() == (trained_ner_checkpoint / TOKENIZER_FILE).read_bytes()
+    checkpoint_files = resolve_checkpoint(trained_ner_checkpoint)
+    assert bundle.tokenizer_path.read_bytes() == (checkpoint_files / TOKENIZER_FILE).read_bytes()
 
 
 # --- numpy Viterbi ------------------------------------------------------------------------------
@@ -327,9 +328,9 @@ def broken_checkpoints(trained_ner_checkpoint, tmp_path) -> dict[str, Path]:
     empty = tmp_path / "empty"
     empty.mkdir()
     no_tokenizer = Path(shutil.copytree(trained_ner_checkpoint, tmp_path / "no_tokenizer"))
-    (no_tokenizer / TOKENIZER_FILE).unlink()
+    (resolve_checkpoint(no_tokenizer) / TOKENIZER_FILE).unlink()
     bad_config = Path(shutil.copytree(trained_ner_checkpoint, tmp_path / "bad_config"))
-    (bad_config / "config.json").write_text('{"task": "pos"}')
+    (resolve_checkpoint(bad_config) / "config.json").write_text('{"task": "pos"}')
     return {"empty": empty, "no_tokenizer": no_tokenizer, "bad_config": bad_config}
 
 

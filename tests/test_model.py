@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import create_model, load_checkpoint, save_checkpoint
+from model.checkpoint import create_model, load_checkpoint, read_json, save_checkpoint
 from model.imm import IMMForNER
 from tests.conftest import NER_LABELS, jpeg_bytes
 
@@ -184,8 +184,9 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, ner):
     batch = batch_for(preprocessor, SENTENCES, [image(preprocessor, 0), None, None])
     target = tmp_path / "checkpoint"
     save_checkpoint(target, model, preprocessor, training_args={"lr": 1e-4}, scores={"f1": 0.5})
-    save_checkpoint(target, model, preprocessor, scores={"f1": 0.6})  # replaces in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no staging left behind
+    save_checkpoint(target, model, preprocessor, scores={"f1": 0.6})  # replaces it: the next generation
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no staging left beside it
+    assert sorted(p.name for p in (target / "generations").iterdir()) == ["000002"]  # nor old generations
     loaded, loaded_preprocessor = load_checkpoint(target)
     assert isinstance(loaded, IMMForNER)
     loaded.eval()
@@ -194,7 +195,7 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, ner):
     assert np.array_equal(
         preprocessor.text.encode(words).input_ids, loaded_preprocessor.text.encode(words).input_ids
     )
-    assert (target / "scores.json").read_text().strip().endswith("}")
+    assert read_json(target, "scores.json") == {"f1": 0.6}
 
 
 def test_relation_model_uses_markers(tiny_backbone):
@@ -214,3 +215,19 @@ def test_relation_model_uses_markers(tiny_backbone):
         assert output.logits.shape == (1, 3)
         output.loss.backward()
         assert model.predict(**batch)[0] in labels
+
+
+@pytest.mark.parametrize("attention_mode, picture_matters", [("separate", False), ("joint", True)])
+def test_without_ia_only_joint_attention_carries_the_picture_to_the_text(
+    tiny_backbone, attention_mode, picture_matters
+):
+    """Why ``--no-ia`` alone is a text-only model and the ablation comparable to the paper's "w/o IA"
+    (Figure 4) adds ``--attention-mode joint`` (docs/architecture.md)."""
+    torch.manual_seed(0)
+    model, preprocessor = create_model(
+        "ner", NER_LABELS, tiny_backbone, use_ia=False, attention_mode=attention_mode
+    )
+    model.eval()
+    with_picture = model(**batch_for(preprocessor, SENTENCES[:1], [image(preprocessor, 0)])).logits
+    without = model(**batch_for(preprocessor, SENTENCES[:1], [None])).logits
+    assert torch.equal(with_picture, without) != picture_matters

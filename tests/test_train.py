@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +16,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from model.checkpoint import (
+    describe_visual_training,
+    has_checkpoint,
+    load_checkpoint,
+    read_json,
+    resolve_checkpoint,
+    visual_training,
+)
 from model.evaluate import main as evaluate_main
+from model.run_directory import live_generation
+from model.train import UsageError, build_model, build_parser, parameter_groups, parse_args, train
 from model.train import main as train_main
-from model.train import parse_args, train
 from tests.conftest import FIRST_NAMES, synthetic_ner_examples, synthetic_re_examples
 
 FAST = [
@@ -70,6 +80,17 @@ def run_train(*argv) -> int:
     return train_main([str(a) for a in argv])
 
 
+def state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The committed resume state (weights and optimizer) of a run."""
+    return load_file(str(live_generation(run_dir) / "training_state" / "state.safetensors"))
+
+
+def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
 def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, tiny_backbone, capsys):
     train_file, dev_file = ner_files
     out = tmp_path / "ner"
@@ -78,8 +99,10 @@ def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, ti
         "--epochs", "12", *FAST,
     )  # fmt: skip
     assert code == 0
-    scores = json.loads((out / "scores.json").read_text())
+    scores = read_json(out, "scores.json")
     assert scores["dev_f1"] == 1.0
+    record = visual_training(out)  # trained without --images
+    assert (record["trained"], record["pictures_seen"], record["source"]) == (False, 0, "recorded")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == list(range(1, 13))
     assert (out / "training_curves.png").stat().st_size > 1000
@@ -151,6 +174,12 @@ def test_the_image_path_learns(tmp_path, tiny_backbone, capsys):
     assert scores["--images"]["missing_images"] == 0 and scores["--no-images"]["missing_images"] == 32
     assert with_images >= 0.9, scores
     assert with_images - without >= 0.3, scores
+    record = visual_training(out)
+    epoch = read_json(out, "scores.json")["epoch"]
+    assert record["trained"] is True and record["pictures_seen"] == 64 * epoch, record
+    assert (record["examples_with_picture"], record["training_examples"]) == (64, 64)
+    assert (record["ia"], record["attention_mode"], record["sw"]) == (True, "separate", False)
+    assert record["sw_reason"] == "off: no --clip teacher given"
 
 
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, tiny_backbone):
@@ -170,13 +199,9 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, t
     interrupted = tmp_path / "interrupted"
     with pytest.raises(Killed):
         train(parse_args([*common, "--out", str(interrupted)]), on_epoch_end=kill_after_first_epoch)
-    assert json.loads((interrupted / "scores.json").read_text())["epoch"] == 1
+    assert read_json(interrupted, "scores.json")["epoch"] == 1
     train(parse_args([*common, "--out", str(interrupted), "--resume"]))
-    final = load_file(str(interrupted / "training_state" / "state.safetensors"))
-    expected = load_file(str(tmp_path / "straight" / "training_state" / "state.safetensors"))
-    assert final.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(final[name], tensor), name
+    assert_same_tensors(state_tensors(interrupted), state_tensors(tmp_path / "straight"))
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
@@ -199,7 +224,7 @@ def test_two_process_ddp_run_completes(tmp_path, ner_files, tiny_backbone):
     assert result.returncode == 0, result.stderr[-3000:]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == [1, 2]
-    assert (out / "model.safetensors").is_file()
+    assert has_checkpoint(out)
     assert result.stdout.count('"best_epoch"') == 1  # only rank 0 reports
 
 
@@ -234,7 +259,7 @@ def test_bad_input_is_one_line_before_training(tmp_path, ner_files, tiny_backbon
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("error: ") and message in error[-1]
     assert "Traceback" not in "\n".join(error)
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not has_checkpoint(tmp_path / "out")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -255,18 +280,89 @@ def test_average_last_scores_the_mean_of_the_last_epochs(tmp_path, ner_files, ti
         "--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
         "--epochs", "3", "--average-last", "2", "--out", str(out), *FAST,
     ]))  # fmt: skip
-    kept = sorted(p.name for p in (out / "epoch_weights").iterdir())
+    weights = live_generation(out) / "epoch_weights"
+    kept = sorted(p.name for p in weights.iterdir())
     assert kept == ["epoch-002.safetensors", "epoch-003.safetensors"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows[:3]] == [1, 2, 3]
     averaged = rows[3]
     assert averaged["epochs"] == [2, 3] and 0 <= averaged["dev_f1"] <= 1
-    first, second = (load_file(str(out / "epoch_weights" / name)) for name in kept)
+    first, second = (load_file(str(weights / name)) for name in kept)
     best_single = max(row["dev_f1"] for row in rows[:3])
-    checkpoint = load_file(str(out / "model.safetensors"))
+    checkpoint = load_file(str(resolve_checkpoint(out) / "model.safetensors"))
     name = "head.classifier.weight"
     if averaged["kept"]:
         assert averaged["dev_f1"] > best_single
         assert torch.allclose(checkpoint[name], (first[name] + second[name]) / 2, atol=1e-6)
     else:
         assert not torch.allclose(checkpoint[name], (first[name] + second[name]) / 2, atol=1e-6)
+
+
+def test_init_from_takes_max_seq_len(tmp_path, trained_ner_checkpoint):
+    """Issue 16: --init-from used to return before the --max-seq-len override."""
+    argv = ["--task", "re", "--train", "x", "--dev", "y", "--out", str(tmp_path / "re"),
+            "--init-from", str(trained_ner_checkpoint)]  # fmt: skip
+    model, preprocessor = build_model(parse_args([*argv, "--max-seq-len", "40"]))
+    assert model.config.preprocessing.max_seq_len == 40 and preprocessor.config.max_seq_len == 40
+    assert len(preprocessor.text.encode(["word"] * 100).input_ids) == 40
+    source, _ = load_checkpoint(trained_ner_checkpoint)
+    assert source.config.preprocessing.max_seq_len == 128  # the source's config is not touched
+    with pytest.raises(UsageError, match="--max-seq-len must be between 3 and the backbone's 128 positions"):
+        build_model(parse_args([*argv, "--max-seq-len", "512"]))
+
+
+def test_weight_decay_spares_biases_layernorms_and_the_visual_vectors(tmp_path, tiny_backbone):
+    """Issue 16: the visual [CLS] and type embedding were decayed although the docstring exempted them."""
+    args = parse_args(["--task", "ner", "--train", "x", "--dev", "y", "--out", str(tmp_path / "o"),
+                       "--backbone", str(tiny_backbone)])  # fmt: skip
+    model, _ = build_model(args)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    decayed = {
+        names[id(p)]
+        for group in parameter_groups(model, args)
+        if group["weight_decay"] > 0
+        for p in group["params"]
+    }
+    visual_vectors = {
+        f"encoder.patch_embeddings.{name}" for name in ("cls_token", "position_embeddings", "type_embedding")
+    }
+    expected = {
+        name
+        for name in names.values()
+        if name.endswith(".weight") and "LayerNorm" not in name or name == "head.crf.transitions"
+    }
+    assert decayed == expected
+    assert not decayed & visual_vectors and "encoder.text_embeddings.word_embeddings.weight" in decayed
+    assert all(
+        group["weight_decay"] == args.weight_decay
+        for group in parameter_groups(model, args)
+        if group["weight_decay"]
+    )
+
+
+def test_no_ia_help_says_what_it_leaves():
+    text = " ".join(build_parser().format_help().split())
+    assert "text-only model" in text and "--attention-mode joint" in text
+
+
+def test_visual_training_is_recorded_and_derived_for_older_checkpoints(tmp_path, trained_ner_checkpoint):
+    """Issue 14: the checkpoint says whether its visual path was trained; older ones are read from
+    training_args.json (``images`` None: never trained)."""
+    older = Path(shutil.copytree(trained_ner_checkpoint, tmp_path / "older"))  # no record, no training args
+    assert visual_training(older)["source"] == "unknown" and visual_training(older)["trained"] is True
+    arguments = resolve_checkpoint(older) / "training_args.json"
+    arguments.write_text(json.dumps({"images": None, "no_ia": False, "attention_mode": "separate"}))
+    record = visual_training(older)
+    assert (record["trained"], record["source"], record["sw"]) == (False, "training_args.json", False)
+    arguments.write_text(json.dumps({"images": "pictures/", "clip": "clip/", "no_sw": False}))
+    record = visual_training(older)
+    assert (record["trained"], record["pictures_seen"], record["sw"]) == (True, None, True)
+    common = {"use_ia": False, "attention_mode": "separate", "pictures_seen": 100}
+    assert describe_visual_training({"images": "x"}, **common)["trained"] is False  # nothing reaches the text
+    assert (
+        describe_visual_training({"images": "x"}, **{**common, "attention_mode": "joint"})["trained"] is True
+    )
+    assert (
+        describe_visual_training({"images": "x"}, **{**common, "use_ia": True, "pictures_seen": 0})["trained"]
+        is False
+    )
