@@ -209,22 +209,12 @@ def train_tiny(task: str, backbone: Path, examples, steps: int = 150, seed: int 
     return model.eval(), preprocessor
 
 
-# train_tiny puts a picture on every other example: these checkpoints' visual path is trained.
-TINY_ARGS = {"images": "tests/conftest.py:train_tiny (synthetic pictures on half the examples)"}
-
-
 @pytest.fixture(scope="session")
 def trained_ner_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
     from model.checkpoint import save_checkpoint
 
     model, preprocessor = train_tiny("ner", tiny_backbone, synthetic_ner_examples(200))
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "ner",
-        model,
-        preprocessor,
-        training_args=TINY_ARGS,
-        scores={"f1": 1.0},
-    )
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ner", model, preprocessor, scores={"f1": 1.0})
 
 
 @pytest.fixture(scope="session")
@@ -232,10 +222,4 @@ def trained_re_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
     from model.checkpoint import save_checkpoint
 
     model, preprocessor = train_tiny("re", tiny_backbone, synthetic_re_examples(200))
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "re",
-        model,
-        preprocessor,
-        training_args=TINY_ARGS,
-        scores={"f1": 1.0},
-    )
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "re", model, preprocessor, scores={"f1": 1.0})
