@@ -1,0 +1,143 @@
+"""Hostile and unlucky inputs against the service (issue 15): text no word of which fits the window,
+failures that must stay with their own request, errors with the right status, memory per picture,
+shutdown with requests still queued.
+
+Each test here failed on the service before the fix it guards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from service import create_app
+from service.errors import FieldError
+from tests.test_service import (  # noqa: F401 - bundles is a fixture
+    ServerThread,
+    assert_clean_error,
+    bundles,
+    make_settings,
+    metric_value,
+    started,
+)
+
+# Texts with a first "word" of more word pieces than the window (126) holds.
+NO_WORD_FITS = {
+    "chinese": "北京欢迎你我们明天在上海见面吧" * 20,  # 300 characters without a space: one word
+    "japanese": "東京でアリスとボブに会いましょう" * 20,
+    "thai": "ไทย." * 130,  # Thai words joined by periods: one word, a piece per word and per period
+    "dots": "." * 127,
+    "hashtag": "#" + "_".join(["go"] * 150),
+    "dots_then_words": "." * 300 + " alice smith in paris",
+}
+
+
+@pytest.fixture(scope="module")
+def server(bundles) -> Iterator[tuple[str, Any]]:  # noqa: F811
+    # A long batch wait: concurrent requests land in one batch.
+    app = create_app(make_settings(bundles, max_batch_size=16, batch_wait_ms=50))
+    with ServerThread(app) as url:
+        yield url, app
+
+
+@pytest.fixture()
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=30) as http:
+        yield http
+
+
+# --- 1. text no word of which fits the window -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(NO_WORD_FITS))
+def test_text_whose_first_word_outgrows_the_window_is_answered_on_its_first_pieces(server, client, name):
+    text = NO_WORD_FITS[name]
+    answer = client.post("/ner", data={"text": text})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["truncated"] is True
+    for entity in body["entities"]:
+        assert text[entity["start"] : entity["end"]] == entity["text"] and entity["text"]
+    # The pieces of the cut word are words for /re: offsets may fall on their boundaries.
+    words = server[1].state.imm.slots["re"].pipeline.words(text)
+    head, tail = words[0], words[2]
+    offsets = {"head_start": head[1], "head_end": head[2], "tail_start": tail[1], "tail_end": tail[2]}
+    relation = client.post("/re", data={"text": text, **offsets})
+    assert relation.status_code == 200, relation.text
+    assert relation.json()["truncated"] is True
+
+
+def test_split_long_words_cuts_only_words_longer_than_the_window(server):
+    from model.preprocessing import split_words
+
+    encoder = server[1].state.imm.slots["ner"].pipeline.preprocessor.text
+    text = "alice " + NO_WORD_FITS["chinese"] + " #" + "_".join(["go"] * 150) + " bob"
+    words = split_words(text)
+    cut = encoder.split_long_words(words)
+    assert cut[0] == words[0] and cut[-1] == words[-1]  # short words unchanged
+    assert len(cut) > 300
+    for word, start, end in cut:
+        assert text[start:end] == word and word
+    # The parts cover the text's words exactly, in order.
+    assert "".join(w for w, _, _ in cut) == "".join(w for w, _, _ in words)
+    assert all(len(encoder.encode([w]).input_ids) - 2 <= encoder.budget for w, _, _ in cut)
+    # A long Chinese sentence is read character by character (a piece per character).
+    chinese = [w for w, s, _ in cut if 6 <= s < 6 + 300]
+    assert chinese == list(NO_WORD_FITS["chinese"])
+
+
+def test_a_batch_with_text_that_outgrows_the_window_answers_every_request(server):
+    url, _ = server
+    before = httpx.get(f"{url}/metrics").text
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            calls = [http.post("/ner", data={"text": NO_WORD_FITS[name]}) for name in sorted(NO_WORD_FITS)]
+            calls += [http.post("/ner", data={"text": f"alice smith {n} in paris"}) for n in range(15)]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(all_at_once())
+    assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers if a.is_error]
+    after = httpx.get(f"{url}/metrics").text
+    requests = len(answers)
+    batches = metric_value(after, "imm_batch_size_count") - metric_value(before, "imm_batch_size_count")
+    assert batches < requests, "the requests were never batched together: the test proves nothing"
+
+
+# --- 1. whatever one request raises, only that request fails -----------------------------------------
+
+
+def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bundles):  # noqa: F811
+    """A fault in one row (a bug: 500; a fault of its input: its 4xx) never fails the rest of the batch."""
+
+    async def scenario() -> None:
+        app = create_app(make_settings(bundles, re_bundle=None, max_batch_size=16, batch_wait_ms=200))
+        async with started(app) as http:
+            batcher = app.state.imm.slots["ner"].batcher
+            run_batch = batcher.run_batch
+            sizes: list[int] = []
+
+            def faulty(items):
+                sizes.append(len(items))
+                for item in items:
+                    if "bug" in item.text:
+                        raise RuntimeError("a bug in decoding")
+                    if "bad" in item.text:
+                        raise FieldError("text", "this text cannot be read")
+                return run_batch(items)
+
+            batcher.run_batch = faulty
+            texts = [f"alice smith {n} in paris" for n in range(14)] + ["bug alice", "bad bob"]
+            answers = await asyncio.gather(*(http.post("/ner", data={"text": t}) for t in texts))
+            statuses = {t: a.status_code for t, a in zip(texts, answers)}
+            assert statuses.pop("bug alice") == 500
+            assert_clean_error(answers[-1], 422, "text")
+            assert statuses.pop("bad bob") == 422
+            assert set(statuses.values()) == {200}
+            assert max(sizes) > 2, "the requests were never batched together: the test proves nothing"
+
+    asyncio.run(scenario())
