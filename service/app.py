@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatcherClosed, QueueFull
 from service.errors import ApiError, install_error_handlers
+from service.forms import StrictFormRoute
 from service.guard import GuardMiddleware
 from service.observability import RequestContextMiddleware
 from service.pipeline import Entity, Prepared, Relation
@@ -48,12 +49,18 @@ Multimodal named entity recognition and relation extraction on tweets (IMM), ser
 """
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Malformed body: a multipart body without its boundary or cut before its end, "
+        "too many fields or files, an invalid Content-Length",
+    },
     401: {"model": ErrorResponse, "description": "Missing or wrong API key (when one is configured)"},
-    413: {"model": ErrorResponse, "description": "Upload, text or image pixel count over the limit"},
+    413: {"model": ErrorResponse, "description": "Request body, text or image pixel count over the limit"},
     415: {"model": ErrorResponse, "description": "The file is not an image"},
     422: {
         "model": ErrorResponse,
-        "description": "Invalid field (named in loc): empty text, corrupt image, bad offsets",
+        "description": "Invalid field (named in loc): missing, empty or not valid UTF-8 text, corrupt "
+        "image, an image sent as a text field, bad offsets",
     },
     503: {
         "model": ErrorResponse,
@@ -111,7 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The body's size is GuardMiddleware's to limit (413); a text field is limited by
+        # max_text_chars (413), never by the multipart parser's own 1 MiB per field (a 400).
+        form_limits={"max_part_size": settings.max_upload_bytes},
     )
+    app.router.route_class = StrictFormRoute  # text that is not valid UTF-8: 422, never read as Latin-1
     app.state.imm = state
     install_error_handlers(app)
     app.add_middleware(

@@ -141,3 +141,75 @@ def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bund
             assert max(sizes) > 2, "the requests were never batched together: the test proves nothing"
 
     asyncio.run(scenario())
+
+
+# --- 6. errors that say what happened ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def roomy_app(bundles):  # noqa: F811
+    """NER only, with a 3 MiB body limit: room for a text part over the multipart parser's 1 MiB."""
+    return create_app(make_settings(bundles, re_bundle=None, warmup=False, max_upload_bytes=3 * 1024 * 1024))
+
+
+def _multipart(*parts: tuple[str, bytes], boundary: str = "xyz", close: bool = True) -> tuple[bytes, dict]:
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+        for name, value in parts
+    )
+    body += f"--{boundary}--\r\n".encode() if close else b""
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_errors_name_their_cause_with_the_right_status(roomy_app):
+    async def scenario() -> None:
+        async with started(roomy_app) as http:
+
+            async def post(body_and_headers: tuple[bytes, dict]) -> httpx.Response:
+                body, headers = body_and_headers
+                return await http.post("/ner", content=body, headers=headers)
+
+            # A text part over 1 MiB (and over max_text_chars): 413, not the parser's 400.
+            big = await post(_multipart(("text", b"alice " * 200_000)))
+            assert_clean_error(big, 413)
+            assert "limit" in big.json()["detail"]
+            # Text that is not UTF-8 is refused, never read as Latin-1 (offsets into another string).
+            latin1 = await post(_multipart(("text", "café in Paris".encode("latin-1"))))
+            assert_clean_error(latin1, 422, "text")
+            assert "utf-8" in latin1.json()["detail"][0]["msg"]
+            form = {"content-type": "application/x-www-form-urlencoded"}
+            for body in (b"text=caf%E9+in+Paris", "text=café in Paris".encode("latin-1")):
+                assert_clean_error(await http.post("/ner", content=body, headers=form), 422, "text")
+            # UTF-8, raw or %-escaped, multipart or URL-encoded, is read as sent.
+            text = "café alice à paris"
+            for body, headers in (
+                _multipart(("text", text.encode())),
+                (("text=" + text.replace(" ", "+")).encode(), form),
+                (b"text=caf%C3%A9+alice+%C3%A0+paris", form),
+            ):
+                answer = await http.post("/ner", content=body, headers=headers)
+                assert answer.status_code == 200, answer.text
+                for entity in answer.json()["entities"]:
+                    assert text[entity["start"] : entity["end"]] == entity["text"]
+            # An image sent as a text field ("image=null"): a 422 that says so, not a type name.
+            for answer in (
+                await http.post("/ner", data={"text": "alice", "image": "null"}),
+                await post(_multipart(("text", b"alice"), ("image", b"null"))),
+            ):
+                assert_clean_error(answer, 422, "image")
+                message = answer.json()["detail"][0]["msg"]
+                assert "must be a file" in message and "UploadFile" not in message and "class" not in message
+            # A multipart body cut before its closing boundary is a broken body (400), not a missing field.
+            cut = await post(_multipart(("text", b"alice in paris"), close=False))
+            assert_clean_error(cut, 400)
+            assert "boundary" in cut.json()["detail"]
+            no_boundary = await http.post(
+                "/ner", content=b"text", headers={"content-type": "multipart/form-data"}
+            )
+            assert_clean_error(no_boundary, 400)
+            # ... and the 400 is in the OpenAPI schema with the others.
+            schema = (await http.get("/openapi.json")).json()
+            for path in ("/ner", "/re"):
+                assert {"400", "413", "422", "503"} <= set(schema["paths"][path]["post"]["responses"])
+
+    asyncio.run(scenario())
