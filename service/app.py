@@ -126,7 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.imm = state
     install_error_handlers(app)
     app.add_middleware(
-        GuardMiddleware, paths=("/ner", "/re"), max_body_bytes=settings.max_upload_bytes, api_key=api_key
+        GuardMiddleware,
+        paths=("/ner", "/re"),
+        max_body_bytes=settings.max_upload_bytes,
+        api_key=api_key,
+        retry_after_s=settings.retry_after_s,
     )
     app.add_middleware(
         RequestContextMiddleware,

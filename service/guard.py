@@ -1,13 +1,20 @@
-"""The API key and the upload size limit, checked on the raw ASGI stream before any parsing.
+"""The API key and the upload size limit, checked on the raw ASGI stream before any parsing; and the
+answer of a request the server gives up on at shutdown.
 
-Both run before FastAPI reads the multipart body, so an unauthenticated or oversized upload costs
-the server nothing: a ``Content-Length`` over the limit is refused before one byte of the body is
-read, and a body without one (chunked) is counted while it streams and cut off as soon as it
-passes the limit, without reading the rest.
+Both checks run before FastAPI reads the multipart body, so an unauthenticated or oversized upload
+costs the server nothing: a ``Content-Length`` over the limit is refused before one byte of the
+body is read, and a body without one (chunked) is counted while it streams and cut off as soon as
+it passes the limit, without reading the rest.
+
+At shutdown the server (uvicorn) lets requests in flight finish for its grace period, then cancels
+the ones still running: those (still queued for the model, being preprocessed, or in the batch that
+is running) are answered here with the documented JSON 503 and ``Retry-After``, instead of the
+server's plain-text 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Iterable
@@ -29,11 +36,20 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 class GuardMiddleware:
     """401 without the right bearer token, 413 for a body over ``max_body_bytes``, on ``paths`` only."""
 
-    def __init__(self, app: ASGIApp, *, paths: Iterable[str], max_body_bytes: int, api_key: str | None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        paths: Iterable[str],
+        max_body_bytes: int,
+        api_key: str | None,
+        retry_after_s: int = 1,
+    ):
         self.app = app
         self.paths = frozenset(paths)
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.retry_after = str(retry_after_s).encode()
 
     async def _refuse(
         self, scope: Scope, send: Send, status: int, detail: str, headers: list | None = None
@@ -117,3 +133,18 @@ class GuardMiddleware:
         except BodyTooLarge:
             if not response_started:
                 await self._refuse(scope, send, 413, too_large)
+        except asyncio.CancelledError:
+            # Only the server cancels a request (uvicorn, when its shutdown grace period is over; a
+            # client that goes away does not cancel it): answer it, then let the task end.
+            if response_started:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            await self._refuse(
+                scope,
+                send,
+                503,
+                "the service is shutting down: retry (on another instance)",
+                [(b"retry-after", self.retry_after)],
+            )

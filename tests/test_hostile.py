@@ -8,6 +8,7 @@ Each test here failed on the service before the fix it guards.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,3 +214,71 @@ def test_errors_name_their_cause_with_the_right_status(roomy_app):
                 assert {"400", "413", "422", "503"} <= set(schema["paths"][path]["post"]["responses"])
 
     asyncio.run(scenario())
+
+
+# --- 5. shutdown past the grace period ----------------------------------------------------------------
+
+
+def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundles):  # noqa: F811
+    """uvicorn gives requests in flight a grace period, then cancels them: each gets the documented
+    JSON 503 with Retry-After (not uvicorn's plain-text 500), and the server stops within the bound."""
+    import time
+
+    import uvicorn
+
+    grace = 1.0
+    app = create_app(make_settings(bundles, re_bundle=None, max_batch_size=1, warmup=False))
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=grace,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    assert app.state.imm.loaded.wait(60)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    batcher = app.state.imm.slots["ner"].batcher
+    entered, release = threading.Event(), threading.Event()
+    run_batch = batcher.run_batch
+
+    def held(items):  # the model is stuck on the first batch past the grace period
+        entered.set()
+        release.wait(30)
+        return run_batch(items)
+
+    batcher.run_batch = held
+
+    async def scenario() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            calls = [asyncio.create_task(http.post("/ner", data={"text": f"alice {n}"})) for n in range(5)]
+            await asyncio.to_thread(entered.wait, 10)
+            while batcher.depth < 4:  # one request in the running batch, four queued behind it
+                await asyncio.sleep(0.01)
+            server.should_exit = True
+            started = time.monotonic()
+            answers = await asyncio.gather(*calls)
+            return answers, time.monotonic() - started
+
+    try:
+        answers, waited = asyncio.run(scenario())
+        thread.join(10)
+        stopped = not thread.is_alive()
+    finally:
+        release.set()
+        thread.join(30)
+    for answer in answers:
+        assert_clean_error(answer, 503)
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["retry-after"] == "1"
+        assert "shutting down" in answer.json()["detail"]
+    assert grace <= waited < grace + 5, f"answered after {waited:.1f} s"
+    assert stopped, "the server did not stop within 10 s of the grace period's end"
