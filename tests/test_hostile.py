@@ -17,10 +17,9 @@ import pytest
 
 from service import create_app
 from service.errors import FieldError
-from tests.test_service import (  # noqa: F401 - bundles is a fixture
+from tests.test_service import (
     ServerThread,
     assert_clean_error,
-    bundles,
     make_settings,
     metric_value,
     started,
@@ -38,7 +37,7 @@ NO_WORD_FITS = {
 
 
 @pytest.fixture(scope="module")
-def server(bundles) -> Iterator[tuple[str, Any]]:  # noqa: F811
+def server(bundles) -> Iterator[tuple[str, Any]]:
     # A long batch wait: concurrent requests land in one batch.
     app = create_app(make_settings(bundles, max_batch_size=16, batch_wait_ms=50))
     with ServerThread(app) as url:
@@ -112,7 +111,7 @@ def test_a_batch_with_text_that_outgrows_the_window_answers_every_request(server
 # --- 1. whatever one request raises, only that request fails -----------------------------------------
 
 
-def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bundles):  # noqa: F811
+def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bundles):
     """A fault in one row (a bug: 500; a fault of its input: its 4xx) never fails the rest of the batch."""
 
     async def scenario() -> None:
@@ -148,7 +147,7 @@ def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bund
 
 
 @pytest.fixture(scope="module")
-def roomy_app(bundles):  # noqa: F811
+def roomy_app(bundles):
     """NER only, with a 3 MiB body limit: room for a text part over the multipart parser's 1 MiB."""
     return create_app(make_settings(bundles, re_bundle=None, warmup=False, max_upload_bytes=3 * 1024 * 1024))
 
@@ -219,7 +218,7 @@ def test_errors_name_their_cause_with_the_right_status(roomy_app):
 # --- 5. shutdown past the grace period ----------------------------------------------------------------
 
 
-def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundles):  # noqa: F811
+def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundles):
     """uvicorn gives requests in flight a grace period, then cancels them: each gets the documented
     JSON 503 with Retry-After (not uvicorn's plain-text 500), and the server stops within the bound."""
     import time
