@@ -118,9 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        # The body's size is GuardMiddleware's to limit (413); a text field is limited by
-        # max_text_chars (413), never by the multipart parser's own 1 MiB per field (a 400).
-        form_limits={"max_part_size": settings.max_upload_bytes},
+        # A text field stops being read past the bytes max_text_chars characters can take in UTF-8
+        # (413, service/forms.py): parsing runs on the event loop, so it must not go on for megabytes.
+        form_limits={"max_part_size": 4 * settings.max_text_chars},
     )
     app.router.route_class = StrictFormRoute  # text that is not valid UTF-8: 422, never read as Latin-1
     app.state.imm = state

@@ -37,10 +37,21 @@ def _decode(field: str, data: bytes, charset: str) -> str:
         raise HTTPException(422, FieldError(field, message, "unicode_decode_error").detail) from None
 
 
+def _too_large(field: str, limit: int) -> HTTPException:
+    return HTTPException(413, f"the form field {field!r} is larger than the limit of {limit} bytes")
+
+
 class StrictMultiPartParser(MultiPartParser):
-    """Starlette's multipart parser; text fields decode strictly, and the body must be complete."""
+    """Starlette's multipart parser; text fields decode strictly, a text field over ``max_part_size``
+    is a 413 (the parser's own error is a 400), and the body must be complete."""
 
     _complete = False
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_part_size:
+            raise _too_large(part.field_name, self.max_part_size)
+        super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
         part = self._current_part
@@ -61,7 +72,14 @@ class StrictMultiPartParser(MultiPartParser):
 
 
 class StrictFormParser(FormParser):
-    """Starlette's URL-encoded form parser, with names and values decoded as strict UTF-8."""
+    """Starlette's URL-encoded form parser, with names and values decoded as strict UTF-8, and a
+    field over ``max_part_size`` a 413."""
+
+    def on_field_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_field_size + end - start > self.max_part_size:
+            name = bytes(self._field_name).decode("utf-8", "replace")
+            raise _too_large(name, self.max_part_size)
+        super().on_field_data(data, start, end)
 
     def on_field_end(self) -> None:
         name = _decode("field name", unquote_to_bytes(bytes(self._field_name).replace(b"+", b" ")), "utf-8")

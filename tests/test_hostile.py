@@ -173,6 +173,21 @@ def test_errors_name_their_cause_with_the_right_status(roomy_app):
             big = await post(_multipart(("text", b"alice " * 200_000)))
             assert_clean_error(big, 413)
             assert "limit" in big.json()["detail"]
+            # ... refused as soon as it passes what max_text_chars can take (4 bytes a character):
+            # form parsing runs on the event loop, it must not read megabytes of text.
+            pulled = 0
+
+            async def streamed() -> Any:
+                nonlocal pulled
+                yield b'--xyz\r\nContent-Disposition: form-data; name="text"\r\n\r\n'
+                for _ in range(300):  # 3 MB
+                    pulled += 1
+                    yield b"alice " * 1000 + b"abcd"
+                yield b"\r\n--xyz--\r\n"
+
+            cut_off = await http.post("/ner", content=streamed(), headers=_multipart()[1])
+            assert_clean_error(cut_off, 413)
+            assert pulled <= 4 * 25_000 // 6004 + 2, f"the server read {pulled} of 300 chunks"
             # Text that is not UTF-8 is refused, never read as Latin-1 (offsets into another string).
             latin1 = await post(_multipart(("text", "café in Paris".encode("latin-1"))))
             assert_clean_error(latin1, 422, "text")
