@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.batcher import BatcherClosed, QueueFull
 from service.errors import ApiError, install_error_handlers
+from service.forms import StrictFormRoute
 from service.guard import GuardMiddleware
 from service.observability import RequestContextMiddleware
 from service.pipeline import Entity, Prepared, Relation
@@ -48,13 +49,19 @@ Multimodal named entity recognition and relation extraction on tweets (IMM), ser
 """
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Malformed body: a multipart body without its boundary or cut before its end, "
+        "too many fields or files, an invalid Content-Length",
+    },
     401: {"model": ErrorResponse, "description": "Missing or wrong API key (when one is configured)"},
     408: {"model": ErrorResponse, "description": "The request body did not arrive within IMM_BODY_TIMEOUT_S"},
-    413: {"model": ErrorResponse, "description": "Upload, text or image pixel count over the limit"},
+    413: {"model": ErrorResponse, "description": "Request body, text or image pixel count over the limit"},
     415: {"model": ErrorResponse, "description": "The file is not an image"},
     422: {
         "model": ErrorResponse,
-        "description": "Invalid field (named in loc): empty text, corrupt image, bad offsets",
+        "description": "Invalid field (named in loc): missing, empty or not valid UTF-8 text, corrupt "
+        "image, an image sent as a text field, bad offsets",
     },
     503: {
         "model": ErrorResponse,
@@ -117,7 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # A text field stops being read past the bytes max_text_chars characters can take in UTF-8
+        # (413, service/forms.py): parsing runs on the event loop, so it must not go on for megabytes.
+        form_limits={"max_part_size": 4 * settings.max_text_chars},
     )
+    app.router.route_class = StrictFormRoute  # text that is not valid UTF-8: 422, never read as Latin-1
     app.state.imm = state
     install_error_handlers(app)
     app.add_middleware(
@@ -126,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_upload_bytes,
         api_key=api_key,
         body_timeout_s=settings.body_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
     app.add_middleware(
         RequestContextMiddleware,

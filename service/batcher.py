@@ -6,6 +6,10 @@ pay the wait) or until ``max_batch_size``, and runs the batch in a dedicated thr
 loop. Each request's future gets its own row of the result. A full queue refuses at once
 (``QueueFull``, a 503 with Retry-After upstream): the wait of an admitted request is bounded by
 the queue length times the batch time, never unbounded.
+
+A request never fails because of its batch-mates: when ``run_batch`` raises for a batch of several
+requests, the batch is run again one request at a time, so the exception reaches only the request
+(or requests) that raise it alone, and the others get their answers.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ class _Pending(Generic[Item, Result]):
 class Batcher(Generic[Item, Result]):
     """Gathers submitted items into batches for ``run_batch`` (called in ``executor``).
 
-    ``run_batch(items)`` must return one result per item, in order. An exception from it fails
-    every request of that batch (and only them).
+    ``run_batch(items)`` must return one result per item, in order. When it raises on a batch of
+    several items, each item is run again alone: an exception fails only the requests that raise it
+    on their own.
     """
 
     def __init__(
@@ -165,35 +170,55 @@ class Batcher(Generic[Item, Result]):
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
             # Requests that timed out or were cancelled while queued are dropped.
             live = [p for p in batch if not p.future.done()]
             if not live:
                 continue
-            started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [p.item for p in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} items")
+                await self._run(live)
             except asyncio.CancelledError:
                 for pending in live:
                     if not pending.future.done():
                         pending.future.set_exception(BatcherClosed(f"{self.name} is shutting down"))
                 raise
-            except Exception as error:  # noqa: BLE001 - the batch's requests get the error, the worker lives on
-                log.exception("%s: a batch of %d failed", self.name, len(live))
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
-                continue
-            elapsed = time.perf_counter() - started
-            if self.on_batch is not None:
-                self.on_batch(len(live), elapsed)
-            for pending, result in zip(live, results):
-                pending.timings.queue_wait_s = started - pending.enqueued
-                pending.timings.inference_s = elapsed
-                pending.timings.batch_size = len(live)
+
+    async def _run(self, live: list[_Pending[Item, Result]]) -> None:
+        """Runs ``live`` as one batch; if that raises, each request alone (only the failing ones fail)."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self._checked_run, [p.item for p in live])
+        except Exception as error:  # noqa: BLE001 - the worker lives on; only the failing requests fail
+            if len(live) == 1:  # the caller gets the exception (and logs it, or maps it to a 4xx)
+                live[0].timings.queue_wait_s = started - live[0].enqueued
+                if not live[0].future.done():
+                    live[0].future.set_exception(error)
+                return
+            log.warning(
+                "%s: a batch of %d failed (%s: %s); running its requests one at a time",
+                self.name,
+                len(live),
+                type(error).__name__,
+                error,
+            )
+            for pending in live:
                 if not pending.future.done():
-                    pending.future.set_result(result)
+                    await self._run([pending])
+            return
+        elapsed = time.perf_counter() - started
+        if self.on_batch is not None:
+            self.on_batch(len(live), elapsed)
+        for pending, result in zip(live, results):
+            pending.timings.queue_wait_s = started - pending.enqueued
+            pending.timings.inference_s = elapsed
+            pending.timings.batch_size = len(live)
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+    def _checked_run(self, items: list[Item]) -> Sequence[Result]:
+        results = self.run_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+        return results

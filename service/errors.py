@@ -67,10 +67,20 @@ def error_response(
 
 
 def _clean_validation_errors(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """FastAPI's errors without ``input``/``ctx``: they would echo the client's (maybe huge) input back."""
-    return [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors
-    ]
+    """FastAPI's errors without ``input``/``ctx``: they would echo the client's (maybe huge) input back.
+
+    A text field where a file was expected gets a message for the client, not FastAPI's internal
+    "Expected UploadFile, received: <class 'str'>".
+    """
+    cleaned = []
+    for error in errors:
+        loc, msg, kind = list(error.get("loc", ())), error.get("msg", ""), error.get("type", "")
+        if "Expected UploadFile" in msg and isinstance(error.get("input"), str):
+            field = loc[-1] if loc else "file"
+            msg = f"{field} must be a file (a multipart part with a filename), not a text field"
+            kind = "file_expected"
+        cleaned.append({"loc": loc, "msg": msg, "type": kind})
+    return cleaned
 
 
 def install_error_handlers(app: FastAPI) -> None:

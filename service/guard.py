@@ -1,11 +1,17 @@
-"""The API key, the upload size limit and the body deadline, checked on the raw ASGI stream.
+"""The API key, the upload size limit and the body deadline, checked on the raw ASGI stream before
+any parsing; and the answer of a request the server gives up on at shutdown.
 
-All run before FastAPI reads the multipart body, so an unauthenticated or oversized upload costs
-the server nothing: a ``Content-Length`` over the limit is refused before one byte of the body is
-read, and a body without one (chunked) is counted while it streams and cut off as soon as it
-passes the limit, without reading the rest. A body trickled in slowly is cut off with 408 once
+The checks run before FastAPI reads the multipart body, so an unauthenticated or oversized upload
+costs the server nothing: a ``Content-Length`` over the limit is refused before one byte of the
+body is read, and a body without one (chunked) is counted while it streams and cut off as soon as
+it passes the limit, without reading the rest. A body trickled in slowly is cut off with 408 once
 ``body_timeout_s`` has passed since the request's head arrived (the head's own deadline is the
 server's: ``service.server``).
+
+At shutdown the server (uvicorn) lets requests in flight finish for its grace period, then cancels
+the ones still running: those (still queued for the model, being preprocessed, or in the batch that
+is running) are answered here with the documented JSON 503 and ``Retry-After``, instead of the
+server's plain-text 500.
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ class GuardMiddleware:
         max_body_bytes: int,
         api_key: str | None,
         body_timeout_s: float = 30.0,
+        retry_after_s: int = 1,
     ):
         self.app = app
         self.paths = frozenset(paths)
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
         self.body_timeout_s = body_timeout_s
+        self.retry_after = str(retry_after_s).encode()
 
     async def _refuse(
         self, scope: Scope, send: Send, status: int, detail: str, headers: list | None = None
@@ -143,3 +151,18 @@ class GuardMiddleware:
         except (BodyTooLarge, BodyTooSlow):
             if not response_started and refusal is not None:
                 await self._refuse(scope, send, *refusal)
+        except asyncio.CancelledError:
+            # Only the server cancels a request (uvicorn, when its shutdown grace period is over; a
+            # client that goes away does not cancel it): answer it, then let the task end.
+            if response_started:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            await self._refuse(
+                scope,
+                send,
+                503,
+                "the service is shutting down: retry (on another instance)",
+                [(b"retry-after", self.retry_after)],
+            )

@@ -64,13 +64,6 @@ class Relation:
     scores: dict[str, float]
 
 
-def _words_of(text: str) -> list[tuple[str, int, int]]:
-    words = split_words(text)
-    if not words:
-        raise FieldError("text", "text is empty or only whitespace")
-    return words
-
-
 class Pipeline:
     """The task-independent half: image decoding, batching, warm-up."""
 
@@ -90,6 +83,14 @@ class Pipeline:
         self.ignored_picture_note = (
             f"the picture was not used: this {self.task.upper()} model was trained without pictures"
         )
+
+    def words(self, text: str, limit: int | None = None) -> list[tuple[str, int, int]]:
+        """The text's words as the model reads them (``split_words``, then words longer than the
+        window cut into pieces); only the first ``limit`` of ``split_words``' words when given."""
+        words = split_words(text)
+        if not words:
+            raise FieldError("text", "text is empty or only whitespace")
+        return self.preprocessor.text.split_long_words(words[:limit])
 
     def _image(self, image: bytes | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
         """The picture for the model: decoded pixels (JPEG in draft mode: never a full-size decode of
@@ -141,14 +142,15 @@ class NERPipeline(Pipeline):
     def prepare(self, text: str, image: bytes | None) -> Prepared:
         stages: dict[str, float] = {}
         started = time.perf_counter()
-        words = _words_of(text)
         # Each word takes at least one piece, so words past the budget can never fit: leaving them
         # out changes nothing but the cost (and the encoder still reports the truncation).
-        encoded = self.preprocessor.text.encode([w for w, _, _ in words[: self.budget + 1]])
+        fits = self.budget + 1
+        words = self.words(text, limit=fits + 1)
+        encoded = self.preprocessor.text.encode([w for w, _, _ in words[:fits]])
         stages["tokenise"] = time.perf_counter() - started
         notes: list[str] = []
         pixels = self._image(image, stages, notes)
-        truncated = encoded.truncated or len(words) > self.budget + 1
+        truncated = encoded.truncated or len(words) > fits
         return Prepared(text, words[: encoded.num_words], encoded, pixels, truncated, stages, notes)
 
     def decode(self, batch: Sequence[Prepared], output: NEROutput) -> list[list[Entity]]:
@@ -214,7 +216,7 @@ class REPipeline(Pipeline):
     ) -> Prepared:
         stages: dict[str, float] = {}
         started = time.perf_counter()
-        words = _words_of(text)
+        words = self.words(text)
         head_words = entity_words(text, words, *head, role="head")
         tail_words = entity_words(text, words, *tail, role="tail")
         if max(head[0], tail[0]) < min(head[1], tail[1]):

@@ -223,3 +223,15 @@ def trained_re_checkpoint(tmp_path_factory, tiny_backbone) -> Path:
 
     model, preprocessor = train_tiny("re", tiny_backbone, synthetic_re_examples(200))
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "re", model, preprocessor, scores={"f1": 1.0})
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> dict[str, Path]:
+    """The checkpoints above exported as serving bundles (the service's tests share them)."""
+    from export import export_bundle
+
+    root = tmp_path_factory.mktemp("service_bundles")
+    return {
+        "ner": export_bundle(trained_ner_checkpoint, root / "ner", log=lambda _: None),
+        "re": export_bundle(trained_re_checkpoint, root / "re", log=lambda _: None),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,79 @@ def test_preprocessing_does_not_import_torch():
     code = "import model.preprocessing, model.decoding, model.config, sys; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# --- memory: small files that decode huge ----------------------------------------------------------
+
+MEMORY_SCRIPT = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from model.preprocessing import ImageProcessor
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key))
+
+data = open(sys.argv[1], "rb").read()
+processor = ImageProcessor(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), max_pixels=25_000_000)
+with ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda _: None, range(4)))  # the threads exist before the baseline
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM, the peak resident set size, to the current one
+    shapes = [p.shape for p in pool.map(processor, [data] * 4)]
+print(json.dumps({"growth": status("VmHWM") - before, "shapes": shapes}))
+"""
+
+
+def test_four_small_files_that_decode_huge_cost_less_than_100_mb_at_once(tmp_path):
+    """A 60 KB 16-bit 4999x4999 PNG decodes to 50 MB: four at once must not cost four full-size
+    float copies (they took a server from 750 MB to 1.6 GB). Peak RSS of a separate process."""
+    import json
+    import subprocess
+
+    path = tmp_path / "grey16.png"
+    Image.new("I;16", (4999, 4999), 40000).save(path)
+    assert path.stat().st_size < 100_000
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == [[3, 224, 224]] * 4
+    assert result["growth"] < 100 * 1024 * 1024, f"peak RSS grew by {result['growth'] / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize("mode", ["I;16", "P", "RGBA", "LA", "L", "CMYK"])
+def test_large_pictures_that_change_mode_are_converted_in_stripes_to_the_same_pixels(mode):
+    """The reduced picture equals converting the whole picture, then reducing it (box filter)."""
+    from model.preprocessing.image import decode, open_header, to_rgb
+
+    rng = np.random.default_rng(0)
+    width, height = 1000, 701  # not a multiple of the factor or of the stripe height
+    if mode == "I;16":
+        picture = Image.fromarray(rng.integers(0, 3000, (height, width), dtype=np.uint16))
+    else:
+        picture = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    data = encode(picture, "TIFF" if mode == "CMYK" else "PNG")
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()
+    factor = min(decoded.size) // 224
+    expected = to_rgb(decoded).reduce(factor)
+    reduced = decode(open_header(data, draft_size=224), 224)
+    assert reduced.size == expected.size and reduced.size[1] >= 224
+    assert np.array_equal(np.asarray(reduced), np.asarray(expected))
+
+
+def test_exif_orientation_is_applied_to_a_reduced_picture():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = rotate 90 degrees clockwise
+    data = encode(half_red_half_blue(1000, 500).convert("P"), "PNG", exif=exif)
+    upright = open_image(data, draft_size=224)
+    assert upright.size == (250, 500)  # reduced by 2, then turned
+    top, bottom = np.asarray(upright)[10, 125], np.asarray(upright)[490, 125]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60

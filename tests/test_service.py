@@ -52,18 +52,6 @@ TRICKY_TEXTS = [
 # --- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> dict[str, Path]:
-    """The conftest checkpoints exported as serving bundles."""
-    from export import export_bundle
-
-    root = tmp_path_factory.mktemp("service_bundles")
-    return {
-        "ner": export_bundle(trained_ner_checkpoint, root / "ner", log=lambda _: None),
-        "re": export_bundle(trained_re_checkpoint, root / "re", log=lambda _: None),
-    }
-
-
 def make_settings(bundles: dict[str, Path], **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "ner_bundle": bundles["ner"],

@@ -102,6 +102,39 @@ def test_batcher_full_queue_refuses_at_once_and_failures_stay_in_their_batch():
     asyncio.run(scenario())
 
 
+def test_batcher_a_request_that_raises_fails_alone_not_its_batch_mates():
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes: list[int] = []
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        sizes.append(len(items))
+        if any(item.startswith("boom") for item in items):
+            raise RuntimeError("model failed")
+        return [item.upper() for item in items]
+
+    async def scenario() -> list[str | BaseException]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=8, max_wait_s=0.05, max_queue=64)
+            batcher.start()
+            try:
+
+                async def one(value: str) -> str:
+                    with batcher.incoming():
+                        await asyncio.sleep(0)
+                    return (await batcher.submit(value))[0]
+
+                items = [f"item{n}" for n in range(14)] + ["boom1", "boom2"]
+                return await asyncio.gather(*(one(v) for v in items), return_exceptions=True)
+            finally:
+                await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert results[:14] == [f"ITEM{n}" for n in range(14)]
+    assert all(isinstance(r, RuntimeError) for r in results[14:])
+    assert max(sizes) > 1  # the failing requests were batched with others, which were answered
+
+
 def test_batcher_drops_requests_that_timed_out_while_queued():
     from concurrent.futures import ThreadPoolExecutor
 

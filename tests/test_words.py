@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import random
+import string
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,61 @@ def test_round_trip_share_on_the_real_datasets(relative_path, minimum_share):
         tweets = _conll_tweets(path)
     same = sum(words_of(" ".join(tokens)) == tokens for tokens in tweets)
     assert same / len(tweets) >= minimum_share
+
+
+# --- linear time ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def regex_steps():
+    from tests.regex_steps import RegexSteps
+
+    try:
+        return RegexSteps()
+    except OSError as error:  # pragma: no cover - every Debian system has libpcre2-8 (grep needs it)
+        pytest.skip(f"libpcre2-8 is not available to count regex steps: {error}")
+
+
+def regex_work(regex_steps, monkeypatch, text: str) -> int:
+    """The regex steps ``split_words(text)`` takes: every search it makes, replayed on PCRE2."""
+    import re
+
+    from model.preprocessing import words
+    from tests.regex_steps import RecordingPattern
+
+    log: list = []
+    with monkeypatch.context() as patch:
+        for name, value in vars(words).items():
+            if isinstance(value, re.Pattern):
+                patch.setattr(words, name, RecordingPattern(value, log))
+        words.split_words(text)
+    before = regex_steps.steps
+    for search in log:
+        regex_steps.replay(*search)
+    return regex_steps.steps - before
+
+
+RUNS = [
+    (prefix, char, suffix)
+    for prefix in ("http://", "https://", "www.", "@", "#")
+    for char in string.punctuation
+    for suffix in ("", "a")
+] + [("", "a" + char, suffix) for char in string.punctuation for suffix in ("", "a")]
+
+
+def test_split_words_work_grows_linearly_on_long_runs_of_punctuation(regex_steps, monkeypatch):
+    """Counts regex steps, times nothing: after each URL, mention and hashtag prefix, a run of each
+    ASCII punctuation character (then nothing, or a letter), and runs of letter + punctuation
+    ("a+a+a+..."). The work on 40, 80 and 120 characters must grow by equal steps (the second
+    difference is 0 for linear work; before the fix, "http://" + 40 dots + "a" had 1,600)."""
+    quadratic = []
+    for prefix, unit, suffix in RUNS:
+        work = [
+            regex_work(regex_steps, monkeypatch, prefix + unit * (40 * k // len(unit)) + suffix)
+            for k in (1, 2, 3)
+        ]
+        growth = (work[1] - work[0], work[2] - work[1])
+        if growth[1] - growth[0] > 0.1 * growth[0]:
+            quadratic.append((prefix + unit + "..." + suffix, work))
+    assert not quadratic, f"work grows faster than the text on {len(quadratic)} runs: {quadratic[:5]}"
+    assert len(RUNS) == 5 * 32 * 2 + 32 * 2

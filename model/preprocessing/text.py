@@ -3,10 +3,17 @@
 Models read words: NER tags each word through its first sub-token, RE marks entities by word
 spans. ``TextEncoder`` turns a word list into input ids plus, for every word that fits in the
 window, the position of its first sub-token.
+
+A word with more sub-tokens than the window holds (a Chinese or Japanese sentence without spaces,
+a run of 127 dots, a long hashtag) could never be read: ``split_long_words`` cuts such a word into
+one word per sub-token, so that the window fills with its first pieces instead of staying empty.
+No dataset token comes near it (the longest in the Twitter and MNRE training sets has 26 pieces
+under MiniLM's tokenizer, the window 126), so training's words are never cut.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,13 +87,56 @@ class TextEncoder:
             word_ids = encoding.word_ids
         return encoding.ids, word_ids
 
+    @property
+    def budget(self) -> int:
+        """Sub-tokens between ``[CLS]`` and ``[SEP]``."""
+        return self.max_seq_len - 2
+
+    def split_long_words(self, words: Sequence[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+        """``(word, start, end)`` triples (``split_words``'s) with every word of more sub-tokens than the
+        window holds cut into one word per sub-token, at the characters where each sub-token starts.
+
+        The other words come back unchanged; the parts of a cut word are consecutive and cover it
+        (characters the normaliser erases stay with the part before them), so offsets stay exact.
+        """
+        if not words:
+            return []
+        encoding = self.tokenizer.encode(
+            [word for word, _, _ in words], is_pretokenized=True, add_special_tokens=False
+        )
+        pieces = Counter(encoding.word_ids)
+        if max(pieces.values(), default=0) <= self.budget:
+            return list(words)
+        starts: dict[int, set[int]] = {}
+        for word, (start, _) in zip(encoding.word_ids, encoding.offsets):
+            if pieces[word] > self.budget:
+                starts.setdefault(word, {0}).add(start)  # offsets are relative to each word
+        result: list[tuple[str, int, int]] = []
+        for number, (word, start, end) in enumerate(words):
+            if number not in starts:
+                result.append((word, start, end))
+                continue
+            cuts = sorted(cut for cut in starts[number] if cut < len(word))
+            for left, right in zip(cuts, [*cuts[1:], len(word)]):
+                result.append((word[left:right], start + left, start + right))
+        return result
+
     def encode(self, words: Sequence[str]) -> EncodedText:
-        """``[CLS] pieces [SEP]``, cut after the last word whose pieces all fit in ``max_seq_len``."""
+        """``[CLS] pieces [SEP]``, cut after the last word whose pieces all fit in ``max_seq_len``.
+
+        The first word must fit (``ValueError`` otherwise: ``split_long_words`` first), so that every
+        example has at least one word to tag.
+        """
         if not words:
             raise ValueError("cannot encode an empty word list")
         ids, word_ids = self._word_pieces(words)
-        budget = self.max_seq_len - 2
+        budget = self.budget
         kept = len(ids) if len(ids) <= budget else _whole_words_prefix(word_ids, budget)
+        if kept == 0:
+            raise ValueError(
+                f"the first word has more than {budget} sub-tokens, more than the window holds "
+                "(cut it with TextEncoder.split_long_words)"
+            )
         first_piece: dict[int, int] = {}
         for position, word in enumerate(word_ids[:kept]):
             first_piece.setdefault(word, position + 1)  # +1 for [CLS]

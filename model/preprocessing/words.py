@@ -9,6 +9,12 @@ compounds ("same-sex", "w/o") stay whole. Contractions are split as in MNRE (Pen
 The key property (tested, and measured on the datasets) is that joining a dataset tweet's tokens with
 single spaces and splitting again gives back the tokens: the splitter never cuts a dataset token further.
 
+Splitting is linear in the text's length, whatever the text (a request must not hold the GIL for seconds):
+no alternative scans far ahead and then fails at every position of a run (the URL takes the rest of its
+chunk and gives back the sentence punctuation in Python; see ``_TOKEN_WITHOUT_EMAIL_RE`` for e-mail
+addresses). tests/test_words.py counts the regex engine's steps on long runs of every ASCII punctuation
+character to keep it so.
+
 Stdlib only (``re`` and ``unicodedata``): the server imports this module.
 """
 
@@ -81,16 +87,16 @@ _ABBREVIATIONS = (
     "|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec|Ave|Blvd|Fla|Calif|vs|Vs|etc|approx"
 )
 # Characters that may end a sentence right after a URL: they are not part of it.
-_URL_TRAILING = r"""[.,;:!?'"”’)\]}>]"""
+_URL_TRAILING = frozenset(""".,;:!?'"”’)]}>""")
 
-_TOKEN_RE = re.compile(
-    rf"""
-    # URLs, whole, without trailing sentence punctuation (a truncated "http://t.co/ab…" keeps its "…").
-      (?i:https?://|www\.)\S*?(?={_URL_TRAILING}*$)
+_TOKEN_PATTERN = rf"""
+    # URLs: the rest of the chunk (split_words then gives back the sentence punctuation at its end;
+    # a truncated "http://t.co/ab…" keeps its "…").
+      (?P<url>(?i:https?://|www\.))\S*
     # What is left of a URL cut by a retweet: "h…", "htt…", "https:/…".
-    | (?i:h(?:t(?:t(?:ps?)?)?)?(?::/{{0,2}})?…)
+    | (?P<cut_url>(?i:h(?:t(?:t(?:ps?)?)?)?(?::/{{0,2}})?…))
     # E-mail addresses.
-    | [\w.+-]+@\w[\w-]*(?:\.[\w-]+)+
+    | (?P<email>[\w.+-]+@\w[\w-]*(?:\.[\w-]+)+)
     # ".@user" (a tweet convention to make a reply public) at the start of a chunk, then @mentions,
     # #hashtags (with inner hyphens and slashes, as the datasets keep "#no-hitter", "#7/7") and $cashtags.
     | ^\.@\w+
@@ -126,8 +132,18 @@ _TOKEN_RE = re.compile(
     | (?P<run>[-*|/=~_+^])(?P=run)+
     # Anything else is a word of one character, with its combining marks.
     | .{_MARK}*
-    """,
-    re.VERBOSE | re.DOTALL,
+    """
+_TOKEN_RE = re.compile(_TOKEN_PATTERN, re.VERBOSE | re.DOTALL)
+
+# Linear time. An e-mail address is found by scanning a run of address characters for the "@" after
+# it; when that fails at one position of a run, it fails at every later position of the same run (the
+# scan ends at the same place, before the same characters), so the rest of the run is matched without
+# the e-mail alternative ((?!) never matches): a run of 10,000 "a+" is scanned once, not 10,000 times.
+_ADDRESS_RUN_RE = re.compile(r"[\w.+-]+")
+_EMAIL_ALTERNATIVE = "(?P<email>[\\w.+-]+@\\w[\\w-]*(?:\\.[\\w-]+)+)"
+assert _EMAIL_ALTERNATIVE in _TOKEN_PATTERN
+_TOKEN_WITHOUT_EMAIL_RE = re.compile(
+    _TOKEN_PATTERN.replace(_EMAIL_ALTERNATIVE, "(?P<email>(?!))"), re.VERBOSE | re.DOTALL
 )
 
 # Contractions split off the end of a word, Penn Treebank style as in MNRE: "do|n't", "Obama|'s".
@@ -143,15 +159,31 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
     for chunk_match in _CHUNK_RE.finditer(text):
         # Match each whitespace-free chunk on its own, so that ^ and $ in the patterns mean "chunk edge".
         chunk, offset = chunk_match.group(), chunk_match.start()
-        for match in _TOKEN_RE.finditer(chunk):
-            start, end = match.start() + offset, match.end() + offset
-            clitic = _CLITIC_RE.fullmatch(match.group()) if match.group("word") else None
+        position = no_email_before = 0
+        while position < len(chunk):
+            # Every position matches (the last alternative takes any one character), and ``match`` at
+            # ``position`` keeps ^ and lookbehinds seeing the whole chunk.
+            pattern = _TOKEN_WITHOUT_EMAIL_RE if position < no_email_before else _TOKEN_RE
+            match = pattern.match(chunk, position)
+            assert match is not None
+            end = match.end()
+            if pattern is _TOKEN_RE and match.lastgroup not in ("url", "cut_url", "email"):
+                # The e-mail alternative was tried here and failed: skip it for the rest of this run.
+                run = _ADDRESS_RUN_RE.match(chunk, position)
+                no_email_before = run.end() if run else position
+            if match.group("url") is not None:
+                # The URL ends before the sentence punctuation that ends the chunk ("see http://x.co).").
+                while end > match.end("url") and chunk[end - 1] in _URL_TRAILING:
+                    end -= 1
+            start, token = position, chunk[position:end]
+            clitic = _CLITIC_RE.fullmatch(token) if match.group("word") else None
             if clitic:
-                split_at = start + clitic.end(1)
-                words.append((text[start:split_at], start, split_at))
-                words.append((text[split_at:end], split_at, end))
+                split_at = offset + start + clitic.end(1)
+                words.append((text[offset + start : split_at], offset + start, split_at))
+                words.append((text[split_at : offset + end], split_at, offset + end))
             else:
-                words.append((match.group(), start, end))
+                words.append((token, offset + start, offset + end))
+            position = end
     return words
 
 
