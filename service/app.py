@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import BatcherClosed, QueueFull
+from service.docs import install_docs
 from service.errors import ApiError, install_error_handlers
 from service.guard import GuardMiddleware
 from service.observability import RequestContextMiddleware
@@ -111,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # install_docs: Swagger UI from this server, not from a CDN
+        redoc_url=None,
     )
     app.state.imm = state
     install_error_handlers(app)
@@ -275,5 +278,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The demo page (docs/demo.md)."""
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
+    install_docs(app, favicon_url="/static/favicon.svg")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
