@@ -116,9 +116,13 @@ cleanup() {
         rc=1
     fi
     # Mounts the engine made under its directory (overlays, network namespaces), deepest first.
-    awk -v dir="$WORK" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | sort -r | while read -r mount; do
-        umount -l "$mount"
-    done
+    local mounts
+    mounts="$(awk -v dir="$WORK" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | sort -r)"
+    if [ -n "$mounts" ]; then
+        log "mounts left, unmounted now: $(echo "$mounts" | tr '\n' ' ')"
+        echo "$mounts" | xargs -r -n 1 umount -l
+        rc=1
+    fi
     rm -rf "$WORK"
     if [ "$(ls -A /etc/docker 2>&1)" != "$ETC_DOCKER_BEFORE" ]; then
         log "files left in /etc/docker: $(ls -A /etc/docker 2>&1)"
