@@ -1,27 +1,37 @@
-# syntax=docker/dockerfile:1
 # The inference service on CPU: ONNX Runtime, FastAPI, no torch; runs as a non-root user.
 # GPU variant: Dockerfile.gpu. Bundles are mounted at /app/weights (see docker-compose.yml).
 #   docker build -t imm-service:cpu .
 #   docker run -p 8000:8000 -v "$PWD/weights:/app/weights:ro" imm-service:cpu
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# BASE_IMAGE is any Debian-like image with `python` 3.11 and its venv module; `make test-docker` builds
+# one locally (tests/docker/run.sh). Pin it by digest (python:3.11-slim-bookworm@sha256:...) for an
+# image that rebuilds byte for byte the same Python. No `# syntax=` line: BuildKit would fetch a
+# frontend image for it, which fails offline.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/imm
 WORKDIR /src
+# The serving dependencies, exactly as locked (requirements/serve.txt, `make lock`): pinned versions,
+# hash-checked wheels only. Their own layer, rebuilt only when the lock changes.
+COPY requirements/serve.txt requirements/
+RUN /opt/imm/bin/pip install --require-hashes --only-binary :all: -r requirements/serve.txt
 COPY pyproject.toml README.md LICENSE ./
 COPY model ./model
 COPY export ./export
 COPY service ./service
-# The serving install only: numpy, Pillow, tokenizers, onnxruntime, FastAPI. Fail the build if
-# torch sneaked in, or if the app does not import.
-RUN /opt/imm/bin/pip install ".[serve]" \
+# The project itself, on the locked dependencies (--no-deps; pip check fails the build on a lock that
+# no longer satisfies pyproject.toml). Fail the build too if torch sneaked in, or if the app does not import.
+# Then pip goes: the running image installs nothing.
+RUN /opt/imm/bin/pip install --no-deps . \
+    && /opt/imm/bin/pip check \
     && /opt/imm/bin/python -c "import service.app, onnxruntime; print(onnxruntime.get_available_providers())" \
-    && if /opt/imm/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the image" >&2; exit 1; fi
+    && if /opt/imm/bin/python -c "import torch" 2>/dev/null; then echo "torch must not be in the image" >&2; exit 1; fi \
+    && /opt/imm/bin/pip uninstall --yes --quiet pip setuptools
 
-FROM ${PYTHON_IMAGE} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/imm/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

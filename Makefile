@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint format clean serve bench bench-model weights weights-ner weights-re
+.PHONY: install test test-docker lint format clean serve lock bench bench-model weights weights-ner weights-re
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,35 @@ format: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
+# `docker compose up` for real: its own Docker engine, a locally built base image, the compose file's
+# image, then checks as a client (tests/docker/run.sh; as root, a few minutes; .ci/run runs it).
+test-docker: $(STAMP)
+	PY=$(abspath $(PY)) bash tests/docker/run.sh
+
 # The inference service on the default bundles (weights/ner, weights/re); IMM_* variables configure it.
-serve: $(STAMP)
-	$(PY) -m service
+# Its own venv, installed from the lock the images use (same versions, hash-checked), without torch.
+# On an NVIDIA GPU (x86-64 Linux, Python 3.11): make serve SERVE_LOCK=requirements/gpu.txt
+SERVE_VENV ?= .venv-serve
+SERVE_LOCK ?= requirements/serve.txt
+SERVE_STAMP := $(SERVE_VENV)/.installed-$(notdir $(SERVE_LOCK))
+$(SERVE_STAMP): $(SERVE_LOCK) pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --require-hashes --only-binary :all: -r $(SERVE_LOCK)
+	$(SERVE_VENV)/bin/pip install -q --no-deps -e .
+	touch $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/python -m service
+
+# The locks of the serving install (uv, from pyproject.toml's extras; pins already there are kept unless
+# pyproject.toml rules them out: `make lock LOCK_ARGS=--upgrade` moves everything to the newest releases).
+# serve.txt: any platform, Python >= 3.11. gpu.txt: the GPU image's platform, on serve.txt's versions.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra serve --universal --python-version 3.11 \
+		--generate-hashes $(LOCK_ARGS) -o requirements/serve.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra serve --extra gpu -c requirements/serve.txt \
+		--python-platform x86_64-manylinux_2_28 --python-version 3.11 --generate-hashes $(LOCK_ARGS) \
+		-o requirements/gpu.txt
 
 # The default models in weights/, end to end: train on the real tweets (MiniLM backbone, no
 # images), select on valid, export int8. Hours on a 2-core CPU; see weights/MODEL_CARD.md.
@@ -76,4 +102,4 @@ bench-model: $(STAMP)
 	$(PY) bench/plots.py bench/results/model_minilm.json bench/results/model_bert-base.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.batcher import BatcherClosed, QueueFull
+from service.docs import install_docs
 from service.errors import ApiError, install_error_handlers
 from service.forms import StrictFormRoute
 from service.guard import GuardMiddleware
@@ -127,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A text field stops being read past the bytes max_text_chars characters can take in UTF-8
         # (413, service/forms.py): parsing runs on the event loop, so it must not go on for megabytes.
         form_limits={"max_part_size": 4 * settings.max_text_chars},
+        docs_url=None,  # install_docs: Swagger UI from this server, not from a CDN
+        redoc_url=None,
     )
     app.router.route_class = StrictFormRoute  # text that is not valid UTF-8: 422, never read as Latin-1
     app.state.imm = state
@@ -301,5 +304,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The demo page (docs/demo.md)."""
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
+    install_docs(app, favicon_url="/static/favicon.svg")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

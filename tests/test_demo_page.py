@@ -85,6 +85,28 @@ def test_page_is_served_without_the_key_and_loads_nothing_from_elsewhere():
         assert not re.search(r"\b(?:https?:)?//[\w.-]+\.\w", text), file.name
 
 
+def test_api_docs_are_served_by_this_server():
+    """/docs is Swagger UI from the swagger-ui-bundle package: no CDN, so it works offline."""
+    app = create_app(Settings(ner_bundle=None, re_bundle=None, api_key=API_KEY))
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+            page = await http.get("/docs")
+            assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+            policy = page.headers["content-security-policy"]
+            assert "default-src 'self'" in policy and "'sha256-" in policy and "unsafe" not in policy
+            # Every URL of the page is a path on this server, and each of them answers.
+            urls = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+            assert urls and all(url.startswith("/") and not url.startswith("//") for url in urls), urls
+            for url in urls:
+                assert (await http.get(url)).status_code == 200, url
+            assert (await http.get("/docs/assets/index.html")).status_code == 404  # its petstore demo
+            assert (await http.get("/redoc")).status_code == 404  # ReDoc would come from a CDN
+
+    asyncio.run(scenario())
+
+
 # --- the page in Chromium ----------------------------------------------------------------------
 
 
@@ -187,5 +209,56 @@ def test_the_page_end_to_end_in_chromium(server):
 
             assert not crashes, crashes
             assert all(url.startswith((server, "blob:")) for url in requested), requested
+        finally:
+            browser.close()
+
+
+def test_the_api_docs_in_chromium_offline(server):
+    """Swagger UI renders the operations and runs one, with every request answered by this server."""
+    chromium = chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        except Exception as error:  # a broken Chromium is a failure, never a skip
+            pytest.fail(f"Chromium ({chromium}) did not start: {error}")
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            expect.set_options(timeout=20_000)
+            elsewhere: list[str] = []
+            errors: list[str] = []
+
+            def offline(route) -> None:  # as without internet: anything not from this server fails
+                if route.request.url.startswith(server):
+                    route.continue_()
+                else:
+                    elsewhere.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", offline)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            # A Content-Security-Policy violation is reported as a console error.
+            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+
+            page.goto(server + "/docs")
+            expect(page).to_have_title("IMM inference service: API")
+            paths = page.locator(".opblock-summary-path")
+            for path in ("/ner", "/re", "/health", "/ready", "/metrics"):
+                expect(paths.filter(has_text=re.compile(f"^{path}$"))).to_have_count(1)
+            expect(page.locator(".opblock-post")).to_have_count(2)
+
+            # Try one: GET /health from the page, answered by the server.
+            health = page.locator(
+                ".opblock-get", has=page.locator(".opblock-summary-path", has_text="/health")
+            )
+            health.locator(".opblock-summary").click()
+            health.locator("button.try-out__btn").click()
+            health.locator("button.execute").click()
+            expect(health.locator(".live-responses-table tbody td.response-col_status")).to_have_text("200")
+
+            assert not elsewhere, elsewhere
+            assert not errors, errors
         finally:
             browser.close()
