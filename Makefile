@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: install test lint format clean serve bench bench-model weights weights-ner weights-re
+.PHONY: install test test-ray lint format clean serve serve-ray bench bench-model bench-ray weights weights-ner weights-re
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The ray extra (Ray Serve), for the Ray targets only: a few hundred MB the other targets do not need.
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[ray]"
+	touch $(RAY_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -30,9 +36,18 @@ format: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
+# The service on Ray Serve, on a local two-node Ray cluster (tests/test_ray_serve.py, about 2 minutes).
+test-ray: $(RAY_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -m ray tests/test_ray_serve.py
+
 # The inference service on the default bundles (weights/ner, weights/re); IMM_* variables configure it.
 serve: $(STAMP)
 	$(PY) -m service
+
+# The same service as a Ray Serve application (docs/scaling.md): on a new local Ray instance, or
+# on a running cluster with IMM_RAY_ADDRESS=auto; IMM_RAY_* variables set replicas and resources.
+serve-ray: $(RAY_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m service.ray_app
 
 # The default models in weights/, end to end: train on the real tweets (MiniLM backbone, no
 # images), select on valid, export int8. Hours on a 2-core CPU; see weights/MODEL_CARD.md.
