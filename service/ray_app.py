@@ -37,6 +37,7 @@ import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -258,38 +259,41 @@ def build_app(args: Mapping[str, Any] | None = None) -> serve.Application:
     return application(Settings(), RaySettings(**dict(args or {})))
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
-    """``python -m service.ray_app``: Serve on ``IMM_HOST:IMM_PORT`` (every node), until interrupted."""
+    """``python -m service.ray_app``: the application on ``IMM_HOST:IMM_PORT`` (a proxy on every node
+    with a replica) until interrupted (Ctrl-C, SIGTERM), then deleted, as ``serve run`` does."""
     try:
         settings = Settings()
         ray_settings = RaySettings()
-        application = build_app()
+        app = application(settings, ray_settings)
     except ValidationError as error:
         print(f"invalid IMM_* configuration:\n{error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    ray.init(address=ray_settings.address)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(application, name=ray_settings.app_name, route_prefix="/")
-    log.info(
-        "IMM on Ray Serve at http://%s:%d (%s)",
-        settings.host,
-        settings.port,
-        f"{ray_settings.min_replicas}-{ray_settings.max_replicas} replicas"
-        if ray_settings.autoscaling
-        else f"{ray_settings.min_replicas} replica(s)",
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    stop = asyncio.Event()
-
-    async def wait() -> None:
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(number, stop.set)
-        await stop.wait()
-
-    asyncio.run(wait())
-    serve.delete(ray_settings.app_name)
-    ray.shutdown()
+    ray.init(address=ray_settings.address)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(app, name=ray_settings.app_name, route_prefix="/")
+        replicas = (
+            f"{ray_settings.min_replicas} to {ray_settings.max_replicas} replicas (autoscaling)"
+            if ray_settings.autoscaling
+            else f"{ray_settings.min_replicas} replica(s)"
+        )
+        log.info("IMM on Ray Serve at http://%s:%d, %s", settings.host, settings.port, replicas)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping: deleting the application %r", ray_settings.app_name)
+        serve.delete(ray_settings.app_name)
+    finally:
+        ray.shutdown()
     return 0
 
 
