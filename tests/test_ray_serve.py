@@ -152,9 +152,11 @@ class RayServe:
 def ray_serve(service_values) -> Iterator[RayServe]:
     if MISSING_RAY is not None:
         pytest.fail(f"the ray extra is not installed (pip install -e '.[ray]'): {MISSING_RAY}")
-    # The raylets and every worker inherit this environment: no usage report, and this checkout's
-    # packages on the workers' path.
+    # The raylets and every worker inherit this environment: no IMM_* of the caller's, no usage
+    # report, and this checkout's packages on the workers' path.
     saved = dict(os.environ)
+    for name in [name for name in os.environ if name.startswith("IMM_")]:
+        del os.environ[name]
     os.environ.update(
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -429,3 +431,46 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_serve):
     down_in = wait_until(lambda: ray_serve.running(1), 60, "back to one replica without load")
     print(f"\nautoscaling: 1 -> 2 replicas {up_in:.1f} s into the load, 2 -> 1 {down_in:.1f} s after it")
     assert all(o.status == 200 for o in load.outcomes), {o.status for o in load.outcomes}
+
+
+def test_the_kuberay_serve_config_deploys(ray_serve, service_values, single_process, tmp_path):
+    """deploy/kuberay/rayservice.yaml's Serve config, deployed as it is but for the bundle paths."""
+    import yaml
+
+    config = yaml.safe_load(
+        yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"]
+    )
+    (app,) = config["applications"]
+    assert app["name"] == APP and app["import_path"] == "service.ray_app:build_app"
+    app["runtime_env"]["env_vars"].update(
+        IMM_NER_BUNDLE=str(service_values["ner_bundle"]), IMM_RE_BUNDLE=str(service_values["re_bundle"])
+    )
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).with_name("serve")
+    deployed = subprocess.run(
+        [str(serve_cli), "run", "--non-blocking", "--address", ray_serve.cluster.address, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    wait_until(
+        lambda: (
+            serve.status().applications[APP].status == "RUNNING"
+            and ray_serve.running(app["args"]["min_replicas"])
+        ),
+        90,
+        "the config's application running",
+    )
+    # The builder read the config's args and variables: no API key, batches of 16, one thread.
+    answer = httpx.post(f"{ray_serve.url}/ner", data={"text": TEXT}, timeout=CLIENT_TIMEOUT_S)
+    assert answer.status_code == 200, answer.text
+    expected = httpx.post(
+        f"{single_process}/ner", data={"text": TEXT}, headers=AUTH, timeout=CLIENT_TIMEOUT_S
+    )
+    assert answer.json() == expected.json()
+    assert (
+        httpx.get(f"{ray_serve.url}/ready", timeout=CLIENT_TIMEOUT_S).json()
+        == httpx.get(f"{single_process}/ready").json()
+    )
