@@ -90,5 +90,10 @@ bench-model: $(STAMP)
 		--json bench/results/model_bert-base.json
 	$(PY) bench/plots.py bench/results/model_minilm.json bench/results/model_bert-base.json
 
+# /ner with a photo through Ray Serve (1 and 2 replicas, local two-node cluster) against python -m
+# service (docs/scaling.md); about 3 minutes; writes bench/results/ray_serve/.
+bench-ray: $(RAY_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) bench/ray_serve.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
