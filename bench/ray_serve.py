@@ -49,6 +49,28 @@ from run import machine_busy_s, server_timing  # noqa: E402
 APP = "imm"
 
 
+def process_tree_rss_mb(pid: int, exclude: int | None = None) -> dict[str, float]:
+    """Resident memory (MB) of a process and its descendants but ``exclude``'s tree, by command name
+    (Linux /proc; shared pages count in each process, so the sum is an upper bound)."""
+    sizes: dict[str, float] = {}
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        if current == exclude:
+            continue
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            name = Path(f"/proc/{current}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        name = name.split("/")[-1] if not name.startswith("ray::") else name.split(".")[0]
+        sizes[name] = round(sizes.get(name, 0.0) + rss_kb / 1024, 1)
+    return sizes
+
+
 async def level(url: str, photo: bytes, concurrency: int, seconds: float, warmup: int) -> dict[str, Any]:
     """``concurrency`` closed-loop clients for ``seconds``: latency percentiles, throughput, CPU busy."""
     # No keep-alive: every request opens its own connection (as through a load balancer to Serve).
@@ -121,11 +143,16 @@ def measure(name: str, url: str, photo: bytes, concurrency: int, args: argparse.
 
 
 def serve_levels(
-    settings: dict[str, str], single_url: str, photo: bytes, args: argparse.Namespace
+    settings: dict[str, str],
+    single: tuple[int, str],
+    photo: bytes,
+    args: argparse.Namespace,
+    memory: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """The two-node cluster and the application on 1 then 2 replicas; each level is measured on
-    ``python -m service`` (``single_url``) right before, so that each pair shares the machine's
-    state of that moment. The cluster is shut down at the end."""
+    ``python -m service`` (``single``: its pid and URL) right before, so that each pair shares the
+    machine's state of that moment. The cluster is shut down at the end."""
+    single_pid, single_url = single
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -158,11 +185,12 @@ def serve_levels(
                 f"{replicas} replica(s) running in {time.perf_counter() - started:.1f} s ({states})",
                 flush=True,
             )
+            name = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}"
+            memory[name] = process_tree_rss_mb(os.getpid(), exclude=single_pid)
             for concurrency in (1, args.concurrency):
                 rows.append(
                     {"round": replicas, **measure("python -m service", single_url, photo, concurrency, args)}
                 )
-                name = f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}"
                 rows.append(
                     {"round": replicas, **measure(name, f"http://127.0.0.1:{port}", photo, concurrency, args)}
                 )
@@ -205,6 +233,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"* {serve['server']}, {serve['concurrency']} clients: {serve['throughput_rps']} req/s against "
                 f"{single['throughput_rps']} ({serve['throughput_rps'] / single['throughput_rps']:.2f}x)."
             )
+    lines.append(
+        "\nResident memory (MB, by process name; this benchmark's own process included in the Ray rows):\n"
+    )
+    for name, sizes in report["memory_rss_mb"].items():
+        detail = ", ".join(
+            f"{process} {mb:.0f}" for process, mb in sorted(sizes.items(), key=lambda kv: -kv[1])
+        )
+        lines.append(f"* {name}: {sum(sizes.values()):.0f} in all ({detail})")
     return "\n".join(lines) + "\n"
 
 
@@ -234,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     load_before = os.getloadavg()
     server, url = start_server(settings, args.out / "server.log")
+    memory: dict[str, Any] = {}
     try:
-        rows = serve_levels(settings, url, photo, args)
+        memory["python -m service"] = process_tree_rss_mb(server.pid)
+        rows = serve_levels(settings, (server.pid, url), photo, args, memory)
     finally:
         server.terminate()
         server.wait(30)
@@ -249,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "load_average_before": load_before,
         "rows": rows,
+        "memory_rss_mb": memory,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     summary = markdown(report)
