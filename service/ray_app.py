@@ -1,6 +1,6 @@
 """The service as a Ray Serve application: the same FastAPI app, one copy per replica, on a Ray cluster.
 
-Each replica runs ``service.app.create_app(Settings())``, the app ``python -m service`` serves,
+Each replica runs ``service.app.create_app(settings)``, the app ``python -m service`` serves,
 behind Serve's ``@serve.ingress``: same endpoints, answers, errors and metric names. Serve's
 proxies (one per node, each preferring the replicas of its own node) route requests; inside a
 replica the project's batcher gathers them into batches as it does in one process (Serve's
@@ -10,7 +10,8 @@ Run it on a cluster (or on a local one started for it)::
 
     python -m service.ray_app                 # IMM_RAY_ADDRESS=auto joins a running cluster
     serve run service.ray_app:build_app       # Serve's CLI; key=value arguments override IMM_RAY_*
-    serve deploy deploy/serve_config.yaml     # a config file (what KubeRay's RayService runs)
+    serve deploy serve_config.yaml            # a Serve config file: deploy/kuberay/rayservice.yaml's
+                                              # serveConfigV2 is one (KubeRay deploys it)
 
 Configuration: the service's ``IMM_*`` variables and the ``IMM_RAY_*`` ones of :class:`RaySettings`
 (replicas, autoscaling, CPUs and GPUs per replica), read and checked where the application is built

@@ -338,6 +338,7 @@ class Outcome:
     ended: float
     status: int | None  # None: no answer (connection error or client timeout)
     replica: str | None
+    error: str | None = None  # the body of an error, or the client's exception
 
 
 class Load:
@@ -364,9 +365,10 @@ class Load:
                     {"image": ("p.jpg", self.photo)},
                 )
                 status, replica = answer.status_code, answer.headers.get("x-serve-replica")
-            except httpx.TransportError:
-                status, replica = None, None
-            self.outcomes.append(Outcome(started, time.monotonic(), status, replica))
+                error = None if status == 200 else answer.text[:200]
+            except httpx.TransportError as failure:
+                status, replica, error = None, None, repr(failure)
+            self.outcomes.append(Outcome(started, time.monotonic(), status, replica, error))
             sent += 1
 
     def __enter__(self) -> Load:
@@ -401,7 +403,7 @@ def test_a_killed_replica_costs_its_requests_in_flight_and_is_replaced(two_repli
     assert any(o.replica == victim for o in load.outcomes if o.ended < killed_at)
     print(
         f"\nkilled {victim} under {concurrency} clients: {len(failed)} of {len(load.outcomes)} requests "
-        f"failed ({[o.status for o in failed]}), replaced after {replaced_in:.1f} s by {new}"
+        f"failed ({[(o.status, o.error) for o in failed]}), replaced after {replaced_in:.1f} s by {new}"
     )
     # At most the requests in flight when it died (every client had at most one), none sent after.
     assert len(failed) <= concurrency
