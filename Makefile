@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: install test test-docker lint format clean serve lock bench bench-model weights weights-ner weights-re
+.PHONY: install test test-docker test-ray lint format clean serve serve-ray lock bench bench-model bench-ray \
+	weights weights-ner weights-re
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The ray extra (Ray Serve), for the Ray targets only: a few hundred MB the other targets do not need.
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[ray]"
+	touch $(RAY_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -34,6 +41,11 @@ test: lint
 # image, then checks as a client (tests/docker/run.sh; as root, a few minutes; .ci/run runs it).
 test-docker: $(STAMP)
 	PY=$(abspath $(PY)) bash tests/docker/run.sh
+
+# The service on Ray Serve, on a local two-node Ray cluster (tests/test_ray_serve.py, about 2 minutes;
+# -s shows what the fault and autoscaling tests saw).
+test-ray: $(RAY_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -s -m ray tests/test_ray_serve.py
 
 # The inference service on the default bundles (weights/ner, weights/re); IMM_* variables configure it.
 # Its own venv, installed from the lock the images use (same versions, hash-checked), without torch.
@@ -59,6 +71,11 @@ lock: $(STAMP)
 	$(VENV)/bin/uv pip compile pyproject.toml --extra serve --extra gpu -c requirements/serve.txt \
 		--python-platform x86_64-manylinux_2_28 --python-version 3.11 --generate-hashes $(LOCK_ARGS) \
 		-o requirements/gpu.txt
+
+# The same service as a Ray Serve application (docs/scaling.md): on a new local Ray instance, or
+# on a running cluster with IMM_RAY_ADDRESS=auto; IMM_RAY_* variables set replicas and resources.
+serve-ray: $(RAY_STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m service.ray_app
 
 # The default models in weights/, end to end: train on the real tweets (MiniLM backbone, no
 # images), select on valid, export int8. Hours on a 2-core CPU; see weights/MODEL_CARD.md.
@@ -100,6 +117,11 @@ bench-model: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/model_latency.py --random-config bert-base $(MODEL_BENCH) \
 		--json bench/results/model_bert-base.json
 	$(PY) bench/plots.py bench/results/model_minilm.json bench/results/model_bert-base.json
+
+# /ner with a photo through Ray Serve (1 and 2 replicas, local two-node cluster) against python -m
+# service (docs/scaling.md); about 3 minutes; writes bench/results/ray_serve/.
+bench-ray: $(RAY_STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) bench/ray_serve.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .ruff_cache
