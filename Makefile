@@ -101,12 +101,16 @@ weights-re: $(STAMP)
 		--out $(RUNS)/re_mnre --epochs 3 --lr 1e-4 --batch-size 16 --re-pooling entity_start --seed $(SEED)
 	$(PY) -m export --checkpoint $(RUNS)/re_mnre --out weights/re --precision int8 --name imm-minilm-re
 
-# End-to-end benchmark (docs/benchmarks.md): starts the server on loopback, drives it at concurrency
-# 1/4/16/64, writes bench/results/e2e/ (JSON, summary.md, PNGs); under 10 minutes on 2 cores.
-# Bundles default to weights/ner and weights/re (a missing one is replaced by a random-weight MiniLM
-# int8 bundle). BENCH_ARGS adds options: make bench BENCH_ARGS="--quick" or "--intra-op-threads 1".
+# End-to-end benchmark (docs/benchmarks.md): starts the server on loopback and drives it twice: from a
+# Python client at concurrency 1/4/16/64 (latency and the server's stages: bench/results/e2e/), then
+# from wrk, a C load generator, at 1 to 256 (throughput without the client stealing the server's CPU:
+# bench/results/e2e-wrk/); JSON, summary.md and PNGs each; about 10 minutes on 2 cores. Bundles
+# default to weights/ner and weights/re. BENCH_ARGS adds options to both: BENCH_ARGS="--quick".
 bench: $(STAMP)
+	command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq wrk)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/run.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/run.py --load-generator wrk --concurrency 1 4 16 64 128 256 \
+		--level-seconds 10 --out bench/results/e2e-wrk $(BENCH_ARGS)
 
 # Model-only benchmark: ONNX Runtime fp32 and int8 against PyTorch eager, batch 1 to 64, for random
 # MiniLM-L6- and BERT-base-sized IMM (about 15-25 minutes on 2 cores, most of it BERT-base).

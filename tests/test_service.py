@@ -579,10 +579,13 @@ print(json.dumps({"statuses": statuses, "heavy": heavy}))
 """
 
 
-def test_serving_never_imports_torch(bundles):
+@pytest.mark.parametrize("runtime", ["auto", "onnx"])
+def test_serving_never_imports_torch(bundles, runtime):
+    """Torch is installed here (the dev install): on a machine without a GPU, neither IMM_RUNTIME=onnx
+    nor the default auto may import it."""
     done = subprocess.run(
         [sys.executable, "-c", TORCH_FREE_SCRIPT],
-        env=_env(bundles),
+        env=_env(bundles, IMM_RUNTIME=runtime),
         cwd=ROOT,
         capture_output=True,
         text=True,
