@@ -378,6 +378,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stages["queue_wait"], stages["inference"] = ner_timings.queue_wait_s, ner_timings.inference_s
         group: list[Prepared] = []
         results: list[Relation] = []
+        re_batch = 0
         if chosen:
             spans = [
                 ((entities[h].start, entities[h].end), (entities[t].start, entities[t].end))
@@ -387,6 +388,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             group, results, re_timings = await infer(
                 re_slot, left, relation_model.prepare_pairs, text, photo, spans
             )
+            re_batch = re_timings.batch_size
             for name, seconds in [
                 *group[0].stages.items(),
                 ("queue_wait", re_timings.queue_wait_s),
@@ -403,6 +405,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {
                 "model": f"{ner.name} {relation_model.name}",
                 "batch": ner_timings.batch_size,
+                "re_batch": re_batch,
                 "image": image_used,
                 "words": len(ner_prepared.words),
                 "pairs": len(chosen),
