@@ -9,12 +9,21 @@ asyncio httpx client, closed loop, at each concurrency, for four workloads:
     ner-text    POST /ner, tweet only
     re-image    POST /re, tweet + entity pair + 1200x900 JPEG
 
+and, to price ``POST /extract`` (NER, then RE on every ordered pair of the entities found) against
+``/ner`` alone on the same tweets, tweets in which the served NER model finds exactly 3 (6) entities,
+so 6 (30) pairs (the 6-entity ones are not run by default: ``--scenarios ner-6 extract-6``)::
+
+    ner-3       POST /ner, tweet with 3 entities       extract-3   POST /extract, the same tweets
+    ner-6       POST /ner, tweet with 6 entities       extract-6   POST /extract, the same tweets
+
 Every level is bounded in requests (``--requests``) and time (``--level-seconds``), and the whole
 run by ``--deadline-s``: it stops by itself. Tweets come from ``../shared/data`` (Twitter-2017/2015
-and MNRE valid files) when present, else from generated text. Per-stage times (decode, tokenise,
-queue wait, inference, total) are the deltas of the server's own Prometheus histograms over each
-level; the server's CPU time comes from /proc, and so does the CPU time other processes took
-meanwhile (a shared machine shows there). Writes ``results.json``, ``summary.md`` and PNG plots
+and MNRE valid files) when present, else from generated text; the tweets of the entity-count
+workloads are tweets in which the server's NER model finds that many entities (asked before the
+levels run: the dataset's tweets with that many gold entities, then generated ones). Per-stage
+times (decode, tokenise, queue wait, inference, total) are the deltas of the server's own
+Prometheus histograms over each level; the server's CPU time comes from /proc, and so does the
+CPU time other processes took meanwhile (a shared machine shows there). Writes ``results.json``, ``summary.md`` and PNG plots
 into ``--out`` (default ``bench/results/e2e``, git-ignored) and prints the summary::
 
     python bench/run.py                                  # what `make bench` runs
@@ -66,9 +75,20 @@ STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    endpoint: str  # "/ner" or "/re"
+    endpoint: str  # "/ner", "/re" or "/extract"
     image: tuple[int, int] | None  # JPEG width x height, None for text only
     title: str
+    entities: int | None = None  # only tweets in which the NER model finds this many entities
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The models the endpoint needs."""
+        return ("ner", "re") if self.endpoint == "/extract" else (self.endpoint.strip("/"),)
+
+    @property
+    def batched_model(self) -> str:
+        """The model whose batch sizes the level reports (/extract: RE, which gets its pairs)."""
+        return self.tasks[-1]
 
 
 SCENARIOS = {
@@ -78,26 +98,68 @@ SCENARIOS = {
         Scenario("ner-small", "/ner", (320, 240), "/ner + 320x240 JPEG"),
         Scenario("ner-text", "/ner", None, "/ner text only"),
         Scenario("re-image", "/re", (1200, 900), "/re + 1200x900 JPEG"),
+        Scenario("ner-3", "/ner", None, "/ner, 3 entities", entities=3),
+        Scenario("extract-3", "/extract", None, "/extract, 3 entities (6 pairs)", entities=3),
+        Scenario("ner-6", "/ner", None, "/ner, 6 entities", entities=6),
+        Scenario("extract-6", "/extract", None, "/extract, 6 entities (30 pairs)", entities=6),
     )
 }
+#: What ``make bench`` runs when no scenario is named (the 6-entity pair on request: 30 pairs a tweet).
+DEFAULT_SCENARIOS = ("ner-photo", "ner-small", "ner-text", "re-image", "ner-3", "extract-3")
 
 
 # -- inputs -------------------------------------------------------------------------------------
 def ner_texts(data: Path, limit: int = 2000) -> tuple[list[str], str]:
     """Tweets (words joined by single spaces) from the Twitter valid files, else generated ones."""
+    tweets, source = gold_tweets(data)
+    if tweets:
+        texts = [text for text, _ in tweets]
+        random.Random(0).shuffle(texts)
+        return texts[:limit], source
+    return generated_tweets(limit), "generated"
+
+
+def gold_tweets(data: Path) -> tuple[list[tuple[str, int]], str]:
+    """(tweet, number of gold entities) of the Twitter valid files; none without the data."""
     from model.data import read_twitter_conll  # stdlib only
 
-    texts: list[str] = []
+    tweets: list[tuple[str, int]] = []
     sources = []
     for name in ("twitter2017", "twitter2015"):
         path = data / name / "valid.txt"
         if path.is_file():
-            texts += [" ".join(e.words) for e in read_twitter_conll(path)]
+            tweets += [
+                (" ".join(e.words), sum(t.startswith("B-") for t in e.tags)) for e in read_twitter_conll(path)
+            ]
             sources.append(str(path))
-    if texts:
-        random.Random(0).shuffle(texts)
-        return texts[:limit], ", ".join(sources)
-    return generated_tweets(limit), "generated"
+    return tweets, ", ".join(sources)
+
+
+def texts_with_entities(
+    url: str, data: Path, count: int, want: int = 40, tries: int = 600
+) -> tuple[list[str], str]:
+    """Tweets in which the server's NER model finds exactly ``count`` entities: at most ``want`` of
+    them, out of at most ``tries`` asked: first the dataset's tweets with ``count`` gold entities,
+    then generated ones (built from entity-dense invented tweets: the valid files hold few tweets
+    with 5 or more entities)."""
+    tweets, source = gold_tweets(data)
+    real = [text for text, gold in tweets if gold == count]
+    random.Random(count).shuffle(real)
+    generated = generated_tweets(2000)[len(TWEETS) :]
+    random.Random(count).shuffle(generated)
+    found: dict[str, list[str]] = {"real": [], "generated": []}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for kind, text in [*(("real", t) for t in real), *(("generated", t) for t in generated)][:tries]:
+            answer = client.post("/ner", data={"text": text})
+            if answer.status_code == 200 and len(answer.json()["entities"]) == count:
+                found[kind].append(text)
+                if len(found["real"]) + len(found["generated"]) >= want:
+                    break
+    note = (
+        f"{len(found['real']) + len(found['generated'])} tweets in which the NER model finds {count} "
+        f"entities ({len(found['real'])} of {source or 'no dataset'}, {len(found['generated'])} generated)"
+    )
+    return found["real"] + found["generated"], note
 
 
 def generated_tweets(count: int) -> list[str]:
@@ -131,8 +193,9 @@ def re_items(data: Path, limit: int = 2000) -> tuple[list[dict[str, Any]], str]:
                 return starts[first], starts[last - 1] + len(example.words[last - 1])
 
             (hs, he), (ts, te) = span(example.head), span(example.tail)
-            if max(hs, ts) < min(he, te):
-                continue  # a few MNRE pairs overlap (a 422 from the service): not a latency sample
+            nested = (hs <= ts and te <= he) or (ts <= hs and he <= te)
+            if (hs, he) == (ts, te) or (max(hs, ts) < min(he, te) and not nested):
+                continue  # the same span twice, or spans that cross (a 422; no MNRE pair is either)
             items.append(dict(text=text, head_start=hs, head_end=he, tail_start=ts, tail_end=te))
         random.Random(0).shuffle(items)
         return items[:limit], str(path)
@@ -266,6 +329,7 @@ class Load:
     """The requests of one scenario: form fields and the image, cycling over the inputs."""
 
     def __init__(self, scenario: Scenario, texts: list[str], pairs: list[dict], images: dict):
+        """``texts``: the tweets of a /ner or /extract scenario; ``pairs``: /re's form fields."""
         self.scenario = scenario
         self.texts, self.pairs = texts, pairs
         self.image = images.get(scenario.image) if scenario.image else None
@@ -358,7 +422,7 @@ async def run_level(
     latencies.sort()
     ms = [1000 * v for v in latencies]
     sent = next_number
-    batch = histogram_delta(before, after, "imm_batch_size", model=endpoint.strip("/"))
+    batch = histogram_delta(before, after, "imm_batch_size", model=load.scenario.batched_model)
     row: dict[str, Any] = {
         "scenario": load.scenario.name,
         "endpoint": endpoint,
@@ -416,7 +480,7 @@ def run_wrk_level(
     result = run_wrk(url, endpoint, requests, concurrency, seconds)
     cpu_server_after = process_cpu_s(server_pid) if server_pid else None
     after = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
-    batch = histogram_delta(before, after, "imm_batch_size", model=endpoint.strip("/"))
+    batch = histogram_delta(before, after, "imm_batch_size", model=load.scenario.batched_model)
     row: dict[str, Any] = {
         "scenario": load.scenario.name,
         "endpoint": endpoint,
@@ -521,6 +585,33 @@ def check_targets(rows: list[dict]) -> list[dict[str, Any]]:
     return targets
 
 
+def extract_costs(rows: list[dict]) -> list[dict[str, Any]]:
+    """/extract against /ner alone on the same tweets, per entity count and concurrency."""
+    costs = []
+    for name, scenario in SCENARIOS.items():
+        if scenario.endpoint != "/extract":
+            continue
+        for row in (r for r in rows if r["scenario"] == name):
+            ner = _find(rows, f"ner-{scenario.entities}", row["concurrency"])
+            if ner is None or not ner["p50_ms"] or not row["p50_ms"]:
+                continue
+            costs.append(
+                {
+                    "entities": scenario.entities,
+                    "pairs": scenario.entities * (scenario.entities - 1),
+                    "concurrency": row["concurrency"],
+                    "ner_p50_ms": ner["p50_ms"],
+                    "extract_p50_ms": row["p50_ms"],
+                    "p50_ratio": round(row["p50_ms"] / ner["p50_ms"], 2),
+                    "ner_rps": ner["throughput_rps"],
+                    "extract_rps": row["throughput_rps"],
+                    "ner_cpu_ms": ner.get("server_cpu_ms_per_request"),
+                    "extract_cpu_ms": row.get("server_cpu_ms_per_request"),
+                }
+            )
+    return costs
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -592,6 +683,21 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(s.get('tokenise'), 2)} | {_fmt(s.get('queue_wait'))} | {_fmt(s.get('inference'))} | "
             f"{_fmt(s['total'] - known)} | {_fmt(s['total'])} | {_fmt(client)} |"
         )
+    if report.get("extract_costs"):
+        lines += [
+            "",
+            "/extract (entities, then the relation of every ordered pair) against /ner alone, same tweets:",
+            "",
+            "| entities | pairs | conc | /ner p50 ms | /extract p50 ms | ratio | /ner req/s | /extract req/s "
+            "| /ner CPU ms/req | /extract CPU ms/req |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in report["extract_costs"]:
+            lines.append(
+                f"| {c['entities']} | {c['pairs']} | {c['concurrency']} | {_fmt(c['ner_p50_ms'])} | "
+                f"{_fmt(c['extract_p50_ms'])} | {c['p50_ratio']:.2f}x | {_fmt(c['ner_rps'])} | "
+                f"{_fmt(c['extract_rps'])} | {_fmt(c['ner_cpu_ms'])} | {_fmt(c['extract_cpu_ms'])} |"
+            )
     if report["targets"]:
         lines += ["", "Targets (2-core machine, default int8 bundle):", ""]
         lines += [
@@ -614,7 +720,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--re-bundle", type=Path, default=ROOT / "weights" / "re")
     parser.add_argument("--build-precision", default="int8", choices=("fp32", "int8"))
     parser.add_argument("--no-build", action="store_true", help="a missing bundle is an error")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument(
         "--load-generator",
@@ -651,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_started = time.monotonic()
     scenarios = [SCENARIOS[name] for name in args.scenarios]
-    tasks = sorted({s.endpoint.strip("/") for s in scenarios})
+    tasks = sorted({task for s in scenarios for task in s.tasks})
     notes: list[str] = []
 
     server_env: dict[str, str] = {}
@@ -700,15 +806,28 @@ def main(argv: list[str] | None = None) -> int:
 
     texts, text_source = ner_texts(args.data)
     pairs, pair_source = re_items(args.data)
+    by_entities: dict[int, list[str]] = {}
+    for count in sorted({s.entities for s in scenarios if s.entities is not None}):
+        if ready["models"].get("ner", {}).get("status") == "ready":
+            by_entities[count], source = texts_with_entities(url, args.data, count)
+            text_source += f"; {source}"
+            print(source, flush=True)
     images = {s.image: photo_jpeg(*s.image) for s in scenarios if s.image}
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     levels = [(s, c) for s in scenarios for c in args.concurrency]
     try:
         for index, (scenario, concurrency) in enumerate(levels):
-            task = scenario.endpoint.strip("/")
-            if ready["models"].get(task, {}).get("status") != "ready":
-                print(f"skipping {scenario.name}: the {task.upper()} model is not ready", flush=True)
+            missing = [t for t in scenario.tasks if ready["models"].get(t, {}).get("status") != "ready"]
+            if missing:
+                print(f"skipping {scenario.name}: the {missing[0].upper()} model is not ready", flush=True)
+                continue
+            scenario_texts = texts if scenario.entities is None else by_entities.get(scenario.entities)
+            if not scenario_texts:
+                notes.append(
+                    f"{scenario.name}: no tweet in which the NER model finds {scenario.entities} entities"
+                )
+                print(notes[-1], flush=True)
                 continue
             # Share what is left of the deadline (less 10 s for the plots) among the levels still to
             # run; a fifth of a share goes to the level's warm-up.
@@ -727,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(notes[-1], flush=True)
                 break
-            load = Load(scenario, texts, pairs, images)
+            load = Load(scenario, scenario_texts, pairs, images)
             pid = server.pid if server else None
             if args.load_generator == "wrk":
                 row = run_wrk_level(url, load, concurrency, seconds, pid, offset=997 * index)
@@ -782,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "levels": rows,
         "targets": check_targets(rows),
+        "extract_costs": extract_costs(rows),
         "notes": notes,
     }
     if not args.no_plots and rows:

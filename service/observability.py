@@ -41,6 +41,8 @@ error_log = logging.getLogger("service.errors")
 disable_created_metrics()
 
 STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
+#: The endpoints that run a model (guarded by the API key; their stages are measured).
+INFERENCE_ENDPOINTS = ("/ner", "/re", "/extract")
 # Latency buckets from 1 ms to 10 s: the stages span decode (sub-ms) to a full request under load.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
@@ -181,7 +183,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             endpoint = self._endpoint(scope["path"])
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            if endpoint in ("/ner", "/re"):
+            if endpoint in INFERENCE_ENDPOINTS:
                 self.metrics.stage_seconds.labels(endpoint, "total").observe(elapsed)
             client = scope.get("client")
             access_log.info(

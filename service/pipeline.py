@@ -1,7 +1,9 @@
 """What the service does with a request, per task: preprocess one, infer and decode a batch.
 
-``prepare`` (in the preprocessing thread pool) turns raw text and image bytes into model inputs
-through the project's one preprocessing path (``model.preprocessing``); ``run_batch`` (in the
+``prepare`` (in the preprocessing thread pool) turns raw text and a request's picture (``Photo``)
+into model inputs through the project's one preprocessing path (``model.preprocessing``), decoding
+the picture at most once per image step, so that ``POST /extract`` decodes it once for both models
+when they share one (the same size, normalisation and runtime); ``run_batch`` (in the
 model's inference thread) hands the batch to the model's runtime (``service.runtime``: ONNX
 Runtime, or PyTorch on a GPU), which pads it, runs the model once and decodes the CRF, and turns
 each row into its answer, so a request gets the same answer alone or in any batch.
@@ -13,14 +15,16 @@ runtime is imported by ``service.runtime`` only when it is chosen).
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from export.bundle import Bundle
+from model.data.mnre import NO_RELATION
 from model.decoding import bio_spans, char_spans
 from model.preprocessing import EncodedText, Preprocessor, split_words
 from service.errors import FieldError
@@ -29,6 +33,19 @@ from service.runtime import NEROutput, Picture, Runtime, jpeg_header
 log = logging.getLogger("service.pipeline")
 
 WARMUP_TEXT = "RT @imm_ai : Alice Smith visits Paris with the Lakers today ! #warmup http://t.co/x :)"
+
+
+@dataclass
+class Photo:
+    """A request's picture as sent, and what each image step made of it.
+
+    A step (``Pipeline.image_step``: image size, normalisation, pixel limit, and whether the runtime
+    decodes JPEGs itself) decodes it at most once: models that share a step get the same ``Picture``
+    object, so ``POST /extract`` decodes the picture once for its NER and RE models.
+    """
+
+    data: bytes
+    pictures: dict[Hashable, Picture] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +100,9 @@ class Pipeline:
         self.ignored_picture_note = (
             f"the picture was not used: this {self.task.upper()} model was trained without pictures"
         )
+        # What decides the pixels a picture becomes; equal steps share one decoded picture (a value,
+        # taken now: ImageProcessor is a frozen dataclass, equal when its settings are).
+        self.image_step: Hashable = (runtime.decodes_jpeg, preprocessor.image)
 
     def words(self, text: str, limit: int | None = None) -> list[tuple[str, int, int]]:
         """The text's words as the model reads them (``split_words``, then words longer than the
@@ -92,22 +112,26 @@ class Pipeline:
             raise FieldError("text", "text is empty or only whitespace")
         return self.preprocessor.text.split_long_words(words[:limit])
 
-    def _image(self, image: bytes | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
+    def _image(self, photo: Photo | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
         """The picture for the model: decoded pixels (JPEG in draft mode: never a full-size decode of
         a large photo), JPEG bytes for a runtime that decodes them on its device, or None (no
-        picture, or a model that ignores them: then nothing is decoded)."""
-        if image is None:
+        picture, or a model that ignores them: then nothing is decoded). A photo already decoded
+        by another model with the same image step is not decoded again."""
+        if photo is None:
             return None
         if not self.visual:
             notes.append(self.ignored_picture_note)
             return None
+        if self.image_step in photo.pictures:
+            return photo.pictures[self.image_step]
         started = time.perf_counter()
         pixels: Picture | None = None
         if self.runtime.decodes_jpeg:
-            pixels = jpeg_header(image, self.preprocessor.image.max_pixels)
+            pixels = jpeg_header(photo.data, self.preprocessor.image.max_pixels)
         if pixels is None:
-            pixels = self.preprocessor.image(image)
+            pixels = self.preprocessor.image(photo.data)
         stages["decode"] = time.perf_counter() - started
+        photo.pictures[self.image_step] = pixels
         return pixels
 
     def run_batch(self, batch: Sequence[Prepared]) -> list[Any]:
@@ -139,7 +163,7 @@ class NERPipeline(Pipeline):
 
     task = "ner"
 
-    def prepare(self, text: str, image: bytes | None) -> Prepared:
+    def prepare(self, text: str, image: Photo | None) -> Prepared:
         stages: dict[str, float] = {}
         started = time.perf_counter()
         # Each word takes at least one piece, so words past the budget can never fit: leaving them
@@ -206,28 +230,82 @@ def entity_words(
     return first, last + 1
 
 
+#: A relation label that names its entity types, MNRE's way: /head type/tail type/name.
+_TYPED_RELATION = re.compile(r"^/([^/]+)/([^/]+)/[^/]+$")
+
+Span = tuple[int, int]
+
+
+def check_pair(head_words: Span, tail_words: Span, head: Span, tail: Span) -> None:
+    """A 422 for an entity pair the model never saw in training: the same words, or spans that cross
+    (``head_words``, ``tail_words``: the word spans that the character spans ``head``, ``tail`` cover).
+
+    One span inside the other is a pair (MNRE holds 59 such train pairs and 3 valid ones: a place in
+    the name of a venue, a first name in a full name); its markers are placed by
+    ``TextEncoder.encode_relation``, the function training uses. Spans that overlap without one containing the other are in no
+    MNRE pair (train or valid): refused, as identical spans are.
+    """
+    if head_words == tail_words:
+        raise FieldError(
+            "tail_start",
+            f"the head [{head[0]}, {head[1]}) and tail [{tail[0]}, {tail[1]}) are the same words: "
+            "a relation needs two entities",
+        )
+    (head_first, head_last), (tail_first, tail_last) = head_words, tail_words
+    overlap = max(head_first, tail_first) < min(head_last, tail_last)
+    nested = (head_first <= tail_first and tail_last <= head_last) or (
+        tail_first <= head_first and head_last <= tail_last
+    )
+    if overlap and not nested:
+        raise FieldError(
+            "tail_start",
+            f"the head [{head[0]}, {head[1]}) and tail [{tail[0]}, {tail[1]}) spans cross: they overlap "
+            "without one containing the other (the training data has no such pair)",
+        )
+
+
 class REPipeline(Pipeline):
     """Text and an entity pair (character offsets) in, relation probabilities out."""
 
     task = "re"
 
-    def prepare(
-        self, text: str, image: bytes | None, head: tuple[int, int], tail: tuple[int, int]
-    ) -> Prepared:
+    def __init__(self, bundle: Bundle, preprocessor: Preprocessor, runtime: Runtime):
+        super().__init__(bundle, preprocessor, runtime)
+        typed = [_TYPED_RELATION.match(label) for label in self.labels if label != NO_RELATION]
+        #: (head type, tail type) pairs some relation of the model holds between, in NER's type names
+        #: ("/per/loc/place_of_residence": PER, LOC); None when the labels do not name types.
+        self.relation_types: frozenset[tuple[str, str]] | None = (
+            frozenset((m.group(1).upper(), m.group(2).upper()) for m in typed if m)
+            if typed and all(typed)
+            else None
+        )
+
+    def prepare(self, text: str, image: Photo | None, head: Span, tail: Span) -> Prepared:
+        return self.prepare_pairs(text, image, [(head, tail)])[0]
+
+    def prepare_pairs(
+        self, text: str, image: Photo | None, pairs: Sequence[tuple[Span, Span]]
+    ) -> list[Prepared]:
+        """One ``Prepared`` per (head, tail) pair of character spans of ``text``: the words are split
+        and the picture read once for all of them."""
         stages: dict[str, float] = {}
         started = time.perf_counter()
         words = self.words(text)
-        head_words = entity_words(text, words, *head, role="head")
-        tail_words = entity_words(text, words, *tail, role="tail")
-        if max(head[0], tail[0]) < min(head[1], tail[1]):
-            raise FieldError(
-                "tail_start", f"the head [{head[0]}, {head[1]}) and tail [{tail[0]}, {tail[1]}) spans overlap"
-            )
-        encoded = self.preprocessor.text.encode_relation([w for w, _, _ in words], head_words, tail_words)
+        plain = [w for w, _, _ in words]
+        encoded = []
+        for head, tail in pairs:
+            head_words = entity_words(text, words, *head, role="head")
+            tail_words = entity_words(text, words, *tail, role="tail")
+            check_pair(head_words, tail_words, head, tail)
+            encoded.append(self.preprocessor.text.encode_relation(plain, head_words, tail_words))
         stages["tokenise"] = time.perf_counter() - started
         notes: list[str] = []
         pixels = self._image(image, stages, notes)
-        return Prepared(text, words, encoded, pixels, encoded.truncated, stages, notes)
+        # The stages are the group's, counted once (on its first item).
+        return [
+            Prepared(text, words, item, pixels, item.truncated, stages if n == 0 else {}, list(notes))
+            for n, item in enumerate(encoded)
+        ]
 
     def decode(self, batch: Sequence[Prepared], output: np.ndarray) -> list[Relation]:
         results = []

@@ -77,6 +77,57 @@ class REResponse(BaseModel):
     notes: list[str] = _NOTES_FIELD
 
 
+class RelationOut(BaseModel):
+    head: int = Field(description="Index of the head entity in `entities`")
+    tail: int = Field(description="Index of the tail entity in `entities`")
+    relation: str = Field(description="The most probable relation from head to tail")
+    score: float = Field(description="Its probability (softmax of the logits)")
+
+
+class ExtractModels(BaseModel):
+    ner: str = Field(description="The NER bundle that found the entities: '<model>@<sha12>'")
+    re: str = Field(description="The RE bundle that classified the pairs: '<model>@<sha12>'")
+
+
+class ExtractResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entities": [
+                        {"text": "Alice Smith", "type": "PER", "start": 0, "end": 11, "score": 0.981},
+                        {"text": "Paris", "type": "LOC", "start": 19, "end": 24, "score": 0.994},
+                        {"text": "Lakers", "type": "ORG", "start": 34, "end": 40, "score": 0.972},
+                    ],
+                    "relations": [
+                        {"head": 0, "tail": 1, "relation": "/per/loc/place_of_residence", "score": 0.912},
+                        {"head": 0, "tail": 2, "relation": "/per/org/member_of", "score": 0.887},
+                    ],
+                    "image_used": True,
+                    "truncated": False,
+                    "models": {"ner": "imm-ner@3f2a9c1d0b7e", "re": "imm-re@a41c07e2d9f3"},
+                    "notes": [],
+                }
+            ]
+        }
+    )
+
+    entities: list[EntityOut] = Field(description="The entities, as /ner answers them (in text order)")
+    relations: list[RelationOut] = Field(
+        description="The relation of each pair asked (see `pairs`), by entity index, in the order of "
+        "the pairs (head, then tail, in text order); a pair whose best relation is 'None' only with "
+        "include_none=true"
+    )
+    image_used: bool = Field(
+        description="Whether an image was given and read by a model (`notes` names a model that ignored it)"
+    )
+    truncated: bool = Field(
+        description="True when the text was longer than a model's window: only its first window was read"
+    )
+    models: ExtractModels
+    notes: list[str] = _NOTES_FIELD
+
+
 class ModelStatus(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

@@ -95,8 +95,13 @@ class Settings(BaseSettings):
         description="largest declared image (width x height); Twitter's own limit is 4096x4096",
     )
     max_text_chars: int = Field(25_000, ge=1, description="longest text accepted (longer: 413)")
+    max_relation_pairs: int = Field(
+        64,
+        ge=1,
+        description="most entity pairs one /extract classifies (8 entities make 56 ordered pairs; more: 413)",
+    )
     api_key: SecretStr | None = Field(
-        None, description="when set, /ner and /re need 'Authorization: Bearer <key>'"
+        None, description="when set, /ner, /re and /extract need 'Authorization: Bearer <key>'"
     )
     warmup: bool = Field(True, description="run dummy batches before /ready says ready")
     log_level: str = Field("info")

@@ -1,8 +1,9 @@
 """The demo page at ``GET /``, driven end to end in headless Chromium (Debian's, through Playwright).
 
 The server runs the small exported test bundles with an API key, in a thread (real HTTP on
-loopback): the page must load without the key, ask for it once, then show the entities, the
-relation of two entities chosen by mouse and by keyboard, and the API's errors next to their field.
+loopback): the page must load without the key, ask for it once, then show the entities and the
+relations between them (one ``POST /extract``), the relation of two entities chosen by mouse and
+by keyboard, and the API's errors next to their field; with no RE model it falls back to ``/ner``.
 Without Chromium the browser test skips locally and fails in CI (``CI`` set, as ``.ci/run`` does).
 """
 
@@ -120,7 +121,17 @@ def entities(page) -> list[tuple[str, str]]:
     ]
 
 
-def test_the_page_end_to_end_in_chromium(server):
+def relation_lines(answer: dict) -> list[str]:
+    """The relation list as the page should write it for an /extract answer."""
+    entities = answer["entities"]
+    return [
+        f"{entities[r['head']]['text']} → {r['relation']} → {entities[r['tail']]['text']} "
+        f"{100 * r['score']:.1f} %"
+        for r in answer["relations"]
+    ]
+
+
+def test_the_page_end_to_end_in_chromium(server, bundles):
     chromium = chromium_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
@@ -137,6 +148,8 @@ def test_the_page_end_to_end_in_chromium(server):
             requested: list[str] = []
             page.on("pageerror", lambda error: crashes.append(str(error)))
             page.on("request", lambda request: requested.append(request.url))
+            posted: list[str] = []
+            page.on("request", lambda request: request.method == "POST" and posted.append(request.url))
 
             page.goto(server + "/")
             expect(page).to_have_title(re.compile("IMM demo"))
@@ -171,6 +184,34 @@ def test_the_page_end_to_end_in_chromium(server):
             alice = page.locator("#tweet mark.entity", has_text="alice smith")
             expect(alice).to_have_attribute("data-score", re.compile(r"\d+\.\d %"))
             expect(alice).to_have_attribute("title", re.compile(r"PER · score \d+\.\d %"))
+
+            # The relations, in the same call: one POST /extract (after the one the key prompt stopped).
+            assert [url.removeprefix(server) for url in posted] == ["/extract", "/extract"], posted
+            expected = httpx.post(
+                server + "/extract",
+                data={"text": TWEET},
+                files={"image": ("photo.jpg", jpeg_bytes(), "image/jpeg")},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=30,
+            ).json()
+            assert expected["entities"] and len(expected["relations"]) >= 2, expected
+            items = page.locator("#relation-list li")
+            expect(items).to_have_count(len(expected["relations"]))
+            assert items.all_inner_texts() == relation_lines(expected)
+            expect(page.locator("#relations-title")).to_have_text(f"Relations ({len(expected['relations'])})")
+            expect(meta).to_contain_text(f"models {expected['models']['ner']}, {expected['models']['re']}")
+            # Focusing a relation outlines its two entities; choosing it shows its scores (/re).
+            first = expected["relations"][0]
+            head_text = expected["entities"][first["head"]]["text"]
+            tail_text = expected["entities"][first["tail"]]["text"]
+            items.first.locator("button").focus()
+            expect(page.locator("#tweet mark.entity.related")).to_have_count(2)
+            items.first.locator("button").click()
+            expect(page.locator("#relation-answer")).to_contain_text(
+                f"{head_text} → {first['relation']} → {tail_text}"
+            )
+            expect(page.locator("#tweet mark.entity.head")).to_contain_text(head_text)
+            expect(page.locator("#tweet mark.entity.tail")).to_contain_text(tail_text)
 
             # The first entity by mouse, the second by keyboard: a relation, with bars.
             alice.click()
@@ -209,6 +250,20 @@ def test_the_page_end_to_end_in_chromium(server):
 
             assert not crashes, crashes
             assert all(url.startswith((server, "blob:")) for url in requested), requested
+
+            # A server without an RE model: the page asks /ner, and shows no relation list.
+            with ServerThread(create_app(make_settings(bundles, re_bundle=None, warmup=False))) as ner_only:
+                posted.clear()
+                page.goto(ner_only + "/")
+                expect(page.locator("#models")).to_contain_text("RE: absent")
+                expect(page.locator("#submit")).to_have_text("Find entities")
+                page.fill("#text", TWEET)
+                page.click("#submit")
+                expect(page.locator("#result")).to_be_visible()
+                assert ("PER", "alice smith") in entities(page)
+                expect(page.locator("#relations")).to_be_hidden()
+                assert [url.removeprefix(ner_only) for url in posted] == ["/ner"], posted
+            assert not crashes, crashes
         finally:
             browser.close()
 
@@ -245,9 +300,9 @@ def test_the_api_docs_in_chromium_offline(server):
             page.goto(server + "/docs")
             expect(page).to_have_title("IMM inference service: API")
             paths = page.locator(".opblock-summary-path")
-            for path in ("/ner", "/re", "/health", "/ready", "/metrics"):
+            for path in ("/ner", "/re", "/extract", "/health", "/ready", "/metrics"):
                 expect(paths.filter(has_text=re.compile(f"^{path}$"))).to_have_count(1)
-            expect(page.locator(".opblock-post")).to_have_count(2)
+            expect(page.locator(".opblock-post")).to_have_count(3)
 
             # Try one: GET /health from the page, answered by the server.
             health = page.locator(

@@ -151,7 +151,7 @@ def test_schemathesis_finds_nothing(service_url):
 
     schema = schemathesis.openapi.from_url(f"{service_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/ner", "/re", "/health", "/ready"}
+    assert {op.path for op in operations} >= {"/ner", "/re", "/extract", "/health", "/ready"}
     for operation in operations:
 
         @settings(BOUNDED, max_examples=50)

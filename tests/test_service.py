@@ -393,8 +393,11 @@ RE_TEXT = "alice smith moved to paris 🇫🇷 !"
         ({"head_start": 50, "head_end": 60}, "head_start"),
         ({"head_end": 0}, "head_end"),  # empty
         ({"tail_start": 21, "tail_end": 21}, "tail_end"),  # empty
-        ({"tail_start": 6, "tail_end": 11}, "tail_start"),  # overlaps the head
-        ({"head_start": 0, "head_end": 26}, "tail_start"),  # contains the tail
+        ({"tail_start": 6, "tail_end": 17}, "tail_start"),  # crosses the head ("smith moved")
+        (
+            {"tail_start": 0, "tail_end": 11},
+            "tail_start",
+        ),  # the head's words (nested spans: tests/test_extract.py)
         ({"head_start": 11, "head_end": 12}, "head_start"),  # only a space
         ({"head_start": 2}, "head_start"),  # inside "alice"
         ({"tail_end": 23}, "tail_end"),  # inside "paris"

@@ -167,6 +167,83 @@ def test_batcher_drops_requests_that_timed_out_while_queued():
     assert seen == ["a", "b"]
 
 
+def _held_batcher_scenario(run_batch, max_batch_size: int, queued, entered, release):
+    """Runs "a" (held in run_batch until ``release``), queues ``queued`` (items or lists: groups) behind
+    it, then lets the worker go; returns each request's result or exception."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def scenario() -> list:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=max_batch_size, max_wait_s=0, max_queue=64)
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await asyncio.to_thread(entered.wait, 5)
+                tasks = [
+                    asyncio.create_task(
+                        batcher.submit_group(request)
+                        if isinstance(request, list)
+                        else batcher.submit(request)
+                    )
+                    for request in queued
+                ]
+                await _until(lambda: batcher.depth == len(queued))
+                release.set()
+                await first
+                answers = await asyncio.gather(*tasks, return_exceptions=True)
+                return [a if isinstance(a, BaseException) else a[0] for a in answers]
+            finally:
+                release.set()
+                await batcher.stop()
+
+    return asyncio.run(scenario())
+
+
+def test_batcher_runs_a_group_in_one_batch_never_split_and_answers_it_together():
+    batches: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        entered.set()
+        release.wait(5)
+        return [item.upper() for item in items]
+
+    groups = [["g1", "g2", "g3"], ["h1", "h2"], "s1", [f"o{n}" for n in range(10)], "s2"]
+    results = _held_batcher_scenario(run_batch, 4, groups, entered, release)
+    assert results == [["G1", "G2", "G3"], ["H1", "H2"], "S1", [f"O{n}" for n in range(10)], "S2"]
+    assert batches == [
+        ["a"],
+        ["g1", "g2", "g3"],  # the next group does not fit beside it: it opens the next batch
+        ["h1", "h2", "s1"],
+        # A group larger than max_batch_size runs alone, in consecutive batches of max_batch_size.
+        ["o0", "o1", "o2", "o3"],
+        ["o4", "o5", "o6", "o7"],
+        ["o8", "o9"],
+        ["s2"],
+    ]
+
+
+def test_batcher_a_failing_item_fails_its_group_alone():
+    batches: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        entered.set()
+        release.wait(5)
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        return [item.upper() for item in items]
+
+    results = _held_batcher_scenario(
+        run_batch, 8, [["x1", "boom", "x3"], "y", ["z1", "z2"]], entered, release
+    )
+    assert isinstance(results[0], RuntimeError) and results[1:] == ["Y", ["Z1", "Z2"]]
+    # The batch failed, then ran item by item: the group stops at its first failure.
+    assert batches == [["a"], ["x1", "boom", "x3", "y", "z1", "z2"], ["x1"], ["boom"], ["y"], ["z1"], ["z2"]]
+
+
 # --- guard: API key and upload limit ------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-// The demo page: POST /ner on submit, POST /re when two entities are chosen. No framework.
+// The demo page: POST /extract on submit (entities and their relations in one call; POST /ner when the
+// server has no RE model), POST /re when two entities are chosen. No framework.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,6 +10,8 @@ const TOP_RELATIONS = 5;
 let shown = null;
 let chosen = []; // the entities picked for /re: [head] or [head, tail]
 let retry = null; // what to run again once an API key is given
+let extract = true; // both models are ready (from /ready): one /extract call, else /ner
+let marks = []; // the highlighted entities, by their index in the answer
 
 // --- talking to the API ---------------------------------------------------------------------
 
@@ -155,11 +158,12 @@ async function findEntities(event) {
   clearErrors();
   const request = { text: $("text").value, image: $("image").files[0] || null };
   retry = () => findEntities();
-  setBusy(true, "Finding entities…");
+  setBusy(true, extract ? "Finding entities and relations…" : "Finding entities…");
   try {
-    const answer = await post("/ner", request);
+    const answer = await post(extract ? "/extract" : "/ner", request);
     shown = request;
     showEntities(answer);
+    showRelations(answer);
   } catch (error) {
     if (error.status !== 401) $("result").hidden = true; // no stale answer under a new error
     showError(error);
@@ -168,9 +172,11 @@ async function findEntities(event) {
   }
 }
 
+const submitLabel = () => (extract ? "Find entities and relations" : "Find entities");
+
 function setBusy(busy, message) {
   $("submit").disabled = busy;
-  $("submit").textContent = busy ? "Working…" : "Find entities";
+  $("submit").textContent = busy ? "Working…" : submitLabel();
   $("result").setAttribute("aria-busy", String(busy));
   if (message) $("status").textContent = message;
 }
@@ -179,7 +185,10 @@ function meta(answer) {
   const parts = [answer.image_used ? "picture used" : "no picture used"];
   if (answer.serverMs !== null) parts.push(`server time ${answer.serverMs.toFixed(1)} ms`);
   if (answer.truncated) parts.push("text truncated to the model's window");
-  parts.push(`model ${answer.model}`);
+  if (answer.models) parts.push(`models ${answer.models.ner}, ${answer.models.re}`);
+  else parts.push(`model ${answer.model}`);
+  // What else the server says, e.g. that a model was trained without pictures and ignored this one.
+  for (const note of answer.notes || []) parts.push(note);
   return parts.join(" · ");
 }
 
@@ -187,6 +196,7 @@ const percent = (score) => `${(score * 100).toFixed(1)} %`;
 
 function showEntities(answer) {
   chosen = [];
+  marks = [];
   $("relation").hidden = true;
   $("ner-meta").textContent = meta(answer);
   const tweet = $("tweet");
@@ -194,9 +204,11 @@ function showEntities(answer) {
   // Offsets count code points: index an array of them, not the UTF-16 string.
   const chars = Array.from(shown.text);
   let at = 0;
-  for (const entity of [...answer.entities].sort((a, b) => a.start - b.start)) {
+  const ordered = answer.entities.map((entity, index) => ({ entity, index }));
+  for (const { entity, index } of ordered.sort((a, b) => a.entity.start - b.entity.start)) {
     if (entity.start < at) continue; // overlapping spans do not happen; never garble the text if they do
-    tweet.append(chars.slice(at, entity.start).join(""), entityMark(entity));
+    marks[index] = entityMark(entity);
+    tweet.append(chars.slice(at, entity.start).join(""), marks[index]);
     at = entity.end;
   }
   tweet.append(chars.slice(at).join(""));
@@ -235,6 +247,51 @@ function entityMark(entity) {
 }
 
 // --- relations -----------------------------------------------------------------------------
+
+// The relations /extract found, as a list beside the tweet: "head → relation → tail (score)".
+// Hovering or focusing one outlines its two entities; choosing it shows all its scores (/re).
+function showRelations(answer) {
+  const list = $("relation-list");
+  list.replaceChildren();
+  // Hidden for a /ner answer, and where there is no pair to relate.
+  $("relations").hidden = !answer.relations || answer.entities.length < 2;
+  if ($("relations").hidden) return;
+  for (const relation of answer.relations) {
+    const head = marks[relation.head];
+    const tail = marks[relation.tail];
+    if (!head || !tail) continue;
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "relation-item";
+    const name = document.createElement("span");
+    name.className = "relation-name";
+    name.textContent = relation.relation;
+    const score = document.createElement("span");
+    score.className = "relation-score";
+    score.textContent = percent(relation.score);
+    button.append(`${head.entity.text} → `, name, ` → ${tail.entity.text} `, score);
+    const outline = (on) => {
+      head.classList.toggle("related", on);
+      tail.classList.toggle("related", on);
+    };
+    for (const [name, on] of [["mouseenter", true], ["mouseleave", false], ["focus", true], ["blur", false]]) {
+      button.addEventListener(name, () => outline(on));
+    }
+    button.addEventListener("click", () => {
+      chosen = [];
+      choose(head);
+      choose(tail);
+    });
+    item.append(button);
+    list.append(item);
+  }
+  const count = list.children.length;
+  $("relations-empty").hidden = count > 0;
+  $("relations-title").textContent = count === 0 ? "Relations" : `Relations (${count})`;
+  const entities = `${answer.entities.length} ${answer.entities.length === 1 ? "entity" : "entities"}`;
+  $("status").textContent = `${entities} and ${count} ${count === 1 ? "relation" : "relations"} found.`;
+}
 
 function choose(mark) {
   if (chosen.length === 2) chosen = [];
@@ -312,6 +369,8 @@ function showRelation(head, tail, answer) {
 async function showModels() {
   try {
     const ready = await (await fetch("/ready")).json();
+    extract = ["ner", "re"].every((task) => ready.models[task] && ready.models[task].status === "ready");
+    if (!$("submit").disabled) $("submit").textContent = submitLabel();
     const names = Object.entries(ready.models)
       .map(([task, model]) => `${task.toUpperCase()}: ${model.status === "ready" ? model.name : model.status}`)
       .join(", ");
