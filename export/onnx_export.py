@@ -79,7 +79,7 @@ __all__ = [
 ]
 
 INPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "ner": ("input_ids", "attention_mask", "word_index", "pixel_values", "has_image"),
+    "ner": ("input_ids", "attention_mask", "word_index", "word_shape", "pixel_values", "has_image"),
     "re": ("input_ids", "attention_mask", "pixel_values", "has_image", "marker_index"),
 }
 OUTPUT_NAMES: dict[str, tuple[str, ...]] = {"ner": ("emissions",), "re": ("logits",)}
@@ -87,6 +87,7 @@ _DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "input_ids": {0: "batch", 1: "sequence"},
     "attention_mask": {0: "batch", 1: "sequence"},
     "word_index": {0: "batch", 1: "words"},
+    "word_shape": {0: "batch", 1: "words"},
     "pixel_values": {0: "pictures"},
     "has_image": {0: "batch"},
     "marker_index": {0: "batch"},
@@ -119,9 +120,11 @@ class _Graph(nn.Module):
 class NERGraph(_Graph):
     """The NER graph: inputs in ``INPUT_NAMES["ner"]`` order, word emissions out (B, W, T)."""
 
-    def forward(self, input_ids, attention_mask, word_index, pixel_values, has_image) -> torch.Tensor:
+    def forward(
+        self, input_ids, attention_mask, word_index, word_shape, pixel_values, has_image
+    ) -> torch.Tensor:
         return self.model.head.emissions(
-            self.encode(input_ids, attention_mask, pixel_values, has_image), word_index
+            self.encode(input_ids, attention_mask, pixel_values, has_image), word_index, word_shape
         )
 
 

@@ -113,6 +113,9 @@ class IMMConfig:
     delta: float = 1.0
     sw_temperature: float | None = 0.07
     re_pooling: REPooling = "cls"
+    # NER: width of a learned embedding of each word's casing class (model.preprocessing.word_shape),
+    # beside its first sub-token's state; 0: none (the paper's head). For uncased backbones.
+    word_shape_size: int = 0
     classifier_dropout: float = 0.1
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
 

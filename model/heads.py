@@ -7,6 +7,7 @@ from torch import nn
 from torchcrf import CRF
 
 from model.config import IMMConfig
+from model.preprocessing.text import WORD_SHAPES
 
 
 def gather_positions(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -16,16 +17,34 @@ def gather_positions(hidden_states: torch.Tensor, positions: torch.Tensor) -> to
 
 
 class NERHead(nn.Module):
-    """Word representations (first sub-token of each word) -> emissions -> linear-chain CRF over BIO tags."""
+    """Word representations (first sub-token of each word) -> emissions -> linear-chain CRF over BIO tags.
+
+    With ``word_shape_size`` > 0 each word's representation also carries a learned embedding of its
+    casing class (``model.preprocessing.word_shape``): an uncased backbone cannot tell "Apple" from
+    "apple", and capitals are the strongest cue for names in tweets. Not in the paper (its BERT
+    reads the case itself); the project's addition for the small uncased default backbone.
+    """
 
     def __init__(self, config: IMMConfig):
         super().__init__()
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, len(config.labels))
+        self.word_shapes = (
+            nn.Embedding(len(WORD_SHAPES), config.word_shape_size, padding_idx=0)
+            if config.word_shape_size
+            else None
+        )
+        self.classifier = nn.Linear(config.hidden_size + config.word_shape_size, len(config.labels))
         self.crf = CRF(len(config.labels), batch_first=True)
 
-    def emissions(self, hidden_states: torch.Tensor, word_index: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(gather_positions(hidden_states, word_index)))
+    def emissions(
+        self, hidden_states: torch.Tensor, word_index: torch.Tensor, word_shape: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        words = gather_positions(hidden_states, word_index)
+        if self.word_shapes is not None:
+            if word_shape is None:
+                raise ValueError("this NER model reads word shapes: the batch needs word_shape")
+            words = torch.cat([words, self.word_shapes(word_shape).to(words.dtype)], dim=-1)
+        return self.classifier(self.dropout(words))
 
     def loss(self, emissions: torch.Tensor, labels: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of the gold tag sequences (eq. 23)."""

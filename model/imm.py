@@ -295,10 +295,11 @@ class IMMForNER(IMMPreTrainedModel):
         augmented_pixel_values: torch.Tensor | None = None,
         teacher_text: torch.Tensor | None = None,
         teacher_image: torch.Tensor | None = None,
+        word_shape: torch.Tensor | None = None,
         **unused: torch.Tensor,
     ) -> IMMOutput:
         encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
-        emissions = self.head.emissions(encoded.text, word_index)
+        emissions = self.head.emissions(encoded.text, word_index, word_shape)
         sw = None
         if teacher_text is not None and teacher_image is not None:
             sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)

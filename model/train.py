@@ -99,6 +99,7 @@ class TrainingArguments:
     no_ia: bool = False
     attention_mode: str = "separate"
     re_pooling: str = "cls"
+    word_shape_size: int = 0
     init_from: str | None = None
     resume: bool = False
     device: str = "cpu"
@@ -146,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cls", "entity_start"],
         default="cls",
         help="RE: [CLS] (eq. 24) or the markers",
+    )
+    add(
+        "--word-shape-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="NER: add an N-wide embedding of each word's casing (Apple / apple / APPLE / iPhone / #tag "
+        "...) to its representation, for uncased backbones (0: none, the paper's head)",
     )
     add("--init-from", help="start the encoder from another task's checkpoint, with a fresh head")
     add("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -254,6 +263,7 @@ def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
         "use_ia": not args.no_ia,
         "attention_mode": args.attention_mode,
         "re_pooling": args.re_pooling,
+        "word_shape_size": args.word_shape_size if args.task == "ner" else 0,
     }
     labels = labels_for(args.task)
     if args.init_from:

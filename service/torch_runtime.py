@@ -67,6 +67,7 @@ class _Forward(torch.nn.Module):
                 inputs["input_ids"],
                 inputs["attention_mask"],
                 inputs["word_index"],
+                inputs["word_shape"],
                 inputs["pixel_values"],
                 inputs["has_image"],
             )
@@ -105,6 +106,7 @@ class _Bucket:
             "input_ids": ((b, length), torch.long),
             "attention_mask": ((b, length), torch.long),
             "word_index": ((b, words), torch.long),
+            "word_shape": ((b, words), torch.long),
             "word_mask": ((b, words), torch.bool),
             "has_image": ((b,), torch.bool),
             "marker_index": ((b, 2), torch.long),
@@ -232,6 +234,7 @@ class TorchRuntime(Runtime):
             "input_ids": np.zeros((batch, 1), dtype=np.int64),
             "attention_mask": np.ones((batch, 1), dtype=np.int64),
             "word_index": np.zeros((batch, 1), dtype=np.int64),
+            "word_shape": np.zeros((batch, 1), dtype=np.int64),
             "word_mask": np.ones((batch, 1), dtype=bool),
             "has_image": np.zeros((batch,), dtype=bool),
             "marker_index": np.zeros((batch, 2), dtype=np.int64),

@@ -25,7 +25,14 @@ from model.preprocessing.image import (
     augment,
     open_image,
 )
-from model.preprocessing.text import EncodedText, TextEncoder, add_entity_markers, load_tokenizer
+from model.preprocessing.text import (
+    WORD_SHAPES,
+    EncodedText,
+    TextEncoder,
+    add_entity_markers,
+    load_tokenizer,
+    word_shape,
+)
 from model.preprocessing.words import split_words
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "NotAnImage",
     "Preprocessor",
     "TOKENIZER_FILE",
+    "WORD_SHAPES",
     "TextEncoder",
     "add_entity_markers",
     "augment",
@@ -45,6 +53,7 @@ __all__ = [
     "load_tokenizer",
     "open_image",
     "split_words",
+    "word_shape",
 ]
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -88,6 +97,7 @@ def collate(
     input_ids = np.full((batch, seq_len), pad_id, dtype=np.int64)
     attention_mask = np.zeros((batch, seq_len), dtype=np.int64)
     word_index = np.zeros((batch, num_words), dtype=np.int64)
+    shapes = np.zeros((batch, num_words), dtype=np.int64)
     word_mask = np.zeros((batch, num_words), dtype=bool)
     has_image = np.array([image is not None for image in images], dtype=bool)
     pixel_values = np.zeros((int(has_image.sum()), 3, image_size, image_size), dtype=np.float32)
@@ -95,6 +105,8 @@ def collate(
         input_ids[row, : len(text.input_ids)] = text.input_ids
         attention_mask[row, : len(text.input_ids)] = 1
         word_index[row, : text.num_words] = text.word_index
+        if text.word_shape is not None:
+            shapes[row, : text.num_words] = text.word_shape
         word_mask[row, : text.num_words] = True
     pictures = [image for image in images if image is not None]
     for number, image in enumerate(pictures):
@@ -103,6 +115,7 @@ def collate(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "word_index": word_index,
+        "word_shape": shapes,
         "word_mask": word_mask,
         "pixel_values": pixel_values,
         "has_image": has_image,

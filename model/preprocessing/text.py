@@ -37,6 +37,7 @@ class EncodedText:
     word_index: np.ndarray
     truncated: bool
     marker_index: np.ndarray | None = None
+    word_shape: np.ndarray | None = None  # (num_words,) ``word_shape`` of each word that fits
 
     @property
     def num_words(self) -> int:
@@ -142,8 +143,12 @@ class TextEncoder:
             first_piece.setdefault(word, position + 1)  # +1 for [CLS]
         input_ids = np.array([self.cls_id, *ids[:kept], self.sep_id], dtype=np.int64)
         word_index = np.array([first_piece[w] for w in range(len(first_piece))], dtype=np.int64)
+        shapes = np.array([word_shape(word) for word in words[: len(first_piece)]], dtype=np.int64)
         return EncodedText(
-            input_ids=input_ids, word_index=word_index, truncated=len(first_piece) < len(words)
+            input_ids=input_ids,
+            word_index=word_index,
+            truncated=len(first_piece) < len(words),
+            word_shape=shapes,
         )
 
     def encode_relation(
@@ -174,7 +179,42 @@ class TextEncoder:
             ],
             dtype=np.int64,
         )
-        return EncodedText(encoded.input_ids, encoded.word_index, encoded.truncated, marker_index)
+        return EncodedText(
+            encoded.input_ids, encoded.word_index, encoded.truncated, marker_index, encoded.word_shape
+        )
+
+
+#: The word shapes ``word_shape`` tells apart (0 is padding).
+WORD_SHAPES = ("pad", "lower", "title", "upper", "mixed", "digits", "other", "mention", "hashtag", "url")
+_SHAPE_ID = {name: number for number, name in enumerate(WORD_SHAPES)}
+
+
+def word_shape(word: str) -> int:
+    """The casing class of a word, as an id into ``WORD_SHAPES``: what an uncased backbone loses.
+
+    An uncased tokenizer reads "Apple", "APPLE" and "apple" alike, while in tweets capitals are
+    the strongest cue for a name; NER models on such a backbone add this id as a feature of each
+    word (``IMMConfig.word_shape_size``). ``@mention``, ``#hashtag`` and URLs get their own classes.
+    """
+    if word.startswith("@") and len(word) > 1:
+        return _SHAPE_ID["mention"]
+    if word.startswith("#") and len(word) > 1:
+        return _SHAPE_ID["hashtag"]
+    lowered = word.lower()
+    if lowered.startswith(("http://", "https://", "www.")):
+        return _SHAPE_ID["url"]
+    letters = [c for c in word if c.isalpha()]
+    if any(c.isdigit() for c in word) and len(letters) < len(word) / 2:
+        return _SHAPE_ID["digits"]
+    if not letters:
+        return _SHAPE_ID["other"]
+    if all(c.islower() or not c.isupper() for c in letters):
+        return _SHAPE_ID["lower"]
+    if all(c.isupper() for c in letters):
+        return _SHAPE_ID["upper"] if len(letters) > 1 else _SHAPE_ID["title"]
+    if letters[0].isupper() and all(not c.isupper() for c in letters[1:]):
+        return _SHAPE_ID["title"]
+    return _SHAPE_ID["mixed"]
 
 
 def _whole_words_prefix(word_ids: Sequence[int], budget: int) -> int:
