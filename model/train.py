@@ -97,6 +97,7 @@ class TrainingArguments:
     clip: str | None = None
     no_sw: bool = False
     no_ia: bool = False
+    ia_slots: str = "token"
     attention_mode: str = "separate"
     re_pooling: str = "cls"
     init_from: str | None = None
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ablation: no insert-activation. With separate attention nothing then carries the picture to "
         "the text (a text-only model): the paper's 'w/o IA' needs --attention-mode joint",
+    )
+    add(
+        "--ia-slots",
+        choices=["token", "all"],
+        default="token",
+        help="eq. 21: each token activates its own inserted visual slot (token) or all its tweet's (all)",
     )
     add(
         "--attention-mode",
@@ -252,6 +259,7 @@ def check_inputs(args: TrainingArguments) -> None:
 def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
     overrides = {
         "use_ia": not args.no_ia,
+        "ia_slots": args.ia_slots,
         "attention_mode": args.attention_mode,
         "re_pooling": args.re_pooling,
     }
