@@ -82,6 +82,7 @@ class TrainingArguments:
     dev: list[str]
     out: str
     images: str | None = None
+    image_dropout: float = 0.0
     backbone: str | None = None
     epochs: int = 10
     batch_size: int = 16
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dev", required=True, nargs="+", help="dev file(s); the best epoch has the best mean dev F1")
     add("--out", required=True, help="checkpoint directory (metrics and resume state are kept in it)")
     add("--images", help="directory of the tweet images (file names as in the data); none: text only")
+    add(
+        "--image-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="modality dropout: each epoch, feed a fraction P of the training examples without their "
+        "picture (drawn per seed, epoch and example), so that the model also answers text alone",
+    )
     add("--backbone", help="local BERT-family directory (default: the packaged all-MiniLM-L6-v2)")
     add("--epochs", type=int, default=10)
     add("--batch-size", type=int, default=16, help="examples per step (per process under torchrun)")
@@ -243,6 +252,10 @@ def check_inputs(args: TrainingArguments) -> None:
         raise UsageError(f"--out {out} already holds a checkpoint; use --resume or another --out")
     if args.images is not None and not Path(args.images).is_dir():
         raise UsageError(f"--images {args.images}: not a directory")
+    if not 0.0 <= args.image_dropout < 1.0:
+        raise UsageError(f"--image-dropout must be at least 0 and below 1, not {args.image_dropout}")
+    if args.image_dropout > 0 and args.images is None:
+        raise UsageError("--image-dropout drops pictures: it needs --images")
     for flag, path in (("--backbone", args.backbone), ("--clip", args.clip), ("--init-from", args.init_from)):
         if path is not None and not Path(path).is_dir():
             raise UsageError(f"{flag} {path}: not a directory")
@@ -425,6 +438,7 @@ def train(
         images,
         with_augmented_view=teacher is not None,
         augment_seed=args.seed,
+        image_dropout=args.image_dropout,
     )
     model.to(device)
     module = model

