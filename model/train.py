@@ -88,7 +88,7 @@ class TrainingArguments:
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float = 5e-5
-    new_module_lr: float = 1e-3
+    new_module_lr: float = 1e-4
     head_lr: float = 5e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -130,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=16, help="examples per step (per process under torchrun)")
     add("--eval-batch-size", type=int, default=64)
     add("--lr", type=float, default=5e-5, help="learning rate of the pretrained backbone")
-    add("--new-module-lr", type=float, default=1e-3, help="patch projection and IA projections")
+    add(
+        "--new-module-lr",
+        type=float,
+        default=1e-4,
+        help="patch projection and IA projections (higher rates left the visual path half-learned on short "
+        "schedules: docs/training.md)",
+    )
     add("--head-lr", type=float, default=5e-3, help="classifier and CRF")
     add("--weight-decay", type=float, default=0.01)
     add("--warmup-ratio", type=float, default=0.1)
