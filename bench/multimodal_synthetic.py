@@ -310,13 +310,21 @@ def slots_plan() -> Iterable[tuple[str, dict]]:
 
 
 def stability_plan() -> Iterable[tuple[str, dict]]:
-    """The new modules' learning rate against the schedule length, 3 seeds each (10 epochs: all seeds
-    for the default, one for the old default 1e-3, the issue's case that learned)."""
-    for lr, long_seeds in ((1e-4, SEEDS), (3e-4, ()), (1e-3, SEEDS[:1])):
+    """The new modules' learning rate, with and without IA's key scale (``--no-ia-key-scale``: the
+    code before it), against the schedule length, 3 seeds each (10 epochs: all seeds for the default,
+    one for the old default, the issue's case that learned)."""
+    settings = ((True, 1e-3, SEEDS), (True, 1e-4, ()), (False, 1e-3, SEEDS[:1]), (False, 1e-4, ()))
+    for scaled, lr, long_seeds in settings:
         for epochs in (1, 3, 10):
             for seed in SEEDS if epochs < 10 else long_seeds:
-                flags = {"new_module_lr": lr, "images": True, "epochs": epochs, "seed": seed}
-                yield f"nlr{lr:g}-e{epochs}-s{seed}", flags
+                flags = {
+                    "new_module_lr": lr,
+                    "no_ia_key_scale": not scaled,
+                    "images": True,
+                    "epochs": epochs,
+                    "seed": seed,
+                }
+                yield f"{'scaled' if scaled else 'unscaled'}-nlr{lr:g}-e{epochs}-s{seed}", flags
 
 
 def dropout_plan() -> Iterable[tuple[str, dict]]:
@@ -357,15 +365,24 @@ def table(experiment: str, records: list[dict]) -> str:
     rows = []
     if experiment == "stability":
         rows += [
-            "| new-module lr | epochs | dev F1 with pictures, per seed | picture-typed F1, per seed |",
-            "|---|---|---|---|",
+            "| IA key scale | new-module lr | epochs | dev F1 with pictures, per seed "
+            "| picture-typed F1, per seed |",
+            "|---|---|---|---|---|",
         ]
-        settings = group(runs, lambda r: (-r["flags"]["new_module_lr"], r["flags"]["epochs"]))
-        for (lr, epochs), rs in sorted(settings.items()):
+        settings = group(
+            runs,
+            lambda r: (
+                r["flags"]["no_ia_key_scale"],
+                -r["flags"]["new_module_lr"],
+                r["flags"]["epochs"],
+            ),
+        )
+        for (unscaled, lr, epochs), rs in sorted(settings.items()):
             rs = sorted(rs, key=lambda r: r["flags"]["seed"])
             overall = " / ".join(f"{v:.3f}" for v in _f1(rs, "with"))
             typed = " / ".join(f"{v:.3f}" for v in _f1(rs, "with", "picture_typed"))
-            rows.append(f"| {-lr:g} | {epochs} | {overall} | {typed} |")
+            scale = "off (before)" if unscaled else "on"
+            rows.append(f"| {scale} | {-lr:g} | {epochs} | {overall} | {typed} |")
     elif experiment == "slots":
         rows += [
             "| ia_slots | epochs | F1 with pictures | picture-typed F1 with pictures | F1 without pictures |",

@@ -111,6 +111,7 @@ class IMMConfig:
     ia_slots: IASlots = "token"
     ia_top_k: int | None = None
     ia_scale: bool = True
+    ia_key_scale: bool = True
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 0.1
@@ -175,8 +176,9 @@ class IMMConfig:
         data = dict(data)
         data["backbone_config"] = BackboneConfig.from_dict(data.get("backbone_config", {}))
         data["preprocessing"] = PreprocessingConfig.from_dict(data.get("preprocessing", {}))
-        # Configs written before eq. 21 had two readings were all trained with one slot per token.
+        # Configs written before these options existed: one slot per token, unscaled inserted keys.
         data.setdefault("ia_slots", "token")
+        data.setdefault("ia_key_scale", False)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

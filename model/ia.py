@@ -27,6 +27,12 @@ docs/architecture.md compares the two (F1 with and without pictures, speed).
 Choices where the paper is silent (configurable in ``IMMConfig``):
 - ``ia_scale``: S is divided by sqrt(d) like attention logits; unscaled dot products of
   LayerNormed 768-d vectors saturate the softmax into a hard argmax.
+- ``ia_key_scale``: phi_k is parametrised as ``W_k k / sqrt(d)`` (+ bias). The same functions as
+  an unscaled phi_k, but under Adam the slot scores ``h . phi_k(k)`` then move sqrt(d) times
+  slower than phi_v and the patch projection learn. Unscaled, a new-module learning rate of 1e-3
+  drove the scores of the tokens that needed the picture to about -55 within one epoch, where
+  GELU and its gradient are 0: the slots died and the visual path was never learned
+  (docs/training.md has the measurements).
 - ``ia_top_k``: the softmax runs over all visual vectors (None) or only the k most similar.
 - ``phi_v`` starts at zero, so a freshly built model equals its text backbone exactly and the
   visual knowledge is learned in, rather than starting as noise in pretrained features.
@@ -63,6 +69,7 @@ class VisualKnowledgeSelector(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.scale = 1.0 / math.sqrt(hidden) if config.ia_scale else 1.0
+        self.key_scale = 1.0 / math.sqrt(hidden) if config.ia_key_scale else 1.0
         self.top_k = config.ia_top_k
         self.key_projection = nn.Linear(hidden, hidden)  # phi_k
         self.value_projection = nn.Linear(hidden, hidden)  # phi_v
@@ -75,7 +82,7 @@ class VisualKnowledgeSelector(nn.Module):
             threshold = similarity.topk(self.top_k, dim=-1).values[..., -1:]
             similarity = similarity.masked_fill(similarity < threshold, torch.finfo(similarity.dtype).min)
         selected = torch.matmul(similarity.softmax(dim=-1), visual)  # (B, n, d)
-        return self.key_projection(selected), self.value_projection(selected)
+        return self.key_projection(selected) * self.key_scale, self.value_projection(selected)
 
 
 class ActivationFFN(FeedForward):

@@ -88,7 +88,7 @@ class TrainingArguments:
     batch_size: int = 16
     eval_batch_size: int = 64
     lr: float = 5e-5
-    new_module_lr: float = 1e-4
+    new_module_lr: float = 1e-3
     head_lr: float = 5e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -99,6 +99,7 @@ class TrainingArguments:
     no_sw: bool = False
     no_ia: bool = False
     ia_slots: str = "token"
+    no_ia_key_scale: bool = False
     attention_mode: str = "separate"
     re_pooling: str = "cls"
     init_from: str | None = None
@@ -133,9 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--new-module-lr",
         type=float,
-        default=1e-4,
-        help="patch projection and IA projections (higher rates left the visual path half-learned on short "
-        "schedules: docs/training.md)",
+        default=1e-3,
+        help="patch projection and IA projections",
     )
     add("--head-lr", type=float, default=5e-3, help="classifier and CRF")
     add("--weight-decay", type=float, default=0.01)
@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["token", "all"],
         default="token",
         help="eq. 21: each token activates its own inserted visual slot (token) or all its tweet's (all)",
+    )
+    add(
+        "--no-ia-key-scale",
+        action="store_true",
+        help="IA's inserted keys without their 1/sqrt(d) scale (as before; their slots can die: docs/training.md)",
     )
     add(
         "--attention-mode",
@@ -279,6 +284,7 @@ def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
     overrides = {
         "use_ia": not args.no_ia,
         "ia_slots": args.ia_slots,
+        "ia_key_scale": not args.no_ia_key_scale,
         "attention_mode": args.attention_mode,
         "re_pooling": args.re_pooling,
     }

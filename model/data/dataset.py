@@ -97,7 +97,9 @@ class IMMDataset(Dataset):
         if picture is not None:
             pixels = self.preprocessor.image.to_array(picture)
             if self.with_augmented_view:
-                augmented = self.preprocessor.image.to_array(augment(picture, self._rng(number, _AUGMENT_STREAM)))
+                augmented = self.preprocessor.image.to_array(
+                    augment(picture, self._rng(number, _AUGMENT_STREAM))
+                )
         return Item(number, self.texts[number], self.labels[number], pixels, augmented)
 
 
