@@ -62,10 +62,11 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    """A random CLIP (16-wide, 32 px images) with a small word-level tokenizer, in CLIPModel format."""
+    """A random CLIP (16-wide, 32 px images) with a small word-level tokenizer, in CLIPModel format
+    (with ``preprocessor_config.json``, as a real one saved by docs/training.md's commands)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny_clip")
@@ -94,6 +95,10 @@ def tiny_clip(tmp_path_factory) -> Path:
     )
     CLIPModel(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    # a real CLIP directory also holds its image processor's settings (CLIP's mean and std)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        directory
+    )
     return directory
 
 
