@@ -328,11 +328,20 @@ def stability_plan() -> Iterable[tuple[str, dict]]:
 
 
 def dropout_plan() -> Iterable[tuple[str, dict]]:
-    """Modality dropout P against a text-only model (3 epochs, 3 seeds)."""
+    """Modality dropout P against a text-only model (3 epochs, 3 seeds); also without IA's key scale
+    (the code before it), where a picture-trained model collapsed without its picture."""
     for seed in SEEDS:
         yield f"text-only-s{seed}", {"epochs": 3, "seed": seed}
-        for p in (0.0, 0.25, 0.5):
-            yield f"p{p:g}-s{seed}", {"image_dropout": p, "images": True, "epochs": 3, "seed": seed}
+        for scaled in (True, False):
+            for p in (0.0, 0.25, 0.5):
+                flags = {
+                    "image_dropout": p,
+                    "no_ia_key_scale": not scaled,
+                    "images": True,
+                    "epochs": 3,
+                    "seed": seed,
+                }
+                yield f"{'scaled' if scaled else 'unscaled'}-p{p:g}-s{seed}", flags
 
 
 PLANS = {"slots": slots_plan, "stability": stability_plan, "dropout": dropout_plan}
@@ -414,9 +423,10 @@ def table(experiment: str, records: list[dict]) -> str:
         def label(record: dict) -> str:
             if not record["flags"].get("images"):
                 return "text only"
-            return f"--image-dropout {record['flags']['image_dropout']:g}"
+            before = " --no-ia-key-scale (before)" if record["flags"]["no_ia_key_scale"] else ""
+            return f"--image-dropout {record['flags']['image_dropout']:g}{before}"
 
-        for name, rs in group(runs, label).items():
+        for name, rs in sorted(group(runs, label).items(), key=lambda item: ("before" in item[0], item[0])):
             with_pictures = "-" if name == "text only" else _mean_spread(_f1(rs, "with"))
             rows.append(
                 f"| {name} | {with_pictures} | {_mean_spread(_f1(rs, 'without'))} "
