@@ -332,8 +332,8 @@ def stability_plan() -> Iterable[tuple[str, dict]]:
 
 def dropout_plan() -> Iterable[tuple[str, dict]]:
     """Modality dropout P against a text-only model, 10 epochs (the longer a model trains with
-    pictures, the more it leans on them: at 3 epochs it still answered text alone like a text-only
-    model), 3 seeds."""
+    pictures, the more it leans on them: without pictures the stability runs scored about 0.70
+    after 3 epochs, 0.56 after 10), 3 seeds."""
     for seed in SEEDS:
         yield f"text-only-e10-s{seed}", {"epochs": 10, "seed": seed}
         for p in (0.0, 0.25, 0.5):
