@@ -16,6 +16,7 @@ from typing import Any, Literal
 Task = Literal["ner", "re"]
 AttentionMode = Literal["separate", "joint"]
 REPooling = Literal["cls", "entity_start"]
+IASlots = Literal["token", "all"]
 
 # CLIP's normalisation constants: the image statistics the SW teacher was trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -94,6 +95,8 @@ class IMMConfig:
     SW losses (eq. 14), ``gamma`` and ``delta`` weight SW against the task loss (eqs. 25-26).
     The backbone's layers are used in order: the first ``num_isa_layers`` become ISA blocks,
     the next ``num_ia_layers`` IA blocks (see docs/architecture.md for the other choices).
+    ``ia_slots`` picks the reading of eq. 21 (``model.ia``): each text token activates its own
+    inserted visual slot (``"token"``) or all n slots of its example (``"all"``, Kformer-style).
     """
 
     task: Task
@@ -105,8 +108,10 @@ class IMMConfig:
     patch_size: int = 32
     attention_mode: AttentionMode = "separate"
     use_ia: bool = True
+    ia_slots: IASlots = "token"
     ia_top_k: int | None = None
     ia_scale: bool = True
+    ia_key_scale: bool = True
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 0.1
@@ -126,6 +131,8 @@ class IMMConfig:
             raise ValueError("labels must not be empty")
         if self.attention_mode not in ("separate", "joint"):
             raise ValueError(f"attention_mode must be 'separate' or 'joint', not {self.attention_mode!r}")
+        if self.ia_slots not in ("token", "all"):
+            raise ValueError(f"ia_slots must be 'token' or 'all', not {self.ia_slots!r}")
         if self.re_pooling not in ("cls", "entity_start"):
             raise ValueError(f"re_pooling must be 'cls' or 'entity_start', not {self.re_pooling!r}")
         total = self.num_isa_layers + self.num_ia_layers
@@ -172,6 +179,9 @@ class IMMConfig:
         data = dict(data)
         data["backbone_config"] = BackboneConfig.from_dict(data.get("backbone_config", {}))
         data["preprocessing"] = PreprocessingConfig.from_dict(data.get("preprocessing", {}))
+        # Configs written before these options existed: one slot per token, unscaled inserted keys.
+        data.setdefault("ia_slots", "token")
+        data.setdefault("ia_key_scale", False)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -132,6 +132,8 @@ class IMMEncoder(nn.Module):
                 text_embeddings, text_bias, visual_stream(augmented_pixel_values), visual_bias
             )
         text, visual = isa_text, isa_visual
+        # IA's inserted slots: the real tokens of the examples with a picture (eq. 21).
+        slot_mask = attention_mask.bool() & has_image.bool()[:, None]
         for number, layer in enumerate(self.ia_layers):
             last = number == len(self.ia_layers) - 1
             text, visual = layer(
@@ -139,7 +141,7 @@ class IMMEncoder(nn.Module):
                 text_bias,
                 visual,
                 visual_bias,
-                has_image,
+                slot_mask,
                 None if joint else picture_row,
                 compute_visual=not last,
             )

@@ -82,6 +82,7 @@ class TrainingArguments:
     dev: list[str]
     out: str
     images: str | None = None
+    image_dropout: float = 0.0
     backbone: str | None = None
     epochs: int = 10
     batch_size: int = 16
@@ -97,6 +98,8 @@ class TrainingArguments:
     clip: str | None = None
     no_sw: bool = False
     no_ia: bool = False
+    ia_slots: str = "token"
+    no_ia_key_scale: bool = False
     attention_mode: str = "separate"
     re_pooling: str = "cls"
     word_shape_size: int = 0
@@ -116,12 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dev", required=True, nargs="+", help="dev file(s); the best epoch has the best mean dev F1")
     add("--out", required=True, help="checkpoint directory (metrics and resume state are kept in it)")
     add("--images", help="directory of the tweet images (file names as in the data); none: text only")
+    add(
+        "--image-dropout",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="modality dropout: each epoch, feed a fraction P of the training examples without their "
+        "picture (drawn per seed, epoch and example), so that the model also answers text alone",
+    )
     add("--backbone", help="local BERT-family directory (default: the packaged all-MiniLM-L6-v2)")
     add("--epochs", type=int, default=10)
     add("--batch-size", type=int, default=16, help="examples per step (per process under torchrun)")
     add("--eval-batch-size", type=int, default=64)
     add("--lr", type=float, default=5e-5, help="learning rate of the pretrained backbone")
-    add("--new-module-lr", type=float, default=1e-3, help="patch projection and IA projections")
+    add(
+        "--new-module-lr",
+        type=float,
+        default=1e-3,
+        help="patch projection and IA projections",
+    )
     add("--head-lr", type=float, default=5e-3, help="classifier and CRF")
     add("--weight-decay", type=float, default=0.01)
     add("--warmup-ratio", type=float, default=0.1)
@@ -135,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ablation: no insert-activation. With separate attention nothing then carries the picture to "
         "the text (a text-only model): the paper's 'w/o IA' needs --attention-mode joint",
+    )
+    add(
+        "--ia-slots",
+        choices=["token", "all"],
+        default="token",
+        help="eq. 21: each token activates its own inserted visual slot (token) or all its tweet's (all)",
+    )
+    add(
+        "--no-ia-key-scale",
+        action="store_true",
+        help="IA's inserted keys without their 1/sqrt(d) scale (as before; their slots can die: docs/training.md)",
     )
     add(
         "--attention-mode",
@@ -245,6 +272,10 @@ def check_inputs(args: TrainingArguments) -> None:
         raise UsageError(f"--out {out} already holds a checkpoint; use --resume or another --out")
     if args.images is not None and not Path(args.images).is_dir():
         raise UsageError(f"--images {args.images}: not a directory")
+    if not 0.0 <= args.image_dropout < 1.0:
+        raise UsageError(f"--image-dropout must be at least 0 and below 1, not {args.image_dropout}")
+    if args.image_dropout > 0 and args.images is None:
+        raise UsageError("--image-dropout drops pictures: it needs --images")
     for flag, path in (("--backbone", args.backbone), ("--clip", args.clip), ("--init-from", args.init_from)):
         if path is not None and not Path(path).is_dir():
             raise UsageError(f"{flag} {path}: not a directory")
@@ -261,6 +292,8 @@ def check_inputs(args: TrainingArguments) -> None:
 def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
     overrides = {
         "use_ia": not args.no_ia,
+        "ia_slots": args.ia_slots,
+        "ia_key_scale": not args.no_ia_key_scale,
         "attention_mode": args.attention_mode,
         "re_pooling": args.re_pooling,
         "word_shape_size": args.word_shape_size if args.task == "ner" else 0,
@@ -427,6 +460,7 @@ def train(
         images,
         with_augmented_view=teacher is not None,
         augment_seed=args.seed,
+        image_dropout=args.image_dropout,
     )
     model.to(device)
     module = model

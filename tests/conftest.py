@@ -62,10 +62,11 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    """A random CLIP (16-wide, 32 px images) with a small word-level tokenizer, in CLIPModel format."""
+    """A random CLIP (16-wide, 32 px images) with a small word-level tokenizer, in CLIPModel format
+    (with ``preprocessor_config.json``, as a real one saved by docs/training.md's commands)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny_clip")
@@ -94,6 +95,10 @@ def tiny_clip(tmp_path_factory) -> Path:
     )
     CLIPModel(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    # a real CLIP directory also holds its image processor's settings (CLIP's mean and std)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -186,7 +191,12 @@ def train_tiny(task: str, backbone: Path, examples, steps: int = 150, seed: int 
     model, preprocessor = create_model(task, labels, backbone)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed)
-    pictures = [preprocessor.image(jpeg_bytes(width=64, height=48, seed=s)) for s in range(4)]
+    # Many different pictures that say nothing about the labels: the visual path learns to add
+    # nothing for them (with two, the tiny model memorised them and misread unseen photos).
+    pictures = [
+        preprocessor.image(jpeg_bytes(width=64 + 32 * (s % 4), height=48 + 24 * (s % 3), seed=s))
+        for s in range(24)
+    ]
     model.train()
     for _ in range(steps):
         chosen = [examples[i] for i in rng.choice(len(examples), size=8, replace=False)]
@@ -194,7 +204,7 @@ def train_tiny(task: str, backbone: Path, examples, steps: int = 150, seed: int 
             texts = [preprocessor.text.encode(e.words) for e in chosen]
         else:
             texts = [preprocessor.text.encode_relation(e.words, e.head, e.tail) for e in chosen]
-        images = [pictures[i % 4] if i % 2 else None for i in range(len(chosen))]
+        images = [pictures[int(rng.integers(len(pictures)))] if i % 2 else None for i in range(len(chosen))]
         batch = {k: torch.from_numpy(v) for k, v in preprocessor.collate(texts, images).items()}
         if task == "ner":
             target = torch.zeros(batch["word_index"].shape, dtype=torch.long)

@@ -52,10 +52,16 @@ def test_shapes_and_masks(ner):
     assert [len(t) for t in tags] == [len(s) for s in SENTENCES]
 
 
-@pytest.mark.parametrize("attention_mode", ["separate", "joint"])
-def test_padding_does_not_change_outputs(tiny_backbone, attention_mode):
+@pytest.mark.parametrize(
+    ("attention_mode", "ia_slots"),
+    [("separate", "token"), ("joint", "token"), ("separate", "all"), ("joint", "all")],
+)
+def test_padding_does_not_change_outputs(tiny_backbone, attention_mode, ia_slots):
+    """Also: with ``ia_slots="all"`` the slots of padding tokens are masked out."""
     torch.manual_seed(0)
-    model, preprocessor = create_model("ner", NER_LABELS, tiny_backbone, attention_mode=attention_mode)
+    model, preprocessor = create_model(
+        "ner", NER_LABELS, tiny_backbone, attention_mode=attention_mode, ia_slots=ia_slots
+    )
     _activate_ia(model)
     model.eval()
     images = [image(preprocessor, 0), None, image(preprocessor, 1)]
@@ -70,26 +76,47 @@ def _activate_ia(model):
     with torch.no_grad():
         for layer in model.encoder.ia_layers:
             layer.selector.value_projection.weight.normal_(0, 0.5)
+            # a bias too: a zero picture then selects a nonzero value, which only the mask can remove
+            layer.selector.value_projection.bias.normal_(0, 0.5)
 
 
-def test_ia_without_image_is_exactly_the_plain_ffn(tiny_backbone):
+@pytest.mark.parametrize("ia_slots", ["token", "all"])
+def test_ia_without_image_is_exactly_the_plain_ffn(tiny_backbone, ia_slots):
     torch.manual_seed(0)
-    with_ia, preprocessor = create_model("ner", NER_LABELS, tiny_backbone)
+    with_ia, preprocessor = create_model("ner", NER_LABELS, tiny_backbone, ia_slots=ia_slots)
     _activate_ia(with_ia)
     without_ia, _ = create_model("ner", NER_LABELS, tiny_backbone, use_ia=False)
     without_ia.load_state_dict(with_ia.state_dict(), strict=False)
     with_ia.eval(), without_ia.eval()
     no_image = batch_for(preprocessor, SENTENCES, [None] * 3)
     assert torch.equal(with_ia(**no_image).logits, without_ia(**no_image).logits)
+    # ... also for the text-only row of a batch that has pictures (the full graph, as exported) ...
+    mixed = batch_for(preprocessor, SENTENCES, [image(preprocessor, 0), None, image(preprocessor, 1)])
+    assert torch.equal(with_ia(**mixed).logits[1], without_ia(**mixed).logits[1])
     # ... and the image does reach the text once IA is active
     pictures = batch_for(preprocessor, SENTENCES, [image(preprocessor, s) for s in range(3)])
     assert not torch.allclose(with_ia(**pictures).logits, without_ia(**pictures).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("attention_mode", ["separate", "joint"])
-def test_text_only_shortcut_equals_the_full_computation(tiny_backbone, attention_mode):
+def test_the_two_readings_of_eq_21_differ_with_the_same_weights(tiny_backbone):
+    """``ia_slots`` adds no parameter; "all" lets a token activate the other tokens' slots too."""
     torch.manual_seed(0)
-    model, preprocessor = create_model("ner", NER_LABELS, tiny_backbone, attention_mode=attention_mode)
+    token, preprocessor = create_model("ner", NER_LABELS, tiny_backbone, ia_slots="token")
+    _activate_ia(token)
+    every, _ = create_model("ner", NER_LABELS, tiny_backbone, ia_slots="all")
+    every.load_state_dict(token.state_dict())  # strict: the same parameters
+    token.eval(), every.eval()
+    pictures = batch_for(preprocessor, SENTENCES, [image(preprocessor, s) for s in range(3)])
+    assert not torch.allclose(token(**pictures).logits, every(**pictures).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("ia_slots", ["token", "all"])
+@pytest.mark.parametrize("attention_mode", ["separate", "joint"])
+def test_text_only_shortcut_equals_the_full_computation(tiny_backbone, attention_mode, ia_slots):
+    torch.manual_seed(0)
+    model, preprocessor = create_model(
+        "ner", NER_LABELS, tiny_backbone, attention_mode=attention_mode, ia_slots=ia_slots
+    )
     _activate_ia(model)
     model.eval()
     batch = batch_for(preprocessor, SENTENCES, [None] * 3)

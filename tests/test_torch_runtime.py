@@ -242,3 +242,43 @@ def test_the_service_serves_the_same_answers_on_both_runtimes(bundles, trained_r
     assert re_onnx["relation"] == re_torch["relation"]
     assert abs(re_onnx["score"] - re_torch["score"]) < 1e-4
     json.dumps(answers)  # plain JSON on both
+
+
+def test_the_other_reading_of_eq_21_exports_and_serves_alike(trained_ner_checkpoint, tmp_path):
+    """``ia_slots`` (issue 16): the reading that is not the default goes through export (the graph
+    equals PyTorch on mixed batches) and both runtimes (the PyTorch one rebuilds it from the
+    manifest's config) with the same answers; the same weights answer differently under it."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.imm import IMMForNER
+
+    default, preprocessor = load_checkpoint(trained_ner_checkpoint)
+    other = "all" if default.config.ia_slots == "token" else "token"
+    model = IMMForNER(dataclasses.replace(default.config, ia_slots=other)).eval()
+    model.load_state_dict(default.state_dict())
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, preprocessor)
+    path = export_bundle(checkpoint, tmp_path / "bundle", "fp32", log=lambda _: None)
+    bundle = load_bundle(path)
+    assert bundle.manifest["source"]["config"]["ia_slots"] == other
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    texts, pictures = ner_batch(preprocessor, 8, seed=11)
+    arrays = preprocessor.collate(texts, pictures)
+    assert 0 < arrays["has_image"].sum() < 8
+    (emissions,) = session.run(["emissions"], {name: arrays[name] for name in bundle.input_names})
+    batch = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    with torch.no_grad():
+        expected = model(**batch).logits.numpy()
+        as_default = default.eval()(**batch).logits.numpy()
+    np.testing.assert_allclose(emissions, expected, atol=1e-4)
+    pictured = arrays["has_image"]
+    assert np.abs(expected[pictured] - as_default[pictured]).max() > 1e-3  # the reading matters ...
+    np.testing.assert_allclose(expected[~pictured], as_default[~pictured], atol=1e-5)  # ... with a picture
+    preprocessor, onnx, runtime = runtimes(path, bucketed=True, max_batch_size=8)
+    assert runtime.forward.graph.model.config.ia_slots == other
+    ours, theirs = runtime.infer(texts, pictures), onnx.infer(texts, pictures)
+    assert [t.tolist() for t in ours.tags] == [t.tolist() for t in theirs.tags]
+    for a, b in zip(ours.confidence, theirs.confidence):
+        np.testing.assert_allclose(a, b, atol=1e-4)

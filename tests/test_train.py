@@ -182,6 +182,34 @@ def test_the_image_path_learns(tmp_path, tiny_backbone, capsys):
     assert record["sw_reason"] == "off: no --clip teacher given"
 
 
+def test_the_default_recipe_learns_the_visual_path(tmp_path, capsys):
+    """Issue 16: the default learning rates learn what only the picture tells, on a pretrained
+    backbone (MiniLM's first 2 layers, 384 wide like the default models), in 120 steps. Before IA's
+    key scale, the inserted slots' gates died at these rates and picture-typed entities stayed at
+    chance (docs/training.md has the full table: bench/multimodal_synthetic.py stability)."""
+    from bench.multimodal_synthetic import cut_backbone, make_set, origin_scores
+    from model.data import read_twitter_conll
+    from model.data.images import ImageStore
+    from model.evaluate import evaluate
+
+    data = make_set(tmp_path / "set", train=480, dev=60, seed=5)
+    out = tmp_path / "ner"
+    assert run_train(
+        "--task", "ner", "--train", data["train"], "--dev", data["dev"], "--images", data["images"],
+        "--backbone", cut_backbone(tmp_path / "minilm-l2"), "--out", out,
+        "--epochs", "2", "--batch-size", "8", "--max-seq-len", "24", "--seed", "1",
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    model, preprocessor = load_checkpoint(out)
+    dev = read_twitter_conll(data["dev"])
+    scores = {}
+    for side, directory in (("with", data["images"]), ("without", None)):
+        result, predictions = evaluate(model, preprocessor, dev, ImageStore(directory, preprocessor.image))
+        scores[side] = {"f1": result["f1"], **origin_scores(dev, predictions)}
+    assert scores["with"]["picture_typed"]["f1"] >= 0.9 and scores["with"]["f1"] >= 0.95, scores
+    assert scores["without"]["picture_typed"]["f1"] <= 0.6, scores  # the type came from the picture
+
+
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, tiny_backbone):
     train_file, dev_file = ner_files
     common = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
@@ -248,6 +276,14 @@ def test_two_process_ddp_run_completes(tmp_path, ner_files, tiny_backbone):
         ),
         (lambda a, d: a.extend(["--clip", str(d / "nowhere")]), "--clip"),
         (lambda a, d: a.append("--resume"), "no interrupted run"),
+        (
+            lambda a, d: a.extend(["--image-dropout", "0.5"]),
+            "--image-dropout drops pictures: it needs --images",
+        ),
+        (
+            lambda a, d: a.extend(["--images", str(d), "--image-dropout", "1"]),
+            "--image-dropout must be at least 0 and below 1",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_training(tmp_path, ner_files, tiny_backbone, capsys, change, message):
@@ -366,3 +402,75 @@ def test_visual_training_is_recorded_and_derived_for_older_checkpoints(tmp_path,
         describe_visual_training({"images": "x"}, **{**common, "use_ia": True, "pictures_seen": 0})["trained"]
         is False
     )
+
+
+def test_image_dropout_is_drawn_per_seed_epoch_and_example(tmp_path, tiny_backbone):
+    """Issue 14: modality dropout. Reproducible (what --resume needs), about P of the pictures,
+    a new draw each epoch, and the augmented views of the kept pictures are unchanged by it."""
+    from model.data.dataset import IMMDataset
+    from model.data.images import ImageStore
+
+    images = tmp_path / "images"
+    images.mkdir()
+    examples = colour_examples(images, 200, seed=0)
+    model, preprocessor = build_model(
+        parse_args(["--task", "re", "--train", "x", "--dev", "y", "--out", str(tmp_path / "o"),
+                    "--backbone", str(tiny_backbone)])
+    )  # fmt: skip
+    store = ImageStore(images, preprocessor.image)
+
+    def dataset(p: float, seed: int = 7) -> IMMDataset:
+        return IMMDataset(
+            examples, preprocessor, model.config.labels, store, with_augmented_view=True,
+            augment_seed=seed, image_dropout=p,
+        )  # fmt: skip
+
+    half, again, none = dataset(0.5), dataset(0.5), dataset(0.0)
+    dropped = [half.drops_picture(n) for n in range(200)]
+    assert dropped == [again.drops_picture(n) for n in range(200)]
+    assert 70 <= sum(dropped) <= 130 and not any(none.drops_picture(n) for n in range(200))
+    half.epoch = 1
+    assert dropped != [half.drops_picture(n) for n in range(200)]
+    assert dropped != [dataset(0.5, seed=8).drops_picture(n) for n in range(200)]
+    half.epoch = 0
+    for number in range(12):
+        item, plain = half[number], none[number]
+        if dropped[number]:
+            assert item.pixels is None and item.augmented is None
+        else:
+            assert np.array_equal(item.pixels, plain.pixels) and np.array_equal(
+                item.augmented, plain.augmented
+            )
+    with pytest.raises(ValueError, match="image_dropout"):
+        dataset(1.0)
+
+
+def test_dropped_pictures_are_not_counted_as_seen(tmp_path, tiny_backbone, capsys):
+    from model.data.dataset import IMMDataset
+    from model.data.images import ImageStore
+
+    images = tmp_path / "images"
+    images.mkdir()
+    examples = colour_examples(images, 40, seed=0)
+    train_file = write_mnre(tmp_path / "train.txt", examples)
+    out = tmp_path / "re"
+    assert run_train(
+        "--task", "re", "--train", train_file, "--dev", train_file, "--out", out, "--backbone", tiny_backbone,
+        "--images", images, "--epochs", "2", "--image-dropout", "0.5", "--seed", "5", *FAST,
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    model, preprocessor = load_checkpoint(out)
+    counter = IMMDataset(
+        examples, preprocessor, model.config.labels, ImageStore(images, preprocessor.image),
+        augment_seed=5, image_dropout=0.5,
+    )  # fmt: skip
+    kept = []
+    for epoch in range(2):
+        counter.epoch = epoch
+        kept.append(sum(not counter.drops_picture(n) for n in range(40)))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["train_pictures"] for row in history] == kept and 0 < kept[0] < 40
+    record = visual_training(out)
+    epoch = read_json(out, "scores.json")["epoch"]
+    assert record["pictures_seen"] == sum(kept[:epoch]) and record["image_dropout"] == 0.5
+    assert record["trained"] is True and record["examples_with_picture"] == 40

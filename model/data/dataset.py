@@ -38,11 +38,22 @@ class Item:
     augmented: np.ndarray | None
 
 
+# Separate random streams per (seed, epoch, item): the draw that drops a picture must not shift
+# the augmented view's crop.
+_AUGMENT_STREAM = ()
+_DROPOUT_STREAM = (1,)
+
+
 class IMMDataset(Dataset):
     """Texts are encoded once; images are decoded when an item is read (and augmented for SW).
 
-    ``augment_seed`` makes the augmented views reproducible: item i of epoch e always gets the
-    same crop, which ``--resume`` relies on.
+    ``augment_seed`` makes the random choices reproducible: item i of epoch e always gets the
+    same crop, and the same decision about its picture, which ``--resume`` relies on.
+
+    ``image_dropout`` (modality dropout): the probability that an item is served without its
+    picture in an epoch (drawn per seed, epoch and item), so that the model also learns to answer
+    the text alone, as it must for the many tweets that come without one. A dropped picture is
+    not decoded, and the item is a text-only one in every respect (no augmented view either).
     """
 
     def __init__(
@@ -54,12 +65,16 @@ class IMMDataset(Dataset):
         *,
         with_augmented_view: bool = False,
         augment_seed: int = 0,
+        image_dropout: float = 0.0,
     ):
+        if not 0.0 <= image_dropout < 1.0:
+            raise ValueError(f"image_dropout must be in [0, 1), not {image_dropout}")
         self.examples = list(examples)
         self.preprocessor = preprocessor
         self.images = images
         self.with_augmented_view = with_augmented_view
         self.augment_seed = augment_seed
+        self.image_dropout = image_dropout
         self.epoch = 0
         self.texts = [encode_example(preprocessor, example) for example in self.examples]
         index = {label: number for number, label in enumerate(labels)}
@@ -68,14 +83,23 @@ class IMMDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def _rng(self, number: int, stream: tuple[int, ...]) -> np.random.Generator:
+        return np.random.default_rng((self.augment_seed, self.epoch, number, *stream))
+
+    def drops_picture(self, number: int) -> bool:
+        """Whether item ``number`` goes without its picture in the current epoch (``image_dropout``)."""
+        return self.image_dropout > 0 and self._rng(number, _DROPOUT_STREAM).random() < self.image_dropout
+
     def __getitem__(self, number: int) -> Item:
-        picture = self.images.load(self.examples[number].image_id)
+        image_id = None if self.drops_picture(number) else self.examples[number].image_id
+        picture = self.images.load(image_id)
         pixels = augmented = None
         if picture is not None:
             pixels = self.preprocessor.image.to_array(picture)
             if self.with_augmented_view:
-                rng = np.random.default_rng((self.augment_seed, self.epoch, number))
-                augmented = self.preprocessor.image.to_array(augment(picture, rng))
+                augmented = self.preprocessor.image.to_array(
+                    augment(picture, self._rng(number, _AUGMENT_STREAM))
+                )
         return Item(number, self.texts[number], self.labels[number], pixels, augmented)
 
 
