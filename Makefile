@@ -91,14 +91,16 @@ weights-ner: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m model.train --task ner \
 		--train $(DATA)/twitter2015/train.txt $(DATA)/twitter2017/train.txt \
 		--dev $(DATA)/twitter2015/valid.txt $(DATA)/twitter2017/valid.txt \
-		--out $(RUNS)/ner_joint --epochs 3 --lr 1e-4 --batch-size 16 --seed $(SEED)
+		--out $(RUNS)/ner_joint --epochs 6 --lr 1e-4 --word-shape-size 16 --average-last 3 \
+		--batch-size 16 --seed $(SEED)
 	$(PY) -m export --checkpoint $(RUNS)/ner_joint --out weights/ner --precision int8 --name imm-minilm-ner
 
 weights-re: $(STAMP)
 	rm -rf $(RUNS)/re_mnre
 	OMP_NUM_THREADS=1 $(PY) -m model.train --task re \
 		--train $(DATA)/mnre/train.txt --dev $(DATA)/mnre/valid.txt \
-		--out $(RUNS)/re_mnre --epochs 3 --lr 1e-4 --batch-size 16 --re-pooling entity_start --seed $(SEED)
+		--out $(RUNS)/re_mnre --epochs 6 --lr 1e-4 --average-last 3 \
+		--batch-size 16 --re-pooling entity_start --seed $(SEED)
 	$(PY) -m export --checkpoint $(RUNS)/re_mnre --out weights/re --precision int8 --name imm-minilm-re
 
 # End-to-end benchmark (docs/benchmarks.md): starts the server on loopback and drives it twice: from a

@@ -66,7 +66,16 @@ PLANS: dict[str, dict[str, list[str]]] = {
             "3",
         ],
         # An embedding of each word's casing beside its state (the default backbone is uncased).
-        "ner-e6-lr1e-4-shape16": ["--epochs", "6", "--lr", "1e-4", "--word-shape-size", "16", "--average-last", "3"],
+        "ner-e6-lr1e-4-shape16": [
+            "--epochs",
+            "6",
+            "--lr",
+            "1e-4",
+            "--word-shape-size",
+            "16",
+            "--average-last",
+            "3",
+        ],
     },
     "re": {
         "re-e6-lr1e-4": ["--epochs", "6", "--lr", "1e-4", "--average-last", "3"],
