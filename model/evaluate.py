@@ -95,7 +95,11 @@ def predict_bundle(
     """``predict`` for a serving bundle: its ONNX graph on ONNX Runtime, then the server's decoding."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    from export.bundle import session_options  # the server's options: the same numbers as served
+
+    session = ort.InferenceSession(
+        str(bundle.model_path), session_options(), providers=["CPUExecutionProvider"]
+    )
     predictions: list = []
     for chunk, arrays in _batches(preprocessor, examples, images, batch_size):
         (output,) = session.run(None, {name: arrays[name] for name in bundle.input_names})
