@@ -515,6 +515,7 @@ def bundle_summary(path: Path) -> dict[str, Any] | None:
         "hidden_size": backbone.get("hidden_size"),
         "layers": backbone.get("num_hidden_layers"),
         "model_onnx_mb": round(bundle.model_path.stat().st_size / 1e6, 1),
+        "visual_stream": bool(manifest.get("visual_stream", True)),
     }
 
 
@@ -643,6 +644,12 @@ def markdown(report: dict[str, Any]) -> str:
                 + (
                     " - RANDOM WEIGHTS, built because the bundle was missing"
                     if bundle.get("fallback")
+                    else ""
+                )
+                + (
+                    " - TEXT-ONLY GRAPH: trained without pictures, so the server does not decode them"
+                    " and the picture workloads measure the text path (see docs/benchmarks.md)"
+                    if not bundle.get("visual_stream", True)
                     else ""
                 )
             )
