@@ -115,11 +115,14 @@ class Pipeline:
     def _image(self, photo: Photo | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
         """The picture for the model: decoded pixels (JPEG in draft mode: never a full-size decode of
         a large photo), JPEG bytes for a runtime that decodes them on its device, or None (no
-        picture, or a model that ignores them: then nothing is decoded). A photo already decoded
+        picture, or a model that ignores them: then only its header is read). A photo already decoded
         by another model with the same image step is not decoded again."""
         if photo is None:
             return None
         if not self.visual:
+            # Not decoded, but its header is still checked (format, pixel limit: no pixel is read),
+            # so that a file that is no picture gets the same 415 / 413 whichever model is served.
+            self.preprocessor.image.header(photo.data)
             notes.append(self.ignored_picture_note)
             return None
         if self.image_step in photo.pictures:

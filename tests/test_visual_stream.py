@@ -55,6 +55,34 @@ def test_a_text_only_model_ignores_the_picture_without_decoding_it(bundles, runt
     assert "decode" not in timing  # the picture was never decoded
 
 
+def test_a_text_only_model_still_refuses_what_is_no_picture(bundles):
+    """The picture is not decoded, but its header is read: a non-image is a 415, a pixel bomb a 413
+    and a JPEG cut inside its header a 422, as with a model that reads pictures; one cut inside its
+    pixel data passes (nothing reads them)."""
+    import io
+
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81 Mpixels (limit 64) in a few KB
+    settings = Settings(ner_bundle=bundles["text-only"], re_bundle="", runtime="onnx", intra_op_threads=1)
+    with TestClient(create_app(settings)) as client:
+        assert client.app.state.imm.loaded.wait(60)
+        post = lambda name, data, kind: client.post(  # noqa: E731
+            "/ner", data={"text": TEXT}, files={"image": (name, data, kind)}
+        )
+        not_a_picture = post("a.jpg", b"hello", "image/jpeg")
+        assert not_a_picture.status_code == 415, not_a_picture.text
+        assert not_a_picture.json()["detail"][0]["loc"] == ["body", "image"]
+        huge = post("huge.png", bomb.getvalue(), "image/png")
+        assert huge.status_code == 413, huge.text
+        photo = jpeg_bytes()
+        cut_in_header = post("b.jpg", photo[:600], "image/jpeg")
+        assert cut_in_header.status_code == 422, cut_in_header.text
+        cut_in_pixels = post("c.jpg", photo[: len(photo) // 2], "image/jpeg")
+        assert cut_in_pixels.status_code == 200 and cut_in_pixels.json()["image_used"] is False
+
+
 @pytest.mark.parametrize("runtime", ["onnx", "torch"])
 def test_a_picture_trained_model_still_reads_the_picture(bundles, runtime):
     assert load_bundle(bundles["pictures"]).manifest["visual_stream"] is True
