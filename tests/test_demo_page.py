@@ -189,7 +189,7 @@ def test_the_page_end_to_end_in_chromium(server, bundles):
             assert [url.removeprefix(server) for url in posted] == ["/extract", "/extract"], posted
             expected = httpx.post(
                 server + "/extract",
-                data={"text": TWEET},
+                data={"text": TWEET, "pairs": "typed"},
                 files={"image": ("photo.jpg", jpeg_bytes(), "image/jpeg")},
                 headers={"Authorization": f"Bearer {API_KEY}"},
                 timeout=30,

@@ -160,7 +160,8 @@ async function findEntities(event) {
   retry = () => findEntities();
   setBusy(true, extract ? "Finding entities and relations…" : "Finding entities…");
   try {
-    const answer = await post(extract ? "/extract" : "/ner", request);
+    // pairs=typed: only the pairs whose types some relation joins (no "city contains person").
+    const answer = await (extract ? post("/extract", { ...request, pairs: "typed" }) : post("/ner", request));
     shown = request;
     showEntities(answer);
     showRelations(answer);
