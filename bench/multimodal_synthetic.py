@@ -225,6 +225,7 @@ def run(runs: Path, experiment: str, name: str, data: dict, backbone: Path, flag
         "backbone": str(backbone),
         "max_seq_len": 32,
         "batch_size": 16,
+        "image_dropout": 0.0,  # the stability and slots plans were measured without modality dropout
         **flags,
     }
     settings["images"] = str(data["images"]) if settings.pop("images", False) else None

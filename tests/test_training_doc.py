@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from model.checkpoint import visual_training
+from model.train import DEFAULT_IMAGE_DROPOUT
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
 from tests.test_server import free_port
 from tests.test_train import write_conll, write_mnre
@@ -129,8 +130,11 @@ def test_the_training_document_runs_as_written(tmp_path, tiny_backbone, tiny_cli
     for name in ("layout", "models", "train"):
         run_block(blocks[name][0], bodies[name], tmp_path, env)
     for run, data in (("ner2015", "twitter2015"), ("ner2017", "twitter2017"), ("mnre", "mnre")):
-        record = visual_training(tmp_path / "runs" / run)  # every training picture found and fed
-        assert record["pictures_seen"] == record["training_examples"] == counts[f"{data}/train"], record
+        record = visual_training(tmp_path / "runs" / run)  # every training picture found, most fed
+        assert record["examples_with_picture"] == record["training_examples"] == counts[f"{data}/train"]
+        # the default modality dropout (--images given, no --image-dropout) left some out
+        assert record["image_dropout"] == DEFAULT_IMAGE_DROPOUT, record
+        assert 0 < record["pictures_seen"] < record["training_examples"], record
         assert record["sw"] is True, record
 
     scores = json_objects(run_block("bash", bodies["evaluate"], tmp_path, env))
