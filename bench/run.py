@@ -462,6 +462,17 @@ async def run_level(
     return row
 
 
+def wait_until_idle(url: str, limit_s: float = 40.0) -> float:
+    """Seconds until no request waits in the server's queues (``imm_queue_depth``), at most ``limit_s``."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        samples = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
+        if sum(v for (name, _), v in samples.items() if name == "imm_queue_depth") == 0:
+            break
+        time.sleep(0.2)
+    return time.perf_counter() - started
+
+
 def run_wrk_level(
     url: str, load: Load, concurrency: int, seconds: float, server_pid: int | None, offset: int
 ) -> dict[str, Any]:
@@ -475,6 +486,9 @@ def run_wrk_level(
         data, files = load.request(offset + number)
         requests.append((data, files["image"][1] if files else None))
     run_wrk(url, endpoint, requests, concurrency, min(3.0, seconds))  # warm-up: opens the connections
+    # wrk exits with its requests in flight, and the server still answers them (nobody reads the
+    # answers): measuring before they are done would start the level with a full queue.
+    wait_until_idle(url)
     before = parse_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
     cpu_server = process_cpu_s(server_pid) if server_pid else None
     result = run_wrk(url, endpoint, requests, concurrency, seconds)
