@@ -46,6 +46,7 @@ class Photo:
 
     data: bytes
     pictures: dict[Hashable, Picture] = field(default_factory=dict)
+    headers_checked: set[Hashable] = field(default_factory=set)  # image processors that read its header
 
 
 @dataclass
@@ -122,7 +123,9 @@ class Pipeline:
         if not self.visual:
             # Not decoded, but its header is still checked (format, pixel limit: no pixel is read),
             # so that a file that is no picture gets the same 415 / 413 whichever model is served.
-            self.preprocessor.image.header(photo.data)
+            if self.preprocessor.image not in photo.headers_checked:
+                self.preprocessor.image.header(photo.data)
+                photo.headers_checked.add(self.preprocessor.image)
             notes.append(self.ignored_picture_note)
             return None
         if self.image_step in photo.pictures:

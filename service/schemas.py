@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The entities of the /ner and /extract examples that /docs shows.
+_EXAMPLE_ENTITIES = [
+    {"text": "Alice Smith", "type": "PER", "start": 0, "end": 11, "score": 0.981},
+    {"text": "Paris", "type": "LOC", "start": 19, "end": 24, "score": 0.994},
+    {"text": "Lakers", "type": "ORG", "start": 34, "end": 40, "score": 0.972},
+]
 _MODEL_FIELD = Field(description="The bundle that answered: '<model>@<sha12>'")
 _TRUNCATED_FIELD = Field(
     description="True when the text was longer than the model's window: only its first window was read"
@@ -28,10 +34,7 @@ class NERResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "entities": [
-                        {"text": "Alice Smith", "type": "PER", "start": 0, "end": 11, "score": 0.981},
-                        {"text": "Paris", "type": "LOC", "start": 19, "end": 24, "score": 0.994},
-                    ],
+                    "entities": _EXAMPLE_ENTITIES[:2],
                     "image_used": True,
                     "truncated": False,
                     "model": "imm-ner@3f2a9c1d0b7e",
@@ -94,11 +97,7 @@ class ExtractResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "entities": [
-                        {"text": "Alice Smith", "type": "PER", "start": 0, "end": 11, "score": 0.981},
-                        {"text": "Paris", "type": "LOC", "start": 19, "end": 24, "score": 0.994},
-                        {"text": "Lakers", "type": "ORG", "start": 34, "end": 40, "score": 0.972},
-                    ],
+                    "entities": _EXAMPLE_ENTITIES,
                     "relations": [
                         {"head": 0, "tail": 1, "relation": "/per/loc/place_of_residence", "score": 0.912},
                         {"head": 0, "tail": 2, "relation": "/per/org/member_of", "score": 0.887},

@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -245,3 +247,10 @@ def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> 
         "ner": export_bundle(trained_ner_checkpoint, root / "ner", log=lambda _: None),
         "re": export_bundle(trained_re_checkpoint, root / "re", log=lambda _: None),
     }
+
+
+@pytest.fixture()
+def client(server) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's ``server`` fixture (``(url, app)``, a server in a thread)."""
+    with httpx.Client(base_url=server[0], timeout=30) as http:
+        yield http

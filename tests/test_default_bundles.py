@@ -10,7 +10,6 @@ Runtime (>= 99 % identical answers).
 
 from __future__ import annotations
 
-import ast
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from export import load_bundle
 from export.bundle import session_options
+from model.data import read_mnre, read_twitter_conll
 from model.preprocessing import Preprocessor, load_tokenizer
 from service.runtime import NEROutput, OnnxRuntime
 
@@ -50,15 +50,7 @@ def ner_words() -> list[list[str]]:
     path = DATA_DIR / "twitter2017" / "valid.txt"
     if not path.exists():
         return [tweet.split() for tweet in INVENTED] * 12
-    tweets, current = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("IMGID:") or not line.strip():
-            if current:
-                tweets.append(current)
-            current = []
-        else:
-            current.append(line.split("\t")[0])
-    return (tweets + ([current] if current else []))[:LIMIT]
+    return [list(example.words) for example in read_twitter_conll(path)[:LIMIT]]
 
 
 def re_examples() -> list[tuple[list[str], tuple[int, int], tuple[int, int]]]:
@@ -66,11 +58,7 @@ def re_examples() -> list[tuple[list[str], tuple[int, int], tuple[int, int]]]:
     if not path.exists():
         words = INVENTED[4].split()
         return [(words, (0, 1), (10, 12)), (words, (10, 12), (0, 1))] * 32
-    examples = []
-    for line in path.read_text(encoding="utf-8").splitlines()[:LIMIT]:
-        record = ast.literal_eval(line)
-        examples.append((record["token"], tuple(record["h"]["pos"]), tuple(record["t"]["pos"])))
-    return examples
+    return [(list(e.words), e.head, e.tail) for e in read_mnre(path)[:LIMIT]]
 
 
 def preprocessor_of(bundle) -> Preprocessor:

@@ -49,12 +49,6 @@ def server(bundles) -> Iterator[tuple[str, Any]]:
         yield url, app
 
 
-@pytest.fixture()
-def client(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=30) as http:
-        yield http
-
-
 def relation_of(client: httpx.Client, text: str, head: dict, tail: dict, files: dict | None = None) -> dict:
     """What ``/re`` answers for two entities of an ``/extract`` or ``/ner`` answer."""
     offsets = {
@@ -423,6 +417,17 @@ def test_nested_pairs_of_the_mnre_valid_split_get_the_training_inputs(server):
 RE_TEXT = "alice smith moved to paris 🇫🇷 !"
 
 
+def pair_form(head: tuple[int, int], tail: tuple[int, int]) -> dict:
+    """The /re form for RE_TEXT and two character spans."""
+    return {
+        "text": RE_TEXT,
+        "head_start": head[0],
+        "head_end": head[1],
+        "tail_start": tail[0],
+        "tail_end": tail[1],
+    }
+
+
 @pytest.mark.parametrize(
     ("head", "tail"),
     [
@@ -432,14 +437,7 @@ RE_TEXT = "alice smith moved to paris 🇫🇷 !"
     ],
 )
 def test_re_answers_nested_pairs(client, head, tail):
-    data = {
-        "text": RE_TEXT,
-        "head_start": head[0],
-        "head_end": head[1],
-        "tail_start": tail[0],
-        "tail_end": tail[1],
-    }
-    answer = client.post("/re", data=data)
+    answer = client.post("/re", data=pair_form(head, tail))
     assert answer.status_code == 200, answer.text
     assert answer.json()["relation"] in answer.json()["scores"]
 
@@ -454,13 +452,6 @@ def test_re_answers_nested_pairs(client, head, tail):
     ],
 )
 def test_re_refuses_identical_or_crossing_spans(client, head, tail, message):
-    data = {
-        "text": RE_TEXT,
-        "head_start": head[0],
-        "head_end": head[1],
-        "tail_start": tail[0],
-        "tail_end": tail[1],
-    }
-    answer = client.post("/re", data=data)
+    answer = client.post("/re", data=pair_form(head, tail))
     assert_clean_error(answer, 422, "tail_start")
     assert message in answer.json()["detail"][0]["msg"]

@@ -44,12 +44,6 @@ def server(bundles) -> Iterator[tuple[str, Any]]:
         yield url, app
 
 
-@pytest.fixture()
-def client(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=30) as http:
-        yield http
-
-
 # --- 1. text no word of which fits the window -------------------------------------------------------
 
 

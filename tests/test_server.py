@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +41,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_ready(url: str, process: subprocess.Popen, output: Callable[[], str], timeout: float = 120) -> None:
+    """Polls ``url``/ready until it answers 200; fails with the server's ``output`` if the process
+    ends or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, output()
+        assert time.monotonic() < deadline, "the server never became ready\n" + output()
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
 class Server:
     """``python -m service`` in a subprocess, ready when /ready says so."""
 
@@ -66,16 +81,7 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process.poll() is None, self.output()
-            assert time.monotonic() < deadline, "the server never became ready\n" + self.output()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(self.url, self.process, self.output, timeout)
 
     def output(self) -> str:
         self.log.flush()

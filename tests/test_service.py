@@ -104,12 +104,6 @@ def server(bundles) -> Iterator[tuple[str, Any]]:
         yield url, app
 
 
-@pytest.fixture()
-def client(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server[0], timeout=30) as http:
-        yield http
-
-
 @asynccontextmanager
 async def started(app) -> AsyncIterator[httpx.AsyncClient]:
     """An app started in-process (lifespan, models loaded) and a client talking to it over ASGI."""

@@ -167,10 +167,22 @@ def test_batcher_drops_requests_that_timed_out_while_queued():
     assert seen == ["a", "b"]
 
 
-def _held_batcher_scenario(run_batch, max_batch_size: int, queued, entered, release):
-    """Runs "a" (held in run_batch until ``release``), queues ``queued`` (items or lists: groups) behind
-    it, then lets the worker go; returns each request's result or exception."""
+def _held_batcher_scenario(max_batch_size: int, queued) -> tuple[list, list[list[str]]]:
+    """Runs "a" (held in the model until all else is queued), queues ``queued`` (items or lists:
+    groups) behind it, then lets the worker go. The model upper-cases its items and fails a batch
+    holding "boom". Returns each request's result or exception, and the batches the model ran."""
     from concurrent.futures import ThreadPoolExecutor
+
+    batches: list[list[str]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        batches.append(list(items))
+        entered.set()
+        release.wait(5)
+        if "boom" in items:
+            raise RuntimeError("model failed")
+        return [item.upper() for item in items]
 
     async def scenario() -> list:
         with ThreadPoolExecutor(1) as pool:
@@ -196,21 +208,12 @@ def _held_batcher_scenario(run_batch, max_batch_size: int, queued, entered, rele
                 release.set()
                 await batcher.stop()
 
-    return asyncio.run(scenario())
+    return asyncio.run(scenario()), batches
 
 
 def test_batcher_runs_a_group_in_one_batch_never_split_and_answers_it_together():
-    batches: list[list[str]] = []
-    entered, release = threading.Event(), threading.Event()
-
-    def run_batch(items: Sequence[str]) -> list[str]:
-        batches.append(list(items))
-        entered.set()
-        release.wait(5)
-        return [item.upper() for item in items]
-
     groups = [["g1", "g2", "g3"], ["h1", "h2"], "s1", [f"o{n}" for n in range(10)], "s2"]
-    results = _held_batcher_scenario(run_batch, 4, groups, entered, release)
+    results, batches = _held_batcher_scenario(4, groups)
     assert results == [["G1", "G2", "G3"], ["H1", "H2"], "S1", [f"O{n}" for n in range(10)], "S2"]
     assert batches == [
         ["a"],
@@ -225,20 +228,7 @@ def test_batcher_runs_a_group_in_one_batch_never_split_and_answers_it_together()
 
 
 def test_batcher_a_failing_item_fails_its_group_alone():
-    batches: list[list[str]] = []
-    entered, release = threading.Event(), threading.Event()
-
-    def run_batch(items: Sequence[str]) -> list[str]:
-        batches.append(list(items))
-        entered.set()
-        release.wait(5)
-        if "boom" in items:
-            raise RuntimeError("model failed")
-        return [item.upper() for item in items]
-
-    results = _held_batcher_scenario(
-        run_batch, 8, [["x1", "boom", "x3"], "y", ["z1", "z2"]], entered, release
-    )
+    results, batches = _held_batcher_scenario(8, [["x1", "boom", "x3"], "y", ["z1", "z2"]])
     assert isinstance(results[0], RuntimeError) and results[1:] == ["Y", ["Z1", "Z2"]]
     # The batch failed, then ran item by item: the group stops at its first failure.
     assert batches == [["a"], ["x1", "boom", "x3", "y", "z1", "z2"], ["x1"], ["boom"], ["y"], ["z1"], ["z2"]]

@@ -15,16 +15,14 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from model.checkpoint import visual_training
 from model.train import DEFAULT_IMAGE_DROPOUT
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
-from tests.test_server import free_port
+from tests.test_server import free_port, wait_ready
 from tests.test_train import write_conll, write_mnre
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,16 +166,7 @@ def serve(body: str, cwd: Path, env: dict[str, str]) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            assert process.poll() is None, (cwd / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server never became ready")
+        wait_ready(url, process, lambda: (cwd / "server.log").read_text()[-3000:])
         text = "alice smith flew to paris with the lakers"
         ner = httpx.post(
             f"{url}/ner", data={"text": text}, files={"image": ("a.jpg", jpeg_bytes(), "image/jpeg")}
