@@ -33,6 +33,7 @@ from PIL import Image
 from model.preprocessing import split_words
 from service import Settings, create_app
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
+from tests.test_server import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD = 200_000
@@ -612,16 +613,10 @@ def test_python_m_service_serves_on_a_loopback_port(bundles, free_port):
     )
     url = f"http://127.0.0.1:{free_port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:  # an external process: poll /ready
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server never became ready"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        # Its stderr can be read only once it has ended (a live process would block communicate()).
+        wait_ready(
+            url, process, lambda: process.communicate()[1][-3000:] if process.poll() is not None else "", 90
+        )
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         answer = httpx.post(
             f"{url}/ner",
