@@ -2,13 +2,18 @@
 
 Bodies follow FastAPI's convention: ``{"detail": "message"}``, or for 422 a list of
 ``{"loc": ["body", field], "msg", "type"}`` naming the field; every body also carries the
-request id. Image errors from the shared preprocessing map to 415 (not an image), 422 (corrupt or
-truncated) and 413 (too many pixels).
+request id. The engine's errors (``service.engine.errors``) map to their statuses here, the one
+place that knows both: invalid field 422, too large 413, model unavailable, overloaded or shutting
+down 503 (with Retry-After), deadline exceeded 504. Image errors from the shared preprocessing map
+to 415 (not an image), 422 (corrupt or truncated) and 413 (too many pixels). A request whose client
+disconnected before its answer is logged and counted as 499 (nginx's "client closed request"; no
+one reads that answer).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +23,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.preprocessing import CorruptImage, ImageError, ImageTooLarge, NotAnImage
+from service.engine.errors import (
+    DeadlineExceeded,
+    InputTooLarge,
+    InvalidInput,
+    ModelUnavailable,
+    Overloaded,
+    ShuttingDown,
+)
+
+#: The status of a request whose client went away first (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ApiError(Exception):
@@ -36,6 +52,15 @@ class FieldError(ApiError):
     def __init__(self, field: str, message: str, kind: str = "value_error"):
         super().__init__(422, [{"loc": ["body", field], "msg": message, "type": kind}])
         self.field = field
+
+
+class ClientDisconnected(Exception):
+    """The client disconnected before its answer: the engine's call was cancelled."""
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """A Retry-After header (whole seconds, at least 1)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def image_error_status(error: ImageError) -> int:
@@ -95,6 +120,34 @@ def install_error_handlers(app: FastAPI) -> None:
             image_error_status(error),
             [{"loc": ["body", "image"], "msg": str(error), "type": type(error).__name__}],
         )
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid_input(request: Request, error: InvalidInput) -> JSONResponse:
+        return error_response(request, 422, FieldError(error.field, error.message, error.kind).detail)
+
+    @app.exception_handler(InputTooLarge)
+    async def _too_large(request: Request, error: InputTooLarge) -> JSONResponse:
+        return error_response(request, 413, str(error))
+
+    @app.exception_handler(ModelUnavailable)
+    async def _unavailable(request: Request, error: ModelUnavailable) -> JSONResponse:
+        return error_response(request, 503, str(error), {"Retry-After": "5"} if error.loading else None)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, error: Overloaded) -> JSONResponse:
+        return error_response(request, 503, f"{error}: retry later", retry_after(error.retry_after_s))
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, error: DeadlineExceeded) -> JSONResponse:
+        return error_response(request, 504, str(error))
+
+    @app.exception_handler(ShuttingDown)
+    async def _shutting_down(request: Request, error: ShuttingDown) -> JSONResponse:
+        return error_response(request, 503, str(error), retry_after(1))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, error: ClientDisconnected) -> JSONResponse:
+        return error_response(request, CLIENT_CLOSED_REQUEST, "the client disconnected before the answer")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -1,5 +1,6 @@
-"""The API key, the upload size limit and the body deadline, checked on the raw ASGI stream before
-any parsing; and the answer of a request the server gives up on at shutdown.
+"""The API key, the upload size limit, the client's deadline, admission and the body deadline,
+checked on the raw ASGI stream before any parsing; and the answer of a request the server gives up
+on at shutdown.
 
 The checks run before FastAPI reads the multipart body, so an unauthenticated or oversized upload
 costs the server nothing: a ``Content-Length`` over the limit is refused before one byte of the
@@ -7,6 +8,17 @@ body is read, and a body without one (chunked) is counted while it streams and c
 it passes the limit, without reading the rest. A body trickled in slowly is cut off with 408 once
 ``body_timeout_s`` has passed since the request's head arrived (the head's own deadline is the
 server's: ``service.server``).
+
+**Deadlines and early refusal.** ``X-Request-Timeout: SECONDS`` says how long the client will wait
+(from the arrival of the request's head; capped by the engine at ``IMM_REQUEST_TIMEOUT_S``): the
+deadline goes to the route in ``scope["state"]["deadline"]`` (a malformed value is a 400). Then
+``admit(path, deadline)`` asks the engine whether the models of the path could take the request;
+when they could not (``Overloaded``: a full queue, or one that would not answer by the deadline) the
+request gets its 503 and ``Retry-After`` at once, before one byte of its body is read or parsed.
+A small declared body (up to ``DRAIN_LIMIT``, which has usually arrived with the head) is then read
+and thrown away so that the connection stays open for the client's next request; a larger one, or
+one the client holds back behind ``Expect: 100-continue`` (the ``100 Continue`` is never sent), is
+left unread and the connection closed.
 
 At shutdown the server (uvicorn) lets requests in flight finish for its grace period, then cancels
 the ones still running: those (still queued for the model, being preprocessed, or in the batch that
@@ -19,9 +31,18 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine.errors import Overloaded
+
+#: The header in which a client says how many seconds it will wait for its answer.
+TIMEOUT_HEADER = b"x-request-timeout"
+#: A refused request's declared body up to this size is read (and discarded) to keep the connection.
+DRAIN_LIMIT = 64 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -51,6 +72,7 @@ class GuardMiddleware:
         api_key: str | None,
         body_timeout_s: float = 30.0,
         retry_after_s: int = 1,
+        admit: Callable[[str, float | None], None] | None = None,
     ):
         self.app = app
         self.paths = frozenset(paths)
@@ -58,9 +80,16 @@ class GuardMiddleware:
         self.api_key = api_key.encode() if api_key else None
         self.body_timeout_s = body_timeout_s
         self.retry_after = str(retry_after_s).encode()
+        self.admit = admit
 
     async def _refuse(
-        self, scope: Scope, send: Send, status: int, detail: str, headers: list | None = None
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        detail: str,
+        headers: list | None = None,
+        keep_alive: bool = False,
     ) -> None:
         request_id = scope.get("state", {}).get("request_id")
         body = json.dumps({"detail": detail, "request_id": request_id}).encode()
@@ -71,7 +100,7 @@ class GuardMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
+                    *([] if keep_alive else [(b"connection", b"close")]),
                     *(headers or []),
                 ],
             }
@@ -85,10 +114,21 @@ class GuardMiddleware:
         scheme, _, token = value.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
+    async def _refuse_unread(self, scope: Scope, receive: Receive, send: Send, error: Overloaded) -> None:
+        """The 503 of a request refused before its body: the connection kept when a small body could
+        be drained (see the module's docstring)."""
+        declared = _header(scope, b"content-length")
+        small = declared is not None and declared.isdigit() and int(declared) <= DRAIN_LIMIT
+        waits_for_continue = (_header(scope, b"expect") or b"").lower() == b"100-continue"
+        keep_alive = small and not waits_for_continue and await _drain(receive)
+        headers = [(b"retry-after", str(max(1, math.ceil(error.retry_after_s))).encode())]
+        await self._refuse(scope, send, 503, f"{error}: retry later", headers, keep_alive)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
+        arrived = time.monotonic()
         if not self._authorised(scope):
             await self._refuse(
                 scope,
@@ -108,6 +148,23 @@ class GuardMiddleware:
                 return
             if declared_size > self.max_body_bytes:
                 await self._refuse(scope, send, 413, too_large)
+                return
+        deadline = None
+        timeout = _header(scope, TIMEOUT_HEADER)
+        if timeout is not None:
+            seconds = _seconds(timeout)
+            if seconds is None:
+                await self._refuse(
+                    scope, send, 400, "X-Request-Timeout must be a positive number of seconds, such as 1.5"
+                )
+                return
+            deadline = arrived + seconds
+        scope.setdefault("state", {})["deadline"] = deadline
+        if self.admit is not None:
+            try:
+                self.admit(scope["path"], deadline)
+            except Overloaded as error:
+                await self._refuse_unread(scope, receive, send, error)
                 return
 
         received = 0
@@ -166,3 +223,26 @@ class GuardMiddleware:
                 "the service is shutting down: retry (on another instance)",
                 [(b"retry-after", self.retry_after)],
             )
+
+
+def _seconds(value: bytes) -> float | None:
+    """A header's positive, finite number of seconds, or None."""
+    try:
+        seconds = float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return seconds if 0 < seconds < math.inf else None
+
+
+async def _drain(receive: Receive, timeout_s: float = 1.0) -> bool:
+    """Reads a small body to its end (True), or gives up after ``timeout_s`` or a disconnect (False)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+        except asyncio.TimeoutError:
+            return False
+        if message["type"] != "http.request":
+            return False
+        if not message.get("more_body", False):
+            return True

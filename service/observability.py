@@ -78,7 +78,26 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.rejected = Counter(
-            "imm_rejected", "Requests refused because the queue was full", ["model"], registry=self.registry
+            "imm_rejected",
+            "Requests refused at once: the model's queue was full, or would not answer them by their deadline",
+            ["model"],
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "imm_dropped",
+            "Admitted requests that left before the model ran them: reason 'deadline' (their deadline "
+            "passed or would pass first) or 'cancelled' (the caller went away: an HTTP client disconnected)",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.computed_rows = Counter(
+            "imm_computed_rows", "Rows (examples) the model computed", ["model"], registry=self.registry
+        )
+        self.abandoned_rows = Counter(
+            "imm_abandoned_rows",
+            "Rows the model computed for callers that had gone when the batch ended",
+            ["model"],
+            registry=self.registry,
         )
         self.model_info = Gauge(
             "imm_model_info",
@@ -106,6 +125,10 @@ class Metrics:
         """Drops this process's live gauges from the multiprocess files (a clean worker exit)."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             multiprocess.mark_process_dead(os.getpid())
+
+    def observe_batch(self, model: str, rows: int) -> None:
+        self.batch_size.labels(model).observe(rows)
+        self.computed_rows.labels(model).inc(rows)
 
     def observe_stages(self, endpoint: str, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():

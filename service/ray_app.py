@@ -33,7 +33,6 @@ Design choices:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import signal
@@ -164,13 +163,13 @@ def replica_app(settings: Settings) -> FastAPI:
     missing bundle leaves its endpoint answering 503 and /ready saying why).
     """
     app = create_app(settings)
-    state = app.state.imm
+    engine = app.state.engine
     app_lifespan = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan_until_loaded(app: FastAPI) -> AsyncIterator[Any]:
         async with app_lifespan(app) as lifespan_state:
-            await asyncio.to_thread(state.loaded.wait)
+            await engine.wait_loaded()
             yield lifespan_state
 
     app.router.lifespan_context = lifespan_until_loaded

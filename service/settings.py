@@ -63,7 +63,20 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256, ge=1, description="requests waiting per model; beyond it: 503 with Retry-After"
     )
-    request_timeout_s: float = Field(30.0, gt=0, description="longest wait for a batch slot and inference")
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request's deadline when the client sets none, and the cap of the one it sets "
+        "(X-Request-Timeout): past it the request leaves the queue unanswered (504)",
+    )
+    queue_order: Literal["fifo", "adaptive"] = Field(
+        "fifo",
+        description="order of a model's queue: 'fifo', or 'adaptive' (newest first once the oldest request "
+        "has waited IMM_LIFO_AFTER_MS: under overload, answer the callers still there)",
+    )
+    lifo_after_ms: float = Field(
+        100.0, ge=0, description="with IMM_QUEUE_ORDER=adaptive, the wait after which newest go first"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 when the queue is full")
     workers: int = Field(
         0,
@@ -104,6 +117,11 @@ class Settings(BaseSettings):
         None, description="when set, /ner, /re and /extract need 'Authorization: Bearer <key>'"
     )
     warmup: bool = Field(True, description="run dummy batches before /ready says ready")
+    ready_strict: bool = Field(
+        False,
+        description="/ready only when every configured model is ready (default: at least one is; a "
+        "model switched off with an empty bundle variable never counts)",
+    )
     log_level: str = Field("info")
 
     @field_validator("ner_bundle", "re_bundle", mode="before")

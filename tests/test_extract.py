@@ -118,7 +118,7 @@ def test_none_relations_are_left_out_unless_asked_and_typed_pairs_follow_the_lab
 
 
 def test_one_entity_or_none_asks_the_re_model_nothing(server, client):
-    batcher = server[1].state.imm.slots["re"].batcher
+    batcher = server[1].state.engine.slots["re"].batcher
     calls: list[int] = []
     run_batch = batcher.run_batch
     batcher.run_batch = lambda items: calls.append(len(items)) or run_batch(items)
@@ -134,7 +134,7 @@ def test_one_entity_or_none_asks_the_re_model_nothing(server, client):
 def test_the_picture_is_decoded_once_and_the_pairs_go_to_the_re_model_as_one_batch(server, client):
     """Both models read the same decoded pixels (one decode), and the RE batcher gets the pairs as one
     batch: one run_batch call of n(n-1) rows, not n(n-1) requests."""
-    state = server[1].state.imm
+    state = server[1].state.engine
     ner, relation = state.slots["ner"].pipeline, state.slots["re"].pipeline
     assert ner.image_step == relation.image_step  # the same image size and normalisation
     decodes: list[int] = []
@@ -175,7 +175,7 @@ def test_concurrent_extracts_share_batches_and_equal_sequential_answers(server, 
     texts = TEXTS + [" ".join(e.words) for e in synthetic_ner_examples(9, seed=21)]
     sequential = [client.post("/extract", data={"text": t, "include_none": "true"}).json() for t in texts]
     sizes: list[int] = []
-    batcher = app.state.imm.slots["re"].batcher
+    batcher = app.state.engine.slots["re"].batcher
     run_batch = batcher.run_batch
     batcher.run_batch = lambda items: sizes.append(len(items)) or run_batch(items)
 
@@ -250,7 +250,7 @@ def test_typed_pairs_need_labels_that_name_types(bundles):
     async def scenario() -> None:
         app = create_app(make_settings(bundles, warmup=False))
         async with started(app) as http:
-            app.state.imm.slots["re"].pipeline.relation_types = None  # as for labels such as "works_for"
+            app.state.engine.slots["re"].pipeline.relation_types = None  # as for labels such as "works_for"
             answer = await http.post("/extract", data={"text": TEXTS[0], "pairs": "typed"})
             assert_clean_error(answer, 422, "pairs")
             assert (await http.post("/extract", data={"text": TEXTS[0]})).status_code == 200
@@ -366,7 +366,7 @@ def test_a_nested_pair_is_served_with_the_training_inputs_and_answers_as_the_mod
     from model.data import REExample
     from model.evaluate import predict
 
-    pipeline = server[1].state.imm.slots["re"].pipeline
+    pipeline = server[1].state.engine.slots["re"].pipeline
     text = "alice smith moved to paris #win"
     words = tuple(w for w, _, _ in split_words(text))
     examples = [
@@ -405,7 +405,7 @@ def test_nested_pairs_of_the_mnre_valid_split_get_the_training_inputs(server):
     path = DATA_DIR / "mnre" / "valid.txt"
     if not path.exists():
         pytest.skip(f"{path} not available")
-    pipeline = server[1].state.imm.slots["re"].pipeline
+    pipeline = server[1].state.engine.slots["re"].pipeline
     pairs = [example for example in read_mnre(path) if nested(example)]
     assert pairs, "the valid split holds nested pairs (3 when this test was written)"
     for example in pairs:

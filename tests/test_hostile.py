@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service import create_app
-from service.errors import FieldError
+from service.engine import InvalidInput
 from tests.test_service import (
     ServerThread,
     assert_clean_error,
@@ -57,7 +57,7 @@ def test_text_whose_first_word_outgrows_the_window_is_answered_on_its_first_piec
     for entity in body["entities"]:
         assert text[entity["start"] : entity["end"]] == entity["text"] and entity["text"]
     # The pieces of the cut word are words for /re: offsets may fall on their boundaries.
-    words = server[1].state.imm.slots["re"].pipeline.words(text)
+    words = server[1].state.engine.slots["re"].pipeline.words(text)
     head, tail = words[0], words[2]
     offsets = {"head_start": head[1], "head_end": head[2], "tail_start": tail[1], "tail_end": tail[2]}
     relation = client.post("/re", data={"text": text, **offsets})
@@ -68,7 +68,7 @@ def test_text_whose_first_word_outgrows_the_window_is_answered_on_its_first_piec
 def test_split_long_words_cuts_only_words_longer_than_the_window(server):
     from model.preprocessing import split_words
 
-    encoder = server[1].state.imm.slots["ner"].pipeline.preprocessor.text
+    encoder = server[1].state.engine.slots["ner"].pipeline.preprocessor.text
     text = "alice " + NO_WORD_FITS["chinese"] + " #" + "_".join(["go"] * 150) + " bob"
     words = split_words(text)
     cut = encoder.split_long_words(words)
@@ -111,7 +111,7 @@ def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bund
     async def scenario() -> None:
         app = create_app(make_settings(bundles, re_bundle=None, max_batch_size=16, batch_wait_ms=200))
         async with started(app) as http:
-            batcher = app.state.imm.slots["ner"].batcher
+            batcher = app.state.engine.slots["ner"].batcher
             run_batch = batcher.run_batch
             sizes: list[int] = []
 
@@ -121,7 +121,7 @@ def test_a_request_that_raises_fails_alone_and_its_batch_mates_are_answered(bund
                     if "bug" in item.text:
                         raise RuntimeError("a bug in decoding")
                     if "bad" in item.text:
-                        raise FieldError("text", "this text cannot be read")
+                        raise InvalidInput("text", "this text cannot be read")
                 return run_batch(items)
 
             batcher.run_batch = faulty
@@ -252,9 +252,9 @@ def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundle
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
-    assert app.state.imm.loaded.wait(60)
+    assert app.state.engine.loaded.wait(60)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    batcher = app.state.imm.slots["ner"].batcher
+    batcher = app.state.engine.slots["ner"].batcher
     entered, release = threading.Event(), threading.Event()
     run_batch = batcher.run_batch
 

@@ -89,7 +89,7 @@ class ServerThread:
         while not self.server.started:  # uvicorn has no event to wait on
             assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.01)
-        assert self.app.state.imm.loaded.wait(60), "the models did not load"
+        assert self.app.state.engine.loaded.wait(60), "the models did not load"
         port = self.server.servers[0].sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
 
@@ -109,7 +109,7 @@ def server(bundles) -> Iterator[tuple[str, Any]]:
 async def started(app) -> AsyncIterator[httpx.AsyncClient]:
     """An app started in-process (lifespan, models loaded) and a client talking to it over ASGI."""
     async with app.router.lifespan_context(app):
-        await asyncio.to_thread(app.state.imm.loaded.wait, 60)
+        await asyncio.to_thread(app.state.engine.loaded.wait, 60)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=30) as http:
             yield http
@@ -247,7 +247,7 @@ def test_image_is_used_and_docs_health_ready_metrics_answer(server, client):
     answer = client.post("/ner", data={"text": "bob in london"}, files=image_file(photo))
     assert answer.status_code == 200 and answer.json()["image_used"] is True
     # The service decodes through the shared ImageProcessor: JPEG in draft mode, never at full size.
-    decoded = server[1].state.imm.slots["ner"].pipeline.preprocessor.image.load(photo)
+    decoded = server[1].state.engine.slots["ner"].pipeline.preprocessor.image.load(photo)
     assert decoded.size[0] < 1200 and decoded.size[0] >= 224
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
@@ -472,7 +472,7 @@ def test_a_full_queue_answers_503_with_retry_after(bundles):
     async def scenario() -> None:
         app = create_app(make_settings(bundles, re_bundle=None, max_queue=1, max_batch_size=1, warmup=False))
         async with started(app) as http:
-            batcher = app.state.imm.slots["ner"].batcher
+            batcher = app.state.engine.slots["ner"].batcher
             entered, release = threading.Event(), threading.Event()
             run_batch = batcher.run_batch
 
@@ -568,7 +568,7 @@ from service import create_app
 photo = io.BytesIO()
 Image.new("RGB", (640, 480), (200, 30, 90)).save(photo, format="JPEG")
 with TestClient(create_app()) as client:
-    assert client.app.state.imm.loaded.wait(60)
+    assert client.app.state.engine.loaded.wait(60)
     ner = client.post("/ner", data={"text": "alice in paris"}, files={"image": ("a.jpg", photo.getvalue(), "image/jpeg")})
     rel = client.post("/re", data={"text": "alice in paris", "head_start": 0, "head_end": 5, "tail_start": 9, "tail_end": 14})
     statuses = [ner.status_code, rel.status_code]

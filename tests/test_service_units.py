@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import httpx
@@ -11,11 +12,12 @@ import pytest
 from fastapi import FastAPI, Request
 
 from model.preprocessing import split_words
-from service.batcher import Batcher, QueueFull
+from service.engine import DeadlineExceeded, Overloaded
+from service.engine.batcher import Batcher
+from service.engine.pipeline import entity_words
 from service.errors import install_error_handlers
 from service.guard import GuardMiddleware
 from service.observability import Metrics, RequestContextMiddleware
-from service.pipeline import entity_words
 from service.runtime import CPU, CUDA, ProviderError, select_providers
 from service.settings import Settings
 
@@ -85,12 +87,13 @@ def test_batcher_full_queue_refuses_at_once_and_failures_stay_in_their_batch():
                 await asyncio.to_thread(entered.wait, 5)  # "a" is running, the queue is empty
                 queued = [asyncio.create_task(batcher.submit(x)) for x in ("b", "c")]
                 await _until(lambda: batcher.depth == 2)
-                with pytest.raises(QueueFull):
+                with pytest.raises(Overloaded):
                     await batcher.submit("d")
-                with pytest.raises(QueueFull), batcher.incoming():
+                with pytest.raises(Overloaded), batcher.incoming():
                     pass
                 release.set()
-                assert await first == ("A", (await first)[1])
+                result, timings = await first
+                assert result == "A" and timings.batch_size == 1 and timings.inference_s > 0
                 assert [(await q)[0] for q in queued] == ["B", "C"]
                 with pytest.raises(RuntimeError, match="model failed"):
                     await batcher.submit("boom")
@@ -149,13 +152,21 @@ def test_batcher_drops_requests_that_timed_out_while_queued():
 
     async def scenario() -> None:
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(run_batch, pool, max_batch_size=4, max_wait_s=0, max_queue=4)
+            batcher = Batcher(
+                run_batch,
+                pool,
+                max_batch_size=4,
+                max_wait_s=0,
+                max_queue=4,
+                on_drop=lambda reason, rows: dropped.append((reason, rows)),
+            )
             batcher.start()
             try:
                 first = asyncio.create_task(batcher.submit("a"))
                 await asyncio.to_thread(entered.wait, 5)
-                with pytest.raises(asyncio.TimeoutError):
-                    await batcher.submit("late", timeout_s=0.01)
+                with pytest.raises(DeadlineExceeded):
+                    await batcher.submit("late", deadline=time.monotonic() + 0.01)
+                assert dropped == [("deadline", 1)]
                 release.set()
                 await first
                 assert (await batcher.submit("b"))[0] == "b"
@@ -163,6 +174,7 @@ def test_batcher_drops_requests_that_timed_out_while_queued():
                 release.set()
                 await batcher.stop()
 
+    dropped: list[tuple[str, int]] = []
     asyncio.run(scenario())
     assert seen == ["a", "b"]
 
@@ -378,13 +390,13 @@ def test_select_providers_prefers_cuda_when_the_build_has_it():
     ],
 )
 def test_entity_offsets_must_be_on_the_text_and_on_word_boundaries(start, end, field, message):
-    from service.errors import FieldError
+    from service.engine import InvalidInput
 
     text = "Alice  \u200b went to Paris"
-    with pytest.raises(FieldError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         entity_words(text, split_words(text), start, end, "head")
     assert caught.value.field == field
-    assert message in caught.value.detail[0]["msg"]
+    assert message in caught.value.message
 
 
 def test_entity_offsets_map_to_word_spans_ignoring_edge_whitespace():

@@ -214,7 +214,7 @@ def test_the_service_serves_the_same_answers_on_both_runtimes(bundles, trained_r
             intra_op_threads=1,
         )
         with TestClient(create_app(settings)) as client:
-            assert client.app.state.imm.loaded.wait(60)
+            assert client.app.state.engine.loaded.wait(60)
             ready = client.get("/ready").json()
             assert ready["models"]["ner"]["provider"].startswith("torch" if runtime == "torch" else "CPU")
             ner = client.post(

@@ -36,7 +36,7 @@ def bundles(tmp_path_factory, trained_ner_checkpoint) -> dict[str, Path]:
 def answers(bundle: Path, runtime: str) -> tuple[dict, dict, str]:
     settings = Settings(ner_bundle=bundle, re_bundle="", runtime=runtime, device="cpu", intra_op_threads=1)
     with TestClient(create_app(settings)) as client:
-        assert client.app.state.imm.loaded.wait(60)
+        assert client.app.state.engine.loaded.wait(60)
         photo = {"image": ("photo.jpg", jpeg_bytes(640, 480, seed=3), "image/jpeg")}
         with_picture = client.post("/ner", data={"text": TEXT}, files=photo)
         without = client.post("/ner", data={"text": TEXT})
@@ -67,7 +67,7 @@ def test_a_text_only_model_still_refuses_what_is_no_picture(bundles):
     Image.new("1", (9000, 9000)).save(bomb, format="PNG")  # 81 Mpixels (limit 64) in a few KB
     settings = Settings(ner_bundle=bundles["text-only"], re_bundle="", runtime="onnx", intra_op_threads=1)
     with TestClient(create_app(settings)) as client:
-        assert client.app.state.imm.loaded.wait(60)
+        assert client.app.state.engine.loaded.wait(60)
         post = lambda name, data, kind: client.post(  # noqa: E731
             "/ner", data={"text": TEXT}, files={"image": (name, data, kind)}
         )

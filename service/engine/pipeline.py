@@ -27,7 +27,7 @@ from export.bundle import Bundle
 from model.data.mnre import NO_RELATION
 from model.decoding import bio_spans, char_spans
 from model.preprocessing import EncodedText, Preprocessor, split_words
-from service.errors import FieldError
+from service.engine.errors import InvalidInput
 from service.runtime import NEROutput, Picture, Runtime, jpeg_header
 
 log = logging.getLogger("service.pipeline")
@@ -110,7 +110,7 @@ class Pipeline:
         window cut into pieces); only the first ``limit`` of ``split_words``' words when given."""
         words = split_words(text)
         if not words:
-            raise FieldError("text", "text is empty or only whitespace")
+            raise InvalidInput("text", "text is empty or only whitespace")
         return self.preprocessor.text.split_long_words(words[:limit])
 
     def _image(self, photo: Photo | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
@@ -211,26 +211,26 @@ def entity_words(
     start_field, end_field = f"{role}_start", f"{role}_end"
     for name, value in ((start_field, start), (end_field, end)):
         if not 0 <= value <= len(text):
-            raise FieldError(name, f"{name}={value} is outside the text (0 to {len(text)} characters)")
+            raise InvalidInput(name, f"{name}={value} is outside the text (0 to {len(text)} characters)")
     if start >= end:
-        raise FieldError(
+        raise InvalidInput(
             end_field,
             f"the {role} span is empty: {end_field}={end} must be greater than {start_field}={start}",
         )
     inside = [i for i, (_, word_start, word_end) in enumerate(words) if word_start < end and word_end > start]
     if not inside:
-        raise FieldError(
+        raise InvalidInput(
             start_field, f"the {role} span [{start}, {end}) covers no word of the text, only whitespace"
         )
     first, last = inside[0], inside[-1]
     word, word_start, word_end = words[first]
     if start > word_start:
-        raise FieldError(
+        raise InvalidInput(
             start_field, f"{start_field}={start} falls inside the word {word!r} at [{word_start}, {word_end})"
         )
     word, word_start, word_end = words[last]
     if end < word_end:
-        raise FieldError(
+        raise InvalidInput(
             end_field, f"{end_field}={end} falls inside the word {word!r} at [{word_start}, {word_end})"
         )
     return first, last + 1
@@ -252,7 +252,7 @@ def check_pair(head_words: Span, tail_words: Span, head: Span, tail: Span) -> No
     MNRE pair (train or valid): refused, as identical spans are.
     """
     if head_words == tail_words:
-        raise FieldError(
+        raise InvalidInput(
             "tail_start",
             f"the head [{head[0]}, {head[1]}) and tail [{tail[0]}, {tail[1]}) are the same words: "
             "a relation needs two entities",
@@ -263,7 +263,7 @@ def check_pair(head_words: Span, tail_words: Span, head: Span, tail: Span) -> No
         tail_first <= head_first and head_last <= tail_last
     )
     if overlap and not nested:
-        raise FieldError(
+        raise InvalidInput(
             "tail_start",
             f"the head [{head[0]}, {head[1]}) and tail [{tail[0]}, {tail[1]}) spans cross: they overlap "
             "without one containing the other (the training data has no such pair)",

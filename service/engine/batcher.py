@@ -1,0 +1,489 @@
+"""Dynamic batching with admission, deadlines and cancellation: concurrent requests of one model
+share one runtime call, and no call computes an answer nobody waits for.
+
+Requests wait in a bounded queue; a single worker task takes one, gathers more for up to
+``max_wait_s`` (only while more requests are known to be on their way, so a lone request does not
+pay the wait) or until ``max_batch_size``, and runs the batch in a dedicated thread, off the event
+loop. Each request's future gets its own row of the result.
+
+**Admission** (``incoming``, ``check_admission``). A request is refused at once (``Overloaded``,
+with the seconds after which a retry could be taken) when ``max_queue`` requests are already
+admitted, or when the queue's expected wait would take it past its deadline: the queue holds only
+what can be answered in time. The expected wait is the rows ahead times the measured seconds per
+row of recent runtime calls (a moving average: at full batches, the cost the queue will see), plus
+what is left of the running call.
+
+**Deadlines.** A request may carry one (``time.monotonic()`` seconds). When the worker reaches a
+request whose deadline has passed, or would pass before a call of the current length could end,
+the request leaves the queue with ``DeadlineExceeded`` and the model never sees it; a caller whose
+deadline passes while it waits gets ``DeadlineExceeded`` too.
+
+**Cancellation.** A caller that is cancelled while its request waits (the HTTP layer cancels the
+requests of clients that disconnect) takes the request out of the queue: its rows never reach the
+model. Rows computed for a caller that went away while its batch ran are counted as abandoned.
+
+**Order** (``order``). ``fifo`` serves the oldest first. ``adaptive`` serves the oldest first until
+the oldest live request has waited ``lifo_after_s``, then the newest first (adaptive LIFO, as in
+Facebook's queueing of overloaded services): under sustained overload the requests answered are
+the fresh ones, whose callers are still there, and the old ones meet their deadline or their
+caller's patience and leave without costing a call.
+
+A request may also be a group of items (``submit_group``: the entity pairs of one extraction): a
+group is one entry in the queue, its items run in the same batch (never split across two, unless
+the group alone is larger than ``max_batch_size``: then it runs in consecutive calls of
+``max_batch_size``, alone) and its results come back together. A batch is filled with whole
+requests: one whose items would take it past ``max_batch_size`` opens the next batch instead.
+
+A request never fails because of its batch-mates: when ``run_batch`` raises for a batch of several
+items, the batch is run again one item at a time, so the exception reaches only the request (or
+requests) whose item raises it alone, and the others get their answers (a group fails with the first
+exception of its items).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+from service.engine.errors import DeadlineExceeded, Overloaded, ShuttingDown
+
+log = logging.getLogger("service.batcher")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+QueueOrder = Literal["fifo", "adaptive"]
+#: Why a request left the queue unanswered by the model (``on_drop``'s first argument).
+DropReason = Literal["deadline", "cancelled"]
+
+_QUEUED, _TAKEN, _DROPPED = "queued", "taken", "dropped"
+# Weight of the newest call in the seconds-per-row average: about the last 10 calls count.
+_SMOOTHING = 0.2
+
+
+@dataclass
+class BatchTimings:
+    """What one request spent in the batcher, for the latency histograms."""
+
+    queue_wait_s: float = 0.0
+    inference_s: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Pending(Generic[Item, Result]):
+    """One request in the queue: one item, or a group of items answered together."""
+
+    items: list[Item]
+    future: asyncio.Future[list[Result]]
+    enqueued: float
+    deadline: float | None
+    timings: BatchTimings = field(default_factory=BatchTimings)
+    state: str = _QUEUED
+
+    @property
+    def rows(self) -> int:
+        return len(self.items)
+
+
+class Batcher(Generic[Item, Result]):
+    """Gathers submitted items into batches for ``run_batch`` (called in ``executor``).
+
+    ``run_batch(items)`` must return one result per item, in order, for at most ``max_batch_size``
+    items. When it raises on a batch of several items, each item is run again alone: an exception
+    fails only the requests whose items raise it on their own.
+
+    ``on_batch(rows, seconds)`` is called after each runtime call, ``on_drop(reason, rows)`` for each
+    request that leaves the queue without reaching the model, ``on_abandoned(rows)`` for the rows of
+    a call whose caller had gone when it ended.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[Item]], Sequence[Result]],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        order: QueueOrder = "fifo",
+        lifo_after_s: float = 0.1,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_drop: Callable[[DropReason, int], None] | None = None,
+        on_abandoned: Callable[[int], None] | None = None,
+        name: str = "batcher",
+    ):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        if order not in ("fifo", "adaptive"):
+            raise ValueError(f"order must be 'fifo' or 'adaptive', not {order!r}")
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.order = order
+        self.lifo_after_s = lifo_after_s
+        self.on_batch = on_batch
+        self.on_drop = on_drop
+        self.on_abandoned = on_abandoned
+        self.name = name
+        self._queue: deque[_Pending[Item, Result]] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._incoming = 0  # admitted requests being preprocessed: a batch may wait for them
+        self._held: _Pending[Item, Result] | None = None  # did not fit the last batch: opens the next
+        self._live_requests = 0  # queued (or held) and still awaited
+        self._live_rows = 0
+        self._call_seconds = 0.0  # moving averages of the runtime calls: seconds, and rows per call
+        self._call_rows = 0.0
+        self._running_since: float | None = None  # when the running call started (None: idle)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the worker on the running loop."""
+        if self._worker is not None:
+            return
+        self._arrived = asyncio.Event()
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
+
+    async def stop(self) -> None:
+        """Stops the worker; requests still queued fail with ``ShuttingDown``."""
+        if self._worker is None:
+            return
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._worker
+        self._worker = None
+        waiting = [self._held] if self._held is not None else []
+        self._held = None
+        waiting += self._queue
+        self._queue.clear()
+        for pending in waiting:
+            self._take(pending)
+            if not pending.future.done():
+                pending.future.set_exception(ShuttingDown(f"{self.name} is shutting down"))
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch and still awaited (not counting the batch running now)."""
+        return self._live_requests
+
+    @property
+    def seconds_per_row(self) -> float:
+        """The recent runtime calls' seconds per row (0 before the first call)."""
+        return self._call_seconds / self._call_rows if self._call_rows else 0.0
+
+    # -- admission --------------------------------------------------------------------------
+    def expected_wait_s(self, now: float | None = None) -> float:
+        """Seconds until a request admitted now would start: the rows ahead of it (queued, and one per
+        request being preprocessed) at the recent seconds per row, plus what is left of the running call."""
+        now = time.monotonic() if now is None else now
+        wait = (self._live_rows + self._incoming) * self.seconds_per_row
+        if self._running_since is not None:
+            wait += max(0.0, self._running_since + self._call_seconds - now)
+        return wait
+
+    def check_admission(self, deadline: float | None = None) -> None:
+        """``Overloaded`` if a request with ``deadline`` would be refused now (see ``incoming``)."""
+        now = time.monotonic()
+        if self._incoming + self.depth >= self.max_queue:
+            raise Overloaded(
+                f"the {self.name} queue is full ({self.max_queue} requests waiting)",
+                self._retry_after(now),
+            )
+        if deadline is not None:
+            wait = self.expected_wait_s(now)
+            # Its own rows take at least one row's time after the wait.
+            if now + wait + self.seconds_per_row > deadline:
+                raise Overloaded(
+                    f"the {self.name} queue would make the request wait about {wait:.2f} s, past its "
+                    f"deadline in {max(0.0, deadline - now):.2f} s",
+                    self._retry_after(now),
+                )
+
+    def _retry_after(self, now: float) -> float:
+        """Seconds for the queue to drain as it stands (at least one)."""
+        return max(1.0, math.ceil(self.expected_wait_s(now)))
+
+    @contextlib.contextmanager
+    def incoming(self, deadline: float | None = None) -> Iterator[None]:
+        """Admits a request (``Overloaded`` when refused: see ``check_admission``).
+
+        While inside, the request is being preprocessed: a forming batch may wait for it. Admitted
+        requests (being preprocessed or queued) never exceed ``max_queue``, so neither the
+        preprocessing pool nor the queue can grow without bound.
+        """
+        self.check_admission(deadline)
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
+    # -- requests ---------------------------------------------------------------------------
+    async def submit(self, item: Item, deadline: float | None = None) -> tuple[Result, BatchTimings]:
+        """The item's result once its batch has run (see ``submit_group``)."""
+        results, timings = await self.submit_group([item], deadline)
+        return results[0], timings
+
+    async def submit_group(
+        self, items: Sequence[Item], deadline: float | None = None
+    ) -> tuple[list[Result], BatchTimings]:
+        """The results of ``items``, one request run in one batch (see the module's docstring), in order.
+
+        ``deadline`` (``time.monotonic()`` seconds): ``DeadlineExceeded`` once it passes without an
+        answer; the request then never reaches the model unless its batch had started. Cancelling
+        the caller takes the request out of the queue the same way.
+        """
+        if not items:
+            raise ValueError("submit_group needs at least one item")
+        if self._worker is None or self._arrived is None:
+            raise ShuttingDown(f"{self.name} is not running")
+        now = time.monotonic()
+        if self._live_requests >= self.max_queue:
+            raise Overloaded(
+                f"the {self.name} queue is full ({self.max_queue} requests waiting)", self._retry_after(now)
+            )
+        if len(self._queue) > 2 * self.max_queue:  # entries left by callers that went: sweep them
+            self._queue = deque(p for p in self._queue if p.state == _QUEUED)
+        future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+        pending = _Pending(list(items), future, now, deadline)
+        self._queue.append(pending)
+        self._live_requests += 1
+        self._live_rows += pending.rows
+        future.add_done_callback(lambda _: self._left_queue(pending))
+        self._arrived.set()
+        if deadline is None:
+            results = await future
+        else:
+            try:
+                results = await asyncio.wait_for(future, max(0.0, deadline - now))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(
+                    f"no answer within the request's deadline ({deadline - now:.3g} s)"
+                ) from None
+        return results, pending.timings
+
+    def _left_queue(self, pending: _Pending[Item, Result]) -> None:
+        """A request's future is done: if it was still queued, it leaves the counts (and is dropped)."""
+        if pending.state != _QUEUED:
+            return
+        self._take(pending)
+        pending.state = _DROPPED
+        if pending.future.cancelled():
+            self._dropped(pending)
+
+    def _dropped(self, pending: _Pending[Item, Result]) -> None:
+        """Counts a request whose caller stopped waiting before the model ran it: at its deadline, or
+        cancelled."""
+        if self.on_drop is not None:
+            late = pending.deadline is not None and time.monotonic() >= pending.deadline
+            self.on_drop("deadline" if late else "cancelled", pending.rows)
+
+    def _take(self, pending: _Pending[Item, Result]) -> None:
+        if pending.state == _QUEUED:
+            pending.state = _TAKEN
+            self._live_requests -= 1
+            self._live_rows -= pending.rows
+
+    # -- the worker -------------------------------------------------------------------------
+    def _pop(self) -> _Pending[Item, Result] | None:
+        """The next live request by the queue's order, or None; drops what can no longer be answered
+        in time (``DeadlineExceeded``) and what nobody awaits any more."""
+        while self._queue:
+            if self._queue[0].state != _QUEUED:
+                self._queue.popleft()
+                continue
+            now = time.monotonic()
+            newest_first = self.order == "adaptive" and now - self._queue[0].enqueued > self.lifo_after_s
+            pending = self._queue.pop() if newest_first else self._queue.popleft()
+            if pending.state != _QUEUED:
+                continue
+            if pending.deadline is not None and pending.deadline < now + self._call_seconds:
+                self._take(pending)
+                pending.state = _DROPPED
+                if self.on_drop is not None:
+                    self.on_drop("deadline", pending.rows)
+                pending.future.set_exception(
+                    DeadlineExceeded("the request's deadline would pass before a model call could end")
+                )
+                continue
+            self._take(pending)
+            return pending
+        return None
+
+    async def _next(self, timeout: float | None = None) -> _Pending[Item, Result] | None:
+        """The next live request, waiting for one up to ``timeout`` (None: forever)."""
+        assert self._arrived is not None
+        while True:
+            pending = self._pop()
+            if pending is not None:
+                return pending
+            self._arrived.clear()
+            if timeout is None:
+                await self._arrived.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+            timeout = 0.0  # arrived: take it if it is live, else stop waiting
+
+    async def _gather(self) -> list[_Pending[Item, Result]]:
+        loop = asyncio.get_running_loop()
+        first, self._held = self._held, None
+        if first is not None and first.state == _QUEUED:
+            self._take(first)
+        else:
+            first = await self._next()
+            assert first is not None
+        batch = [first]
+        rows = first.rows
+        deadline = loop.time() + self.max_wait_s
+        try:
+            while rows < self.max_batch_size:
+                pending = self._pop()
+                if pending is None:
+                    # Nothing queued: wait only if a request is being preprocessed and time is left.
+                    remaining = deadline - loop.time()
+                    if self._incoming == 0 or remaining <= 0:
+                        break
+                    pending = await self._next(remaining)
+                    if pending is None:
+                        break
+                if rows + pending.rows > self.max_batch_size:
+                    # A request is never split across batches: it opens the next one (and is counted
+                    # as waiting until then).
+                    self._held = pending
+                    pending.state = _QUEUED
+                    self._live_requests += 1
+                    self._live_rows += pending.rows
+                    break
+                batch.append(pending)
+                rows += pending.rows
+        except asyncio.CancelledError:  # stopping: the requests taken off the queue fail too
+            for taken in batch:
+                if not taken.future.done():
+                    taken.future.set_exception(ShuttingDown(f"{self.name} is shutting down"))
+            raise
+        return batch
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._gather()
+            # Callers that went away while the batch formed are not computed for.
+            live = [p for p in batch if not p.future.done()]
+            for pending in batch:
+                if pending.future.cancelled():
+                    self._dropped(pending)
+            if not live:
+                continue
+            try:
+                await self._run(live)
+            except asyncio.CancelledError:
+                for pending in live:
+                    if not pending.future.done():
+                        pending.future.set_exception(ShuttingDown(f"{self.name} is shutting down"))
+                raise
+
+    async def _run(self, live: list[_Pending[Item, Result]]) -> None:
+        """Runs ``live`` as one batch; if that raises, each item alone (only the failing requests fail)."""
+        started = time.monotonic()
+        items = [item for pending in live for item in pending.items]
+        try:
+            results = await self._call(items)
+        except Exception as error:  # noqa: BLE001 - the worker lives on; only the failing requests fail
+            if len(items) == 1:  # the caller gets the exception (and logs it, or maps it to a 4xx)
+                self._fail(live[0], error, started)
+                return
+            log.warning(
+                "%s: a batch of %d failed (%s: %s); running its items one at a time",
+                self.name,
+                len(items),
+                type(error).__name__,
+                error,
+            )
+            for pending in live:
+                if not pending.future.done():
+                    await self._one_at_a_time(pending)
+            return
+        elapsed = time.monotonic() - started
+        batch_size = min(len(items), self.max_batch_size)
+        at = 0
+        for pending in live:
+            self._answer(pending, list(results[at : at + pending.rows]), started, elapsed, batch_size)
+            at += pending.rows
+
+    async def _one_at_a_time(self, pending: _Pending[Item, Result]) -> None:
+        """A request of a failed batch, its items run alone: its answers, or the first exception."""
+        started = time.monotonic()
+        results: list[Result] = []
+        try:
+            for item in pending.items:
+                results += await self._call([item])
+        except Exception as error:  # noqa: BLE001 - this request's own failure
+            self._fail(pending, error, started)
+            return
+        self._answer(pending, results, started, time.monotonic() - started, 1)
+
+    async def _call(self, items: list[Item]) -> list[Result]:
+        """``run_batch`` in the executor, in batches of at most ``max_batch_size`` (more than one only
+        for a group larger than that, which runs alone)."""
+        loop = asyncio.get_running_loop()
+        results: list[Result] = []
+        for at in range(0, len(items), self.max_batch_size):
+            chunk = items[at : at + self.max_batch_size]
+            self._running_since = time.monotonic()
+            try:
+                results += await loop.run_in_executor(self.executor, self._checked_run, chunk)
+            finally:
+                seconds = time.monotonic() - self._running_since
+                self._running_since = None
+            self._learn(len(chunk), seconds)
+            if self.on_batch is not None:
+                self.on_batch(len(chunk), seconds)
+        return results
+
+    def _learn(self, rows: int, seconds: float) -> None:
+        if not self._call_rows:
+            self._call_seconds, self._call_rows = seconds, float(rows)
+            return
+        self._call_seconds += _SMOOTHING * (seconds - self._call_seconds)
+        self._call_rows += _SMOOTHING * (rows - self._call_rows)
+
+    def _answer(
+        self,
+        pending: _Pending[Item, Result],
+        results: list[Result],
+        started: float,
+        elapsed: float,
+        size: int,
+    ) -> None:
+        pending.timings.queue_wait_s = started - pending.enqueued
+        pending.timings.inference_s = elapsed
+        pending.timings.batch_size = size
+        if not pending.future.done():
+            pending.future.set_result(results)
+        elif self.on_abandoned is not None:
+            self.on_abandoned(pending.rows)
+
+    @staticmethod
+    def _fail(pending: _Pending[Item, Result], error: Exception, started: float) -> None:
+        pending.timings.queue_wait_s = started - pending.enqueued
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+    def _checked_run(self, items: list[Item]) -> Sequence[Result]:
+        results = self.run_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+        return results

@@ -1,0 +1,387 @@
+"""Overload without collapse: deadlines, cancellation of departed clients, refusal before the body.
+
+The model is held inside its runtime call (a wrapped ``run_batch`` that waits on an event) so that
+queues fill deterministically; every assertion is on statuses, counters and what the model saw,
+never on speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from service import create_app
+from service.engine import Engine, InvalidInput
+from service.engine.batcher import Batcher
+from tests.test_service import (  # noqa: F401 - server: the module's server fixture, for client
+    ServerThread,
+    assert_clean_error,
+    make_settings,
+    metric_value,
+    server,
+    started,
+)
+
+
+class HeldModel:
+    """Wraps a batcher's ``run_batch``: records every text the model is given and, while ``hold``
+    is set, keeps each call waiting until ``release``."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self.run_batch = batcher.run_batch
+        self.seen: list[str] = []
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.calls = 0
+        batcher.run_batch = self
+
+    def __call__(self, items):
+        self.calls += 1
+        self.seen += [item.text for item in items]
+        self.entered.set()
+        assert self.released.wait(30), "the test never released the model"
+        return self.run_batch(items)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+# --- deadlines -------------------------------------------------------------------------------------
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_leaves_it_uncomputed_with_504(bundles):
+    async def scenario() -> None:
+        app = create_app(make_settings(bundles, re_bundle=None, max_batch_size=1, warmup=False))
+        async with started(app) as http:
+            model = HeldModel(app.state.engine.slots["ner"].batcher)
+            first = asyncio.create_task(http.post("/ner", data={"text": "alice in paris"}))
+            await asyncio.to_thread(model.entered.wait, 10)
+            late = await http.post(
+                "/ner", data={"text": "bob in london"}, headers={"X-Request-Timeout": "0.2"}
+            )
+            assert_clean_error(late, 504)
+            assert "deadline" in late.json()["detail"]
+            model.release()
+            assert (await first).status_code == 200
+            metrics = (await http.get("/metrics")).text
+        assert model.seen == ["alice in paris"]  # the late request never reached the model
+        assert metric_value(metrics, "imm_dropped_total", model="ner", reason="deadline") == 1
+        assert metric_value(metrics, "imm_abandoned_rows_total", model="ner") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_the_queue_could_not_answer_in_time_is_refused_at_once(bundles):
+    """Once the model is known to take about 0.3 s a row, a request with a 0.5 s deadline behind
+    three queued ones gets its 503 and Retry-After at once, and the model never sees it."""
+
+    async def scenario() -> None:
+        app = create_app(make_settings(bundles, re_bundle=None, max_batch_size=1, warmup=False))
+        async with started(app) as http:
+            batcher = app.state.engine.slots["ner"].batcher
+            model = HeldModel(batcher)
+            timer = threading.Timer(0.3, model.release)  # one call of 0.3 s: the estimate
+            timer.start()
+            assert (await http.post("/ner", data={"text": "warm"})).status_code == 200
+            assert batcher.seconds_per_row >= 0.25
+            model.released.clear()
+            queued = [
+                asyncio.create_task(
+                    http.post("/ner", data={"text": f"dave {n}"}, headers={"X-Request-Timeout": "30"})
+                )
+                for n in range(4)
+            ]
+            await until(lambda: batcher.depth == 3)  # one in the model, three waiting
+            refused = await http.post("/ner", data={"text": "erin"}, headers={"X-Request-Timeout": "0.5"})
+            assert_clean_error(refused, 503)
+            assert int(refused.headers["retry-after"]) >= 1
+            assert "deadline" in refused.json()["detail"]
+            patient = asyncio.create_task(
+                http.post("/ner", data={"text": "frank"}, headers={"X-Request-Timeout": "30"})
+            )
+            await until(lambda: batcher.depth == 4)  # a patient request is still admitted
+            model.release()
+            assert all(a.status_code == 200 for a in await asyncio.gather(*queued, patient))
+            metrics = (await http.get("/metrics")).text
+        assert "erin" not in model.seen and "frank" in model.seen
+        assert metric_value(metrics, "imm_rejected_total", model="ner") == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_deadline_header_must_be_a_positive_number(client):
+    for value in ("soon", "-1", "0", "nan", "inf"):
+        answer = client.post("/ner", data={"text": "alice"}, headers={"X-Request-Timeout": value})
+        assert_clean_error(answer, 400)
+        assert "X-Request-Timeout" in answer.json()["detail"]
+    assert (
+        client.post("/ner", data={"text": "alice"}, headers={"X-Request-Timeout": "2.5"}).status_code == 200
+    )
+
+
+def test_openapi_documents_the_deadline_header_and_504(client):
+    schema = client.get("/openapi.json").json()
+    for path in ("/ner", "/re", "/extract"):
+        operation = schema["paths"][path]["post"]
+        assert "X-Request-Timeout" in [p["name"] for p in operation["parameters"] if p["in"] == "header"]
+        assert {"503", "504"} <= set(operation["responses"])
+
+
+# --- cancellation --------------------------------------------------------------------------------------
+
+
+def _raw_request(
+    path: str, fields: dict[str, str], extra_headers: str = "", declared: int | None = None
+) -> bytes:
+    boundary = "imm-test-boundary"
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            for name, value in fields.items()
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    length = len(body) if declared is None else declared
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {length}\r\n{extra_headers}\r\n"
+    ).encode()
+    return head + body
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection without an answer: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers["content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        rest += chunk
+    return status, headers, json.loads(rest[:length])
+
+
+@contextmanager
+def held_server(bundles, **overrides: Any) -> Iterator[tuple[str, int, Any, HeldModel]]:
+    settings = make_settings(bundles, re_bundle=None, warmup=False, **overrides)
+    app = create_app(settings)
+    with ServerThread(app) as url:
+        model = HeldModel(app.state.engine.slots["ner"].batcher)
+        try:
+            yield url, int(url.rsplit(":", 1)[1]), app, model
+        finally:
+            model.release()
+
+
+def test_a_client_that_disconnects_while_queued_cancels_its_request(bundles):
+    with (
+        held_server(bundles, max_batch_size=1) as (url, port, app, model),
+        httpx.Client(base_url=url) as http,
+    ):
+        batcher = app.state.engine.slots["ner"].batcher
+        pool = ThreadPoolExecutor(1)
+        first = pool.submit(http.post, "/ner", data={"text": "alice in paris"}, timeout=30)
+        assert model.entered.wait(10)
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(_raw_request("/ner", {"text": "bob in london"}))
+            wait_until(lambda: batcher.depth == 1)
+        # The socket is closed: the server sees the disconnect and takes the request out of the queue.
+        wait_until(lambda: batcher.depth == 0)
+        model.release()
+        assert first.result(30).status_code == 200
+        metrics = http.get("/metrics").text
+        pool.shutdown()
+    assert model.seen == ["alice in paris"]
+    assert metric_value(metrics, "imm_dropped_total", model="ner", reason="cancelled") == 1
+    assert metric_value(metrics, "imm_requests_total", endpoint="/ner", status="499") == 1
+
+
+def test_rows_computed_for_a_client_that_left_during_its_batch_are_counted_abandoned(bundles):
+    with (
+        held_server(bundles, max_batch_size=1) as (url, port, app, model),
+        httpx.Client(base_url=url) as http,
+    ):
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(_raw_request("/ner", {"text": "carol in tokyo"}))
+            assert model.entered.wait(10)  # its batch is running
+        wait_until(lambda: metric_value(http.get("/metrics").text, "imm_requests_total", status="499") == 1)
+        model.release()
+        wait_until(
+            lambda: metric_value(http.get("/metrics").text, "imm_abandoned_rows_total", model="ner") == 1
+        )
+        assert model.seen == ["carol in tokyo"]
+
+
+def test_engine_calls_cancelled_while_waiting_never_reach_the_model(bundles):
+    async def scenario() -> None:
+        engine = Engine(make_settings(bundles, re_bundle=None, max_batch_size=1, warmup=False))
+        async with engine:
+            model = HeldModel(engine.slots["ner"].batcher)
+            first = asyncio.create_task(engine.ner("alice in paris"))
+            await asyncio.to_thread(model.entered.wait, 10)
+            waiting = [asyncio.create_task(engine.ner(f"bob {n}")) for n in range(3)]
+            await until(lambda: engine.slots["ner"].batcher.depth == 3)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            assert engine.slots["ner"].batcher.depth == 0
+            model.release()
+            answer = await first
+            assert answer.model == engine.slots["ner"].pipeline.name
+            with pytest.raises(InvalidInput) as caught:
+                await engine.ner("   ")
+            assert caught.value.field == "text"
+            dropped = metric_value(
+                engine.metrics.exposition().decode(), "imm_dropped_total", model="ner", reason="cancelled"
+            )
+        assert model.seen == ["alice in paris"]
+        assert dropped == 3
+
+    asyncio.run(scenario())
+
+
+# --- refusing before the body ----------------------------------------------------------------------------
+
+
+@contextmanager
+def full_queue(bundles) -> Iterator[tuple[int, Any, HeldModel]]:
+    """A server whose NER queue is full: one request in the held model, one queued (max_queue=1)."""
+    with held_server(bundles, max_batch_size=1, max_queue=1, max_upload_bytes=8 * 1024 * 1024) as (
+        url,
+        port,
+        app,
+        model,
+    ):
+        batcher = app.state.engine.slots["ner"].batcher
+        pool = ThreadPoolExecutor(2)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            answers = [pool.submit(http.post, "/ner", data={"text": "alice in paris"})]
+            assert model.entered.wait(10)
+            answers.append(pool.submit(http.post, "/ner", data={"text": "bob in london"}))
+            wait_until(lambda: batcher.depth == 1)
+            try:
+                yield port, app, model
+            finally:
+                model.release()
+                assert [a.result(30).status_code for a in answers] == [200, 200]
+                pool.shutdown()
+
+
+def test_a_large_upload_against_a_full_queue_is_refused_before_its_body_is_sent(bundles):
+    five_mb = 5 * 1024 * 1024
+    with full_queue(bundles) as (port, app, model):
+        for extra in ("", "Expect: 100-continue\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                request = _raw_request("/ner", {"text": "x"}, extra, declared=five_mb)
+                head = request[: request.index(b"\r\n\r\n") + 4]
+                sock.sendall(head + b"-" * 1024)  # 1 KiB of the declared 5 MiB: the rest never comes
+                status, headers, body = _read_response(sock)
+                assert status == 503, body
+                assert "queue is full" in body["detail"] and body["request_id"]
+                assert headers["content-type"] == "application/json" and int(headers["retry-after"]) >= 1
+                assert headers["connection"] == "close"  # the unread body cannot precede another request
+                assert sock.recv(1) == b""  # and the server closed it
+        metrics = app.state.engine.metrics.exposition().decode()
+    assert metric_value(metrics, "imm_rejected_total", model="ner") == 2
+    assert model.seen == ["alice in paris", "bob in london"]
+
+
+def test_a_small_refused_request_keeps_its_connection_for_the_next(bundles):
+    with (
+        full_queue(bundles) as (port, _app, _model),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        sock.sendall(_raw_request("/ner", {"text": "carol in tokyo"}))
+        status, headers, body = _read_response(sock)
+        assert status == 503 and "queue is full" in body["detail"]
+        assert headers.get("connection") != "close"
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert _read_response(sock)[0] == 200
+
+
+def test_extract_is_refused_early_when_either_queue_is_full(bundles):
+    async def scenario() -> None:
+        app = create_app(make_settings(bundles, max_batch_size=1, max_queue=1, warmup=False))
+        async with started(app) as http:
+            model = HeldModel(app.state.engine.slots["re"].batcher)
+            text, pair = "alice in paris", {"head_start": 0, "head_end": 5, "tail_start": 9, "tail_end": 14}
+            first = asyncio.create_task(http.post("/re", data={"text": text, **pair}))
+            await asyncio.to_thread(model.entered.wait, 10)
+            second = asyncio.create_task(http.post("/re", data={"text": text, **pair}))
+            await until(lambda: app.state.engine.slots["re"].batcher.depth == 1)
+            refused = await http.post("/extract", data={"text": text})
+            assert_clean_error(refused, 503)
+            assert "re-batcher" in refused.json()["detail"]
+            model.release()
+            assert [(await first).status_code, (await second).status_code] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+# --- queue order -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order, expected", [("fifo", ["b", "c", "d"]), ("adaptive", ["d", "c", "b"])])
+def test_adaptive_order_answers_the_newest_first_once_the_oldest_has_waited(order, expected):
+    ran: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items):
+        ran.extend(items)
+        entered.set()
+        release.wait(10)
+        return list(items)
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(
+                run_batch, pool, max_batch_size=1, max_wait_s=0, max_queue=8, order=order, lifo_after_s=0.05
+            )
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await asyncio.to_thread(entered.wait, 10)
+                rest = []
+                for item in ("b", "c", "d"):
+                    rest.append(asyncio.create_task(batcher.submit(item)))
+                    await until(lambda: batcher.depth == len(rest))
+                await asyncio.sleep(0.1)  # the oldest has now waited past lifo_after_s
+                release.set()
+                await asyncio.gather(first, *rest)
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+    assert ran == ["a", *expected]
