@@ -385,3 +385,52 @@ def test_adaptive_order_answers_the_newest_first_once_the_oldest_has_waited(orde
 
     asyncio.run(scenario())
     assert ran == ["a", *expected]
+
+
+def test_a_request_cancelled_just_before_the_worker_reaches_it_is_skipped_and_counted_once():
+    """A future cancelled a moment ago runs its done callback later: the worker must already see it
+    as gone (neither answer it nor fail on it) and count its drop once."""
+    ran: list[str] = []
+    dropped: list[tuple[str, int]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def run_batch(items):
+        ran.extend(items)
+        entered.set()
+        release.wait(10)
+        return list(items)
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(
+                run_batch,
+                pool,
+                max_batch_size=1,
+                max_wait_s=0,
+                max_queue=8,
+                on_drop=lambda reason, rows: dropped.append((reason, rows)),
+            )
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await asyncio.to_thread(entered.wait, 10)
+                doomed = asyncio.create_task(batcher.submit("b", deadline=time.monotonic() + 30))
+                await until(lambda: batcher.depth == 1)
+                # Its deadline passes and its future is cancelled, with no await between: its done
+                # callback has not run when the worker looks at it.
+                pending = batcher._queue[0]
+                pending.deadline = time.monotonic() - 1
+                pending.future.cancel()
+                assert batcher._pop() is None and batcher.depth == 0  # skipped, not failed on
+                release.set()
+                await first
+                with pytest.raises(asyncio.CancelledError):
+                    await doomed
+                assert (await batcher.submit("c"))[0] == "c"  # the worker lives on
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+    assert ran == ["a", "c"]
+    assert dropped == [("deadline", 1)]

@@ -300,13 +300,13 @@ class Batcher(Generic[Item, Result]):
         """The next live request by the queue's order, or None; drops what can no longer be answered
         in time (``DeadlineExceeded``) and what nobody awaits any more."""
         while self._queue:
-            if self._queue[0].state != _QUEUED:
+            if not self._live(self._queue[0]):
                 self._queue.popleft()
                 continue
             now = time.monotonic()
             newest_first = self.order == "adaptive" and now - self._queue[0].enqueued > self.lifo_after_s
             pending = self._queue.pop() if newest_first else self._queue.popleft()
-            if pending.state != _QUEUED:
+            if not self._live(pending):
                 continue
             if pending.deadline is not None and pending.deadline < now + self._call_seconds:
                 self._take(pending)
@@ -320,6 +320,13 @@ class Batcher(Generic[Item, Result]):
             self._take(pending)
             return pending
         return None
+
+    def _live(self, pending: _Pending[Item, Result]) -> bool:
+        """Whether a queued request is still awaited. A future cancelled a moment ago runs its done
+        callback later (``call_soon``): it is taken out of the counts here already."""
+        if pending.state == _QUEUED and pending.future.done():
+            self._left_queue(pending)
+        return pending.state == _QUEUED
 
     async def _next(self, timeout: float | None = None) -> _Pending[Item, Result] | None:
         """The next live request, waiting for one up to ``timeout`` (None: forever)."""
@@ -341,7 +348,7 @@ class Batcher(Generic[Item, Result]):
     async def _gather(self) -> list[_Pending[Item, Result]]:
         loop = asyncio.get_running_loop()
         first, self._held = self._held, None
-        if first is not None and first.state == _QUEUED:
+        if first is not None and self._live(first):
             self._take(first)
         else:
             first = await self._next()
@@ -379,21 +386,29 @@ class Batcher(Generic[Item, Result]):
 
     async def _work(self) -> None:
         while True:
-            batch = await self._gather()
-            # Callers that went away while the batch formed are not computed for.
-            live = [p for p in batch if not p.future.done()]
-            for pending in batch:
-                if pending.future.cancelled():
-                    self._dropped(pending)
-            if not live:
-                continue
             try:
-                await self._run(live)
+                await self._one_batch()
             except asyncio.CancelledError:
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(ShuttingDown(f"{self.name} is shutting down"))
                 raise
+            except Exception:  # noqa: BLE001 - a bug here must not stop every later request
+                log.exception("%s: the worker failed on a batch; it goes on with the next", self.name)
+
+    async def _one_batch(self) -> None:
+        batch = await self._gather()
+        # Callers that went away while the batch formed are not computed for.
+        live = [p for p in batch if not p.future.done()]
+        for pending in batch:
+            if pending.future.cancelled():
+                self._dropped(pending)
+        if not live:
+            return
+        try:
+            await self._run(live)
+        except asyncio.CancelledError:
+            for pending in live:
+                if not pending.future.done():
+                    pending.future.set_exception(ShuttingDown(f"{self.name} is shutting down"))
+            raise
 
     async def _run(self, live: list[_Pending[Item, Result]]) -> None:
         """Runs ``live`` as one batch; if that raises, each item alone (only the failing requests fail)."""
