@@ -435,6 +435,12 @@ def main() -> int:
         parser.error(f"--ner-bundle {args.ner_bundle}: no bundle there (manifest.json missing)")
     args.out.mkdir(parents=True, exist_ok=True)
     try:
+        import uvloop  # the client's own cost shares the machine with the server: keep it low
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
         report = asyncio.run(asyncio.wait_for(run(args), args.deadline_s))
     except asyncio.TimeoutError:
         print(f"stopped: the run passed --deadline-s {args.deadline_s:g}", file=sys.stderr)

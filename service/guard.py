@@ -34,6 +34,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,6 +44,12 @@ from service.engine.errors import Overloaded
 TIMEOUT_HEADER = b"x-request-timeout"
 #: A refused request's declared body up to this size is read (and discarded) to keep the connection.
 DRAIN_LIMIT = 64 * 1024
+
+
+class Releasable(Protocol):
+    """What ``admit`` returns: the request's places in the queues, given back once it ends."""
+
+    def release(self) -> None: ...
 
 
 class BodyTooLarge(Exception):
@@ -72,7 +79,7 @@ class GuardMiddleware:
         api_key: str | None,
         body_timeout_s: float = 30.0,
         retry_after_s: int = 1,
-        admit: Callable[[str, float | None], None] | None = None,
+        admit: Callable[[str, float | None], Releasable] | None = None,
     ):
         self.app = app
         self.paths = frozenset(paths)
@@ -159,14 +166,25 @@ class GuardMiddleware:
                 )
                 return
             deadline = arrived + seconds
-        scope.setdefault("state", {})["deadline"] = deadline
+        state = scope.setdefault("state", {})
+        state["deadline"] = deadline
+        admission = None
         if self.admit is not None:
             try:
-                self.admit(scope["path"], deadline)
+                admission = self.admit(scope["path"], deadline)
             except Overloaded as error:
                 await self._refuse_unread(scope, receive, send, error)
                 return
+        state["admission"] = admission
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            if admission is not None:
+                admission.release()  # what the route's call did not take (it ended early, or failed)
 
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The request, its body counted and timed against the limits."""
+        too_large = f"request body larger than the limit of {self.max_body_bytes} bytes"
         received = 0
         refusal: tuple[int, str] | None = None  # set once the body broke a limit
         response_started = False

@@ -208,21 +208,22 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             if endpoint in INFERENCE_ENDPOINTS:
                 self.metrics.stage_seconds.labels(endpoint, "total").observe(elapsed)
-            client = scope.get("client")
-            access_log.info(
-                json.dumps(
-                    {
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "ms": round(elapsed * 1000, 2),
-                        "client": client[0] if client else None,
-                        **scope["state"].get("log_extra", {}),
-                    },
-                    ensure_ascii=False,
+            if access_log.isEnabledFor(logging.INFO):  # the line's JSON costs more than the check
+                client = scope.get("client")
+                access_log.info(
+                    json.dumps(
+                        {
+                            "request_id": request_id,
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status,
+                            "ms": round(elapsed * 1000, 2),
+                            "client": client[0] if client else None,
+                            **scope["state"].get("log_extra", {}),
+                        },
+                        ensure_ascii=False,
+                    )
                 )
-            )
 
 
 class JsonFormatter(logging.Formatter):

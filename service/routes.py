@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive
 
-from service.engine import Engine, Trace
+from service.engine import Admission, Engine, Trace
 from service.errors import ClientDisconnected
 from service.forms import StrictFormRoute
 from service.schemas import (
@@ -122,6 +123,18 @@ inference = APIRouter(
 operations = APIRouter(tags=["operations"])
 
 
+@dataclass
+class Call:
+    """What the HTTP layer hands an engine call besides the request's fields."""
+
+    trace: Trace
+    deadline: float | None
+    admission: Admission | None
+
+    def options(self) -> dict[str, Any]:
+        return {"trace": self.trace, "deadline": self.deadline, "admission": self.admission}
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client disconnects (the body has been read: only that message can come)."""
     while (await receive())["type"] != "http.disconnect":
@@ -147,13 +160,14 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def answer(
-    request: Request, response: Response, call: Callable[[Trace, float | None], Awaitable[T]]
-) -> T:
-    """Runs ``call(trace, deadline)`` for the request; its stages become the Server-Timing header and
-    its details the access log's fields."""
+async def answer(request: Request, response: Response, call: Callable[[Call], Awaitable[T]]) -> T:
+    """Runs ``call(Call(...))`` for the request: its deadline and the admission the guard took before
+    the body (``service.guard``); its stages become the Server-Timing header and its details the
+    access log's fields."""
+    state = request.scope["state"]
     trace = Trace()
-    result = await until_disconnected(request, call(trace, request.scope["state"].get("deadline")))
+    context = Call(trace=trace, deadline=state.get("deadline"), admission=state.get("admission"))
+    result = await until_disconnected(request, call(context))
     # The stages in ms, and "total" from the parsed request to the answer (the demo page shows it).
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in trace.stages.items())
     request.scope["state"]["log_extra"] = trace.details
@@ -178,7 +192,7 @@ async def ner(
     return await answer(
         request,
         response,
-        lambda trace, deadline: engine.ner(text, picture, deadline=deadline, trace=trace),
+        lambda call: engine.ner(text, picture, **call.options()),
     )
 
 
@@ -202,8 +216,8 @@ async def relation(
     return await answer(
         request,
         response,
-        lambda trace, deadline: engine.re(
-            text, (head_start, head_end), (tail_start, tail_end), picture, deadline=deadline, trace=trace
+        lambda call: engine.re(
+            text, (head_start, head_end), (tail_start, tail_end), picture, **call.options()
         ),
     )
 
@@ -237,9 +251,7 @@ async def extract(
     return await answer(
         request,
         response,
-        lambda trace, deadline: engine.extract(
-            text, picture, pairs=pairs, include_none=include_none, deadline=deadline, trace=trace
-        ),
+        lambda call: engine.extract(text, picture, pairs=pairs, include_none=include_none, **call.options()),
     )
 
 

@@ -330,6 +330,34 @@ def test_a_small_refused_request_keeps_its_connection_for_the_next(bundles):
         assert _read_response(sock)[0] == 200
 
 
+def test_a_request_holds_its_place_in_the_queue_from_its_head_until_it_ends(bundles):
+    """Admission happens once, at the request's head: while its body is on its way it counts among the
+    requests ahead of later ones, and its place is given back when it ends without reaching the model."""
+    with (
+        held_server(bundles, max_batch_size=1, max_queue=1) as (url, port, app, model),
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        batcher = app.state.engine.slots["ner"].batcher
+        pool = ThreadPoolExecutor(2)
+        first = pool.submit(http.post, "/ner", data={"text": "alice in paris"})
+        assert model.entered.wait(10)
+        request = _raw_request("/ner", {"text": "bob in london"})
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as uploading:
+            uploading.sendall(request[: request.index(b"\r\n\r\n") + 4])  # the head; the body later
+            wait_until(lambda: batcher._incoming == 1)
+            refused = http.post("/ner", data={"text": "carol in tokyo"})
+            assert_clean_error(refused, 503)
+            assert "queue is full" in refused.json()["detail"]
+        # The upload was abandoned: its place is free again, and the next request is admitted.
+        wait_until(lambda: batcher._incoming == 0)
+        second = pool.submit(http.post, "/ner", data={"text": "dave in rome"})
+        wait_until(lambda: batcher.depth == 1)
+        model.release()
+        assert [first.result(30).status_code, second.result(30).status_code] == [200, 200]
+        pool.shutdown()
+    assert model.seen == ["alice in paris", "dave in rome"]
+
+
 def test_extract_is_refused_early_when_either_queue_is_full(bundles):
     async def scenario() -> None:
         app = create_app(make_settings(bundles, max_batch_size=1, max_queue=1, warmup=False))

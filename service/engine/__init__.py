@@ -3,7 +3,7 @@
 Front ends (``service.app``'s HTTP routes, Ray Serve, the Python API, the corpus command) call one
 ``Engine`` and map its errors to what their callers see. See ``service.engine.engine``.
 
-``Engine``, ``Trace`` and ``deadline_in`` are imported on first use, so that importing the errors
+``Engine``, ``Admission``, ``Trace`` and ``deadline_in`` are imported on first use, so that importing the errors
 (as the HTTP layer's error mapping does) loads nothing else.
 """
 
@@ -22,9 +22,10 @@ from service.engine.errors import (
 )
 
 if TYPE_CHECKING:
-    from service.engine.engine import Engine, Trace, deadline_in
+    from service.engine.engine import Admission, Engine, Trace, deadline_in
 
 __all__ = [
+    "Admission",
     "DeadlineExceeded",
     "Engine",
     "EngineError",
@@ -39,7 +40,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Engine", "Trace", "deadline_in"):
+    if name in ("Admission", "Engine", "Trace", "deadline_in"):
         from service.engine import engine
 
         return getattr(engine, name)

@@ -94,6 +94,21 @@ class _Pending(Generic[Item, Result]):
         return len(self.items)
 
 
+class Ticket:
+    """An admitted request's place among those on their way to a batcher's queue (``Batcher.admit``);
+    released once, by whoever is done with it first."""
+
+    __slots__ = ("_batcher",)
+
+    def __init__(self, batcher: Batcher):
+        self._batcher: Batcher | None = batcher
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            self._batcher._incoming -= 1
+            self._batcher = None
+
+
 class Batcher(Generic[Item, Result]):
     """Gathers submitted items into batches for ``run_batch`` (called in ``executor``).
 
@@ -146,6 +161,8 @@ class Batcher(Generic[Item, Result]):
         self._call_seconds = 0.0  # moving averages of the runtime calls: seconds, and rows per call
         self._call_rows = 0.0
         self._running_since: float | None = None  # when the running call started (None: idle)
+        self._last_end = 0.0  # when the last call ended, and whether requests were waiting then
+        self._backlogged = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,13 +196,16 @@ class Batcher(Generic[Item, Result]):
 
     @property
     def seconds_per_row(self) -> float:
-        """The recent runtime calls' seconds per row (0 before the first call)."""
+        """What a row has recently cost the queue, in seconds (0 before the first call): the time from
+        the end of one call to the end of the next when they ran back to back (gathering, hand-offs
+        and a starved thread included), else the call's own time, over its rows."""
         return self._call_seconds / self._call_rows if self._call_rows else 0.0
 
     # -- admission --------------------------------------------------------------------------
     def expected_wait_s(self, now: float | None = None) -> float:
         """Seconds until a request admitted now would start: the rows ahead of it (queued, and one per
-        request being preprocessed) at the recent seconds per row, plus what is left of the running call."""
+        admitted request on its way to the queue) at the recent seconds per row, plus what is left of
+        the running call."""
         now = time.monotonic() if now is None else now
         wait = (self._live_rows + self._incoming) * self.seconds_per_row
         if self._running_since is not None:
@@ -193,7 +213,7 @@ class Batcher(Generic[Item, Result]):
         return wait
 
     def check_admission(self, deadline: float | None = None) -> None:
-        """``Overloaded`` if a request with ``deadline`` would be refused now (see ``incoming``)."""
+        """``Overloaded`` if a request with ``deadline`` would be refused now (see ``admit``)."""
         now = time.monotonic()
         if self._incoming + self.depth >= self.max_queue:
             raise Overloaded(
@@ -214,20 +234,26 @@ class Batcher(Generic[Item, Result]):
         """Seconds for the queue to drain as it stands (at least one)."""
         return max(1.0, math.ceil(self.expected_wait_s(now)))
 
-    @contextlib.contextmanager
-    def incoming(self, deadline: float | None = None) -> Iterator[None]:
-        """Admits a request (``Overloaded`` when refused: see ``check_admission``).
-
-        While inside, the request is being preprocessed: a forming batch may wait for it. Admitted
-        requests (being preprocessed or queued) never exceed ``max_queue``, so neither the
-        preprocessing pool nor the queue can grow without bound.
-        """
+    def admit(self, deadline: float | None = None) -> Ticket:
+        """Admits a request on its way to the queue (``Overloaded`` when refused: see
+        ``check_admission``): until its ticket is released, it counts among the rows ahead of later
+        requests, and a forming batch may wait for it. Admitted requests (on their way or queued)
+        never exceed ``max_queue``, so neither the preprocessing pool nor the queue can grow without
+        bound. A front end may admit a request before reading its body, then hand the ticket to the
+        call (``incoming``)."""
         self.check_admission(deadline)
         self._incoming += 1
+        return Ticket(self)
+
+    @contextlib.contextmanager
+    def incoming(self, deadline: float | None = None, ticket: Ticket | None = None) -> Iterator[None]:
+        """Inside, the request is admitted and being preprocessed (``ticket``: admitted already, by
+        ``admit``; else admitted now); its ticket is released on leaving."""
+        ticket = ticket or self.admit(deadline)
         try:
             yield
         finally:
-            self._incoming -= 1
+            ticket.release()
 
     # -- requests ---------------------------------------------------------------------------
     async def submit(self, item: Item, deadline: float | None = None) -> tuple[Result, BatchTimings]:
@@ -461,9 +487,14 @@ class Batcher(Generic[Item, Result]):
             try:
                 results += await loop.run_in_executor(self.executor, self._checked_run, chunk)
             finally:
-                seconds = time.monotonic() - self._running_since
+                ended = time.monotonic()
+                seconds = ended - self._running_since
                 self._running_since = None
-            self._learn(len(chunk), seconds)
+            # Back to back (requests were waiting when the last call ended): the whole interval is
+            # what the queue paid for these rows.
+            cost = ended - self._last_end if self._backlogged else seconds
+            self._last_end, self._backlogged = ended, self._live_requests + self._incoming > 0
+            self._learn(len(chunk), max(seconds, cost))
             if self.on_batch is not None:
                 self.on_batch(len(chunk), seconds)
         return results

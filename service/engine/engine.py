@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from model.data.mnre import NO_RELATION
-from service.engine.batcher import BatchTimings
+from service.engine.batcher import BatchTimings, Ticket
 from service.engine.errors import (
     DeadlineExceeded,
     InputTooLarge,
@@ -71,6 +71,23 @@ class Trace:
 
     stages: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+
+
+class Admission:
+    """One request's tickets on the queues of the models it needs (``Engine.admit``)."""
+
+    def __init__(self, tickets: dict[str, Ticket]):
+        self._tickets = tickets
+
+    def take(self, task: str) -> Ticket | None:
+        """The ticket of ``task``'s model, handed to the call that uses it (None if none was taken)."""
+        return self._tickets.pop(task, None)
+
+    def release(self) -> None:
+        """Gives back the tickets no call used (the request ended first, or needed fewer models)."""
+        for ticket in self._tickets.values():
+            ticket.release()
+        self._tickets.clear()
 
 
 def deadline_in(seconds: float | None) -> float | None:
@@ -191,19 +208,25 @@ class Engine:
             raise ModelUnavailable("; ".join(problems), loading=loading)
         return [self.slots[task] for task in tasks]
 
-    def check_admission(self, tasks: Sequence[str], deadline: float | None = None) -> None:
-        """``Overloaded`` when a call needing ``tasks``' models would be refused now: a cheap check, with
-        no side effect, for a front end to refuse before it reads a request's body. Models that are
-        not ready are left to the call itself (its ``ModelUnavailable`` names them)."""
+    def admit(self, tasks: Sequence[str], deadline: float | None = None) -> Admission:
+        """Admits a call needing ``tasks``' models now, or raises ``Overloaded``: for a front end to
+        refuse a request before it reads its body, and hand the ``Admission`` to the call (then the
+        request counts in the queues' expected wait from this moment, not from when its body has
+        arrived). Models that are not ready are left to the call (its ``ModelUnavailable`` names them)."""
         deadline = self._deadline(deadline)
+        tickets: dict[str, Ticket] = {}
         for task in tasks:
-            batcher = self.slots[task].batcher
-            if batcher is not None and self.slots[task].ready:
-                try:
-                    batcher.check_admission(deadline)
-                except Overloaded:
-                    self.metrics.rejected.labels(task).inc()
-                    raise
+            slot = self.slots[task]
+            if slot.batcher is None or not slot.ready:
+                continue
+            try:
+                tickets[task] = slot.batcher.admit(deadline)
+            except Overloaded:
+                self.metrics.rejected.labels(task).inc()
+                for ticket in tickets.values():
+                    ticket.release()
+                raise
+        return Admission(tickets)
 
     def _deadline(self, deadline: float | None) -> float:
         cap = time.monotonic() + self.settings.request_timeout_s
@@ -223,6 +246,7 @@ class Engine:
         *,
         deadline: float | None = None,
         trace: Trace | None = None,
+        admission: Admission | None = None,
     ) -> NERResponse:
         """The named entities of ``text`` (with the picture ``image``, encoded bytes, when given)."""
         started = time.perf_counter()
@@ -232,7 +256,9 @@ class Engine:
         assert isinstance(pipeline, NERPipeline)
         self._check_text(text)
         photo = Photo(image) if image is not None else None
-        prepared, entities, timings = await self._infer(slot, deadline, pipeline.prepare, text, photo)
+        prepared, entities, timings = await self._infer(
+            slot, deadline, admission, pipeline.prepare, text, photo
+        )
         self._observe(
             "/ner",
             started,
@@ -260,6 +286,7 @@ class Engine:
         *,
         deadline: float | None = None,
         trace: Trace | None = None,
+        admission: Admission | None = None,
     ) -> REResponse:
         """The relation between the entities at character spans ``head`` and ``tail`` of ``text``."""
         started = time.perf_counter()
@@ -270,7 +297,7 @@ class Engine:
         self._check_text(text)
         photo = Photo(image) if image is not None else None
         prepared, result, timings = await self._infer(
-            slot, deadline, pipeline.prepare, text, photo, tuple(head), tuple(tail)
+            slot, deadline, admission, pipeline.prepare, text, photo, tuple(head), tuple(tail)
         )
         assert isinstance(result, Relation)
         self._observe(
@@ -302,6 +329,7 @@ class Engine:
         include_none: bool = False,
         deadline: float | None = None,
         trace: Trace | None = None,
+        admission: Admission | None = None,
     ) -> ExtractResponse:
         """The entities of ``text`` (as ``ner``) and the relations between them (as ``re``), in one call.
 
@@ -324,7 +352,9 @@ class Engine:
                 f"{relation_model.name} has {relation_model.labels[:3]}...: use pairs=all",
             )
         photo = Photo(image) if image is not None else None
-        ner_prepared, entities, ner_timings = await self._infer(ner_slot, deadline, ner.prepare, text, photo)
+        ner_prepared, entities, ner_timings = await self._infer(
+            ner_slot, deadline, admission, ner.prepare, text, photo
+        )
         chosen = self.entity_pairs(entities, pairs, relation_model)
         stages = {**ner_prepared.stages, **_batch_stages(ner_timings)}
         group: list[Prepared] = []
@@ -336,7 +366,7 @@ class Engine:
                 for h, t in chosen
             ]
             group, results, re_timings = await self._infer(
-                re_slot, deadline, relation_model.prepare_pairs, text, photo, spans
+                re_slot, deadline, admission, relation_model.prepare_pairs, text, photo, spans
             )
             re_batch = re_timings.batch_size
             for name, seconds in [*group[0].stages.items(), *_batch_stages(re_timings).items()]:
@@ -390,7 +420,12 @@ class Engine:
 
     # -- the path of one model call --------------------------------------------------------------
     async def _infer(
-        self, slot: ModelSlot, deadline: float, prepare: Callable[..., T], *args: Any
+        self,
+        slot: ModelSlot,
+        deadline: float,
+        admission: Admission | None,
+        prepare: Callable[..., T],
+        *args: Any,
     ) -> tuple[T, Any, BatchTimings]:
         """Admission, preprocessing in the pool, then the batcher.
 
@@ -402,7 +437,7 @@ class Engine:
             raise ShuttingDown("the engine is shutting down")
         loop = asyncio.get_running_loop()
         try:
-            with batcher.incoming(deadline):
+            with batcher.incoming(deadline, admission.take(slot.task) if admission else None):
                 preparing = loop.run_in_executor(self._pool, prepare, *args)
                 try:
                     prepared = await asyncio.wait_for(preparing, max(0.0, deadline - time.monotonic()))
