@@ -6,7 +6,8 @@ phases, for one workload (``--workload text``: ``POST /ner`` with a tweet; ``pho
 1200x900 JPEG as well):
 
 1. **baseline**: one client, back to back (``--baseline-requests``): the normal latency.
-2. **capacity**: 16 clients back to back for ``--capacity-seconds``: answers per second.
+2. **capacity**: ``--capacity-clients`` clients back to back (16, then 64) for ``--capacity-seconds``
+   each: the most answers per second of them is the capacity.
 3. **overload**, for each ``--multipliers`` m: users arrive at random (Poisson) at m x capacity for
    ``--seconds``. Each user waits at most ``--patience`` seconds per attempt (then closes its
    connection) and retries at once after a timeout or a 503, up to ``--retries`` times. With
@@ -275,11 +276,28 @@ COUNTERS = {
 }
 
 
-def counter_deltas(before: str, after: str) -> dict[str, float]:
-    return {
+STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
+
+
+def counter_deltas(before: str, after: str) -> dict[str, Any]:
+    """The phase's counters, and the mean of each stage the server measured (ms; "total" is from the
+    request's head to its answer, for every /ner answer, refusals included)."""
+    deltas: dict[str, Any] = {
         key: metric(after, name, **labels) - metric(before, name, **labels)
         for key, (name, labels) in COUNTERS.items()
     }
+    means = {}
+    for stage in STAGES:
+        labels = {"endpoint": "/ner", "stage": stage}
+        count = metric(after, "imm_stage_seconds_count", **labels) - metric(
+            before, "imm_stage_seconds_count", **labels
+        )
+        seconds = metric(after, "imm_stage_seconds_sum", **labels) - metric(
+            before, "imm_stage_seconds_sum", **labels
+        )
+        means[stage] = round(seconds / count * 1000, 1) if count else None
+    deltas["stage_mean_ms"] = means
+    return deltas
 
 
 async def drained(pool: Pool, limit_s: float = 60.0) -> None:
@@ -318,6 +336,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "IMM_RE_BUNDLE": "",
         "IMM_QUEUE_ORDER": args.queue_order,
         "IMM_LOG_LEVEL": "warning",
+        **dict(setting.split("=", 1) for setting in args.set),
     }
     server, url = start_server(settings, log_path=args.out / "server.log")
     host, port = url.removeprefix("http://").split(":")
@@ -344,12 +363,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         baseline = await closed_loop(pool, plain, 1, args.baseline_seconds, 10.0)
         normal = percentile(sorted(baseline.answered_s), 50)
         report["phases"]["baseline"] = summary_of(baseline, args.baseline_seconds)
-        before = await scrape(pool)
-        capacity_tally = await closed_loop(pool, plain, 16, args.capacity_seconds, 10.0)
-        capacity = len(capacity_tally.answered_s) / args.capacity_seconds
-        report["phases"]["capacity"] = summary_of(capacity_tally, args.capacity_seconds) | counter_deltas(
-            before, await scrape(pool)
-        )
+        capacity = 0.0
+        for clients in args.capacity_clients:
+            await drained(pool)
+            before = await scrape(pool)
+            tally = await closed_loop(pool, plain, clients, args.capacity_seconds, 10.0)
+            answers_per_s = len(tally.answered_s) / args.capacity_seconds
+            capacity = max(capacity, answers_per_s)
+            report["phases"][f"capacity c{clients}"] = summary_of(
+                tally, args.capacity_seconds
+            ) | counter_deltas(before, await scrape(pool))
+            print(f"{clients} clients back to back: {answers_per_s:.1f} answers/s", flush=True)
+        report["capacity_per_s"] = round(capacity, 1)
         print(f"baseline p50 {normal * 1000:.1f} ms; capacity {capacity:.1f} answers/s", flush=True)
         for multiplier in args.multipliers:
             await drained(pool)
@@ -420,17 +445,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ner-bundle", type=Path, default=ROOT / "weights" / "ner")
     parser.add_argument("--workload", choices=("text", "photo"), default="text")
-    parser.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--multipliers", type=float, nargs="*", default=[2.0, 4.0])
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each overload phase")
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument("--capacity-clients", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--baseline-seconds", type=float, default=3.0)
     parser.add_argument("--patience", type=float, default=1.0, help="seconds a user waits per attempt")
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--send-deadline", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--queue-order", choices=("fifo", "adaptive"), default="fifo")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="IMM_NAME=VALUE",
+        help="more server settings, such as IMM_INTRA_OP_THREADS=1",
+    )
     parser.add_argument("--deadline-s", type=float, default=900.0, help="the whole run stops by then")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "overload")
     args = parser.parse_args()
+    if any("=" not in setting or not setting.startswith("IMM_") for setting in args.set):
+        parser.error("--set takes IMM_NAME=VALUE pairs")
     if not (args.ner_bundle / "manifest.json").is_file():
         parser.error(f"--ner-bundle {args.ner_bundle}: no bundle there (manifest.json missing)")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -197,8 +197,8 @@ class GuardMiddleware:
             if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-            except asyncio.TimeoutError:
+                message = await _receive_by(receive, deadline)
+            except (asyncio.TimeoutError, TimeoutError):
                 refusal = (408, too_slow)
                 raise BodyTooSlow(too_slow) from None
             if message["type"] == "http.request":
@@ -252,13 +252,25 @@ def _seconds(value: bytes) -> float | None:
     return seconds if 0 < seconds < math.inf else None
 
 
+async def _receive_by(receive: Receive, deadline: float) -> Message:
+    """``receive()``, or ``TimeoutError`` at ``deadline`` (the loop's time). ``asyncio.timeout_at``
+    where there is one (Python 3.11): ``wait_for`` makes a task per call, on every request."""
+    if _timeout_at is not None:
+        async with _timeout_at(deadline):
+            return await receive()
+    return await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+
+
+_timeout_at = getattr(asyncio, "timeout_at", None)
+
+
 async def _drain(receive: Receive, timeout_s: float = 1.0) -> bool:
     """Reads a small body to its end (True), or gives up after ``timeout_s`` or a disconnect (False)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
-            message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-        except asyncio.TimeoutError:
+            message = await _receive_by(receive, deadline)
+        except (asyncio.TimeoutError, TimeoutError):
             return False
         if message["type"] != "http.request":
             return False

@@ -10,12 +10,12 @@ the queue depth sums over live processes, readiness is the least ready process's
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import json_error_body
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.encode()
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 access_log = logging.getLogger("service.access")
@@ -135,15 +136,30 @@ class Metrics:
             self.stage_seconds.labels(endpoint, stage).observe(seconds)
 
 
+# Fresh ids: this process's random prefix and a counter, unique across processes and restarts
+# without a uuid4 (an os.urandom call) per request.
+_ID_PREFIX = os.urandom(8).hex()
+_ids = itertools.count()
+
+
+def _new_id_prefix() -> None:  # a forked worker must not repeat its parent's ids
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The client's ``X-Request-ID`` when it is short and plain (it ends up in logs), else a fresh one."""
     for name, value in headers:
-        if name.lower() == REQUEST_ID_HEADER.encode():
+        if name.lower() == _REQUEST_ID_HEADER_BYTES:
             candidate = value.decode("latin-1")
             if _SANE_REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 class RequestContextMiddleware:

@@ -195,15 +195,20 @@ class IMMDeployment:
 
 def replica_settings(settings: Settings, ray_settings: RaySettings) -> Settings:
     """The settings a replica runs with: bundle paths made absolute (a replica's working directory
-    is Ray's, not the caller's), and ONNX Runtime's threads matched to the replica's CPUs when left
-    at 0 (one thread per core of the node, which oversubscribes a node that runs several replicas)."""
+    is Ray's, not the caller's), and the inference workers and ONNX Runtime's threads matched to the
+    replica's CPUs when left at 0 (the defaults count the node's cores, which oversubscribes a node
+    that runs several replicas)."""
     update: dict[str, Any] = {
         name: path.absolute()
         for name, path in (("ner_bundle", settings.ner_bundle), ("re_bundle", settings.re_bundle))
         if path is not None
     }
-    if settings.intra_op_threads == 0 and ray_settings.cpus_per_replica >= 1:
-        update["intra_op_threads"] = math.floor(ray_settings.cpus_per_replica)
+    if ray_settings.cpus_per_replica >= 1:  # the replica's cores, not the node's
+        cores = math.floor(ray_settings.cpus_per_replica)
+        workers = settings.inference_workers or (2 if cores >= 2 else 1)
+        update["inference_workers"] = workers
+        if settings.intra_op_threads == 0:
+            update["intra_op_threads"] = max(1, cores // workers)
     return settings.model_copy(update=update)
 
 

@@ -111,7 +111,8 @@ def _offset(role: str, end: str, example: int) -> Any:
     )
 
 
-def engine_of(request: Request) -> Engine:
+async def engine_of(request: Request) -> Engine:
+    # async: FastAPI would run a plain function in a worker thread, a hand-off per request
     return request.app.state.engine
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from export.bundle import Bundle, session_options
 from model.decoding import crf_marginals, viterbi_decode
 from model.preprocessing import EncodedText, Preprocessor
+from service.settings import available_cores
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -79,10 +80,13 @@ class ProviderError(RuntimeError):
 
 
 class Runtime(ABC):
-    """Runs one bundle's model; called from the model's single inference thread."""
+    """Runs one bundle's model; called from the model's inference threads (several at once only where
+    ``concurrent_calls``)."""
 
     #: Whether ``infer`` takes ``EncodedImage`` JPEGs (decoding them on its device).
     decodes_jpeg: bool = False
+    #: Whether ``infer`` may run in several threads at once.
+    concurrent_calls: bool = False
 
     def __init__(self, bundle: Bundle, preprocessor: Preprocessor):
         self.bundle = bundle
@@ -124,7 +128,10 @@ def select_providers(setting: str, available: Sequence[str] | None = None) -> li
 
 
 class OnnxRuntime(Runtime):
-    """The bundle's ONNX graph on ONNX Runtime; CRF Viterbi and marginals in numpy."""
+    """The bundle's ONNX graph on ONNX Runtime; CRF Viterbi and marginals in numpy. ONNX Runtime's
+    ``run`` is thread-safe and ``infer`` keeps no state: calls may overlap."""
+
+    concurrent_calls = True
 
     def __init__(
         self,
@@ -207,6 +214,24 @@ def resolve_runtime(setting: str) -> str:
     return "torch" if torch.cuda.is_available() else "onnx"
 
 
+def inference_workers(settings: Settings) -> int:
+    """Runtime calls per model at once (``IMM_INFERENCE_WORKERS``; 0: 2 for ONNX Runtime on a CPU of
+    2 cores or more, else 1). Measured on 2 cores (docs/benchmarks.md): two one-thread calls side by
+    side do about 10 % more rows per second than one two-thread call, and keep most of it while the
+    event loop takes a core under overload."""
+    if resolve_runtime(settings.runtime) == "torch":
+        return 1
+    if settings.inference_workers:
+        return settings.inference_workers
+    gpu = select_providers(settings.providers)[0] != CPU
+    return 1 if gpu or available_cores() < 2 else 2
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """ONNX Runtime's threads per call: ``IMM_INTRA_OP_THREADS``, or the cores shared among the workers."""
+    return settings.intra_op_threads or max(1, available_cores() // inference_workers(settings))
+
+
 def create_runtime(bundle: Bundle, preprocessor: Preprocessor, settings: Settings) -> Runtime:
     """The runtime ``settings`` ask for, loaded with ``bundle``."""
     kind = resolve_runtime(settings.runtime)
@@ -225,7 +250,7 @@ def create_runtime(bundle: Bundle, preprocessor: Preprocessor, settings: Setting
             max_batch_size=settings.max_batch_size,
         )
     providers = select_providers(settings.providers)
-    options = session_options(settings.intra_op_threads, settings.inter_op_threads, settings.ort_spinning)
+    options = session_options(intra_op_threads(settings), settings.inter_op_threads, settings.ort_spinning)
     return OnnxRuntime(bundle, preprocessor, providers, options)
 
 

@@ -17,6 +17,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DISABLED = {"", "none", "off", "disabled"}
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity: a container's CPU set, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """All the service's settings; ``Settings()`` reads the environment."""
 
@@ -46,7 +53,16 @@ class Settings(BaseSettings):
         "ONNX Runtime execution providers (the onnx runtime)",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads inside one operator (0: one per core)"
+        0,
+        ge=0,
+        description="ONNX Runtime threads inside one operator, per inference worker (0: the cores shared "
+        "among the workers, at least one each)",
+    )
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        description="runtime calls per model at once (0: 2 for ONNX Runtime on a CPU of 2 cores or more, "
+        "else 1; the PyTorch runtime always runs one)",
     )
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators")
     ort_spinning: bool = Field(
@@ -77,7 +93,20 @@ class Settings(BaseSettings):
     lifo_after_ms: float = Field(
         100.0, ge=0, description="with IMM_QUEUE_ORDER=adaptive, the wait after which newest go first"
     )
-    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 when the queue is full")
+    overload_wait_ms: float = Field(
+        100.0,
+        ge=0,
+        description="under sustained overload (a queue that has not emptied for IMM_OVERLOAD_AFTER_MS while "
+        "callers gave up on it), "
+        "the longest expected wait a request is admitted to (at least one model call's length; beyond: "
+        "503 at once); 0: only the requests' deadlines bound the queue",
+    )
+    overload_after_ms: float = Field(
+        1000.0, ge=0, description="how long the queue must stay non-empty before it counts as overloaded"
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After of the 503 of a request still running when shutdown's grace ends"
+    )
     workers: int = Field(
         0,
         ge=0,
@@ -146,7 +175,7 @@ class Settings(BaseSettings):
 
     @property
     def preprocess_workers(self) -> int:
-        return self.preprocess_threads or min(4, os.cpu_count() or 1)
+        return self.preprocess_threads or min(4, available_cores())
 
     def bundle_path(self, task: str) -> Path | None:
         return self.ner_bundle if task == "ner" else self.re_bundle

@@ -235,7 +235,9 @@ def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundle
     import uvicorn
 
     grace = 1.0
-    app = create_app(make_settings(bundles, re_bundle=None, max_batch_size=1, warmup=False))
+    app = create_app(
+        make_settings(bundles, re_bundle=None, max_batch_size=1, inference_workers=1, warmup=False)
+    )
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -269,7 +271,9 @@ def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundle
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             calls = [asyncio.create_task(http.post("/ner", data={"text": f"alice {n}"})) for n in range(5)]
             await asyncio.to_thread(entered.wait, 10)
+            waiting = time.monotonic() + 10
             while batcher.depth < 4:  # one request in the running batch, four queued behind it
+                assert time.monotonic() < waiting, f"{batcher.depth} requests queued, not 4"
                 await asyncio.sleep(0.01)
             server.should_exit = True
             started = time.monotonic()

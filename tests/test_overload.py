@@ -26,11 +26,16 @@ from service.engine.batcher import Batcher
 from tests.test_service import (  # noqa: F401 - server: the module's server fixture, for client
     ServerThread,
     assert_clean_error,
-    make_settings,
     metric_value,
     server,
     started,
 )
+from tests.test_service import make_settings as service_settings
+
+
+def make_settings(bundles, **overrides: Any):
+    """The service tests' settings with one inference worker: the held model then holds every call."""
+    return service_settings(bundles, **{"inference_workers": 1, **overrides})
 
 
 class HeldModel:

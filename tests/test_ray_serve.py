@@ -222,7 +222,10 @@ def test_deployment_options_follow_the_settings(monkeypatch):
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 8)
     # A replica's working directory is not the caller's; its threads match its CPUs.
     replica = replica_settings(settings, RaySettings(cpus_per_replica=2))
-    assert replica.ner_bundle == (Path.cwd() / "weights/ner") and replica.intra_op_threads == 2
+    assert replica.ner_bundle == (Path.cwd() / "weights/ner")
+    assert (replica.inference_workers, replica.intra_op_threads) == (2, 1)
+    one = replica_settings(settings, RaySettings(cpus_per_replica=1))
+    assert (one.inference_workers, one.intra_op_threads) == (1, 1)
     assert replica_settings(settings, RaySettings(cpus_per_replica=0.5)).intra_op_threads == 0
 
 

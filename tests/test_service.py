@@ -470,7 +470,11 @@ def test_200_concurrent_requests_are_batched_and_equal_sequential_answers(server
 
 def test_a_full_queue_answers_503_with_retry_after(bundles):
     async def scenario() -> None:
-        app = create_app(make_settings(bundles, re_bundle=None, max_queue=1, max_batch_size=1, warmup=False))
+        app = create_app(
+            make_settings(
+                bundles, re_bundle=None, max_queue=1, max_batch_size=1, inference_workers=1, warmup=False
+            )
+        )
         async with started(app) as http:
             batcher = app.state.engine.slots["ner"].batcher
             entered, release = threading.Event(), threading.Event()

@@ -105,6 +105,100 @@ def test_batcher_full_queue_refuses_at_once_and_failures_stay_in_their_batch():
     asyncio.run(scenario())
 
 
+def test_batcher_with_two_workers_runs_two_calls_at_once_and_fills_the_next_batch_meanwhile():
+    from concurrent.futures import ThreadPoolExecutor
+
+    running, peak, calls = 0, 0, []
+    lock, both_in, release = threading.Lock(), threading.Event(), threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            calls.append(list(items))
+            if running == 2:
+                both_in.set()
+        release.wait(5)
+        with lock:
+            running -= 1
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=2, max_wait_s=0, max_queue=64, workers=2)
+            batcher.start()
+            try:
+                first = [asyncio.create_task(batcher.submit(x)) for x in ("a", "b")]
+                await _until(lambda: len(calls) == 1)
+                second = [asyncio.create_task(batcher.submit(x)) for x in ("c", "d")]
+                await asyncio.to_thread(both_in.wait, 5)  # the second call started, the first still runs
+                third = [asyncio.create_task(batcher.submit(x)) for x in ("e", "f")]
+                await _until(lambda: batcher.depth == 2)  # every worker busy: the third batch waits
+                release.set()
+                answers = [(await task)[0] for task in (*first, *second, *third)]
+            finally:
+                release.set()
+                await batcher.stop()
+        assert answers == ["A", "B", "C", "D", "E", "F"]
+        assert peak == 2 and calls == [["a", "b"], ["c", "d"], ["e", "f"]]
+
+    asyncio.run(scenario())
+
+
+def test_batcher_overload_mode_needs_a_standing_queue_and_a_caller_who_gave_up():
+    """A queue that stays non-empty is not enough: patient callers keep it. Once a caller gives up on
+    a standing queue, only what can start within about one call is admitted; an emptied queue ends it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    permits = threading.Semaphore(0)
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        assert permits.acquire(timeout=10)
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(
+                run_batch,
+                pool,
+                max_batch_size=1,
+                max_wait_s=0,
+                max_queue=64,
+                overload_wait_s=1e-6,
+                overload_after_s=0.0,
+            )
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await _until(lambda: len(batcher._running) == 1)
+                queued = {x: asyncio.create_task(batcher.submit(x)) for x in "bcde"}
+                await _until(lambda: batcher.depth == 4)
+                permits.release()  # "a" ends; "b" starts with c, d, e still waiting: a standing queue
+                assert (await first)[0] == "A"
+                await _until(lambda: batcher.depth == 3)
+                assert not batcher.overloaded
+                batcher.check_admission()  # patient callers: admitted
+                queued["e"].cancel()  # a caller gives up
+                await _until(lambda: batcher.depth == 2)
+                assert batcher.overloaded
+                with pytest.raises(Overloaded, match="overloaded"):
+                    batcher.check_admission()  # two calls' rows ahead: more than one call's wait
+                for _ in "bcd":
+                    permits.release()
+                assert [(await queued[x])[0] for x in "bcd"] == ["B", "C", "D"]
+                permits.release()
+                assert (await batcher.submit("f"))[0] == "F"  # a batch that left the queue empty
+                assert not batcher.overloaded
+                batcher.check_admission()
+            finally:
+                for _ in range(8):
+                    permits.release()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_batcher_a_request_that_raises_fails_alone_not_its_batch_mates():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -406,3 +500,13 @@ def test_entity_offsets_map_to_word_spans_ignoring_edge_whitespace():
     assert entity_words(text, words, start - 1, text.index("'s"), "head") == (1, 3)
     madrid = text.index("Real")
     assert entity_words(text, words, madrid, len(text), "tail") == (len(words) - 2, len(words))
+
+
+def test_every_setting_is_in_the_configuration_table_of_the_service_docs():
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+    missing = [
+        f"IMM_{name.upper()}" for name in Settings.model_fields if f"`IMM_{name.upper()}`" not in table
+    ]
+    assert not missing, f"docs/service.md does not document {missing}"

@@ -1,17 +1,35 @@
 """Dynamic batching with admission, deadlines and cancellation: concurrent requests of one model
 share one runtime call, and no call computes an answer nobody waits for.
 
-Requests wait in a bounded queue; a single worker task takes one, gathers more for up to
-``max_wait_s`` (only while more requests are known to be on their way, so a lone request does not
-pay the wait) or until ``max_batch_size``, and runs the batch in a dedicated thread, off the event
-loop. Each request's future gets its own row of the result.
+Requests wait in a bounded queue; a worker task takes one, gathers more for up to ``max_wait_s``
+(only while more requests are known to be on their way, so a lone request does not pay the wait)
+or until ``max_batch_size``, and runs the batch in ``executor``, off the event loop. Each request's
+future gets its own row of the result. With ``workers`` > 1 that many runtime calls run at once
+(the runtime must allow it): one worker gathers at a time, so while one batch runs the next one
+fills, and each call can run on its own core (on a few cores, two one-thread calls side by side do
+more than one two-thread call, and a call slowed by a busy core does not stall the other).
 
 **Admission** (``incoming``, ``check_admission``). A request is refused at once (``Overloaded``,
 with the seconds after which a retry could be taken) when ``max_queue`` requests are already
-admitted, or when the queue's expected wait would take it past its deadline: the queue holds only
-what can be answered in time. The expected wait is the rows ahead times the measured seconds per
-row of recent runtime calls (a moving average: at full batches, the cost the queue will see), plus
-what is left of the running call.
+admitted, or when it could not be answered by its deadline: the queue holds only what can be
+answered in time. It would start once it has reached the queue (its way there, from admission: the
+body's arrival, parsing, preprocessing, a moving average) and the rows ahead of it are done,
+whichever is later, and be answered when that call ends (a moving average of call lengths). The
+rows ahead take the measured seconds per row of the queue (a moving average of what recent calls
+cost it: when calls ran back to back, the time between their ends, so the gathering, the hand-offs
+and a busy machine count), plus what is left of the running call when every worker is busy.
+
+**Sustained overload** (``overload_wait_s``, CoDel's idea applied to admission). A burst may fill
+the queue up to what its requests' deadlines allow; but once the queue has not emptied for
+``overload_after_s`` (every batch started with requests still waiting) and callers gave up on it
+meanwhile (a deadline passed or would have, a caller went away), demand exceeds what the model can
+do for callers this impatient, and a queue that deep only makes every answer late: then a request
+is admitted only while the expected wait is at most ``overload_wait_s`` (and at least one call's
+length: the rows that keep every worker busy until the next batch). Answers stay fast, the work
+goes to callers who are still there, and the others are refused at once, with a ``Retry-After``,
+instead of waiting out their patience. Patient callers (a closed loop of more clients than a batch
+holds) make a standing queue too, but none gives up: they keep their queue. The state ends at the
+first batch that leaves the queue empty.
 
 **Deadlines.** A request may carry one (``time.monotonic()`` seconds). When the worker reaches a
 request whose deadline has passed, or would pass before a call of the current length could end,
@@ -98,14 +116,19 @@ class Ticket:
     """An admitted request's place among those on their way to a batcher's queue (``Batcher.admit``);
     released once, by whoever is done with it first."""
 
-    __slots__ = ("_batcher",)
+    __slots__ = ("_batcher", "admitted")
 
     def __init__(self, batcher: Batcher):
         self._batcher: Batcher | None = batcher
+        self.admitted = time.monotonic()
 
-    def release(self) -> None:
+    def release(self, arrived: bool = False) -> None:
+        """Gives the place back; ``arrived``: the request reached the queue (the batcher learns how
+        long the way took)."""
         if self._batcher is not None:
             self._batcher._incoming -= 1
+            if arrived:
+                self._batcher._learn_way(time.monotonic() - self.admitted)
             self._batcher = None
 
 
@@ -131,13 +154,16 @@ class Batcher(Generic[Item, Result]):
         max_queue: int,
         order: QueueOrder = "fifo",
         lifo_after_s: float = 0.1,
+        workers: int = 1,
+        overload_wait_s: float = 0.0,
+        overload_after_s: float = 1.0,
         on_batch: Callable[[int, float], None] | None = None,
         on_drop: Callable[[DropReason, int], None] | None = None,
         on_abandoned: Callable[[int], None] | None = None,
         name: str = "batcher",
     ):
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be at least 1")
+        if max_batch_size < 1 or max_queue < 1 or workers < 1:
+            raise ValueError("max_batch_size, max_queue and workers must be at least 1")
         if order not in ("fifo", "adaptive"):
             raise ValueError(f"order must be 'fifo' or 'adaptive', not {order!r}")
         self.run_batch = run_batch
@@ -147,39 +173,53 @@ class Batcher(Generic[Item, Result]):
         self.max_queue = max_queue
         self.order = order
         self.lifo_after_s = lifo_after_s
+        self.workers = workers
+        self.overload_wait_s = overload_wait_s
+        self.overload_after_s = overload_after_s
         self.on_batch = on_batch
         self.on_drop = on_drop
         self.on_abandoned = on_abandoned
         self.name = name
         self._queue: deque[_Pending[Item, Result]] = deque()
         self._arrived: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._gathering: asyncio.Lock | None = None  # one worker gathers at a time
+        self._workers: list[asyncio.Task[None]] = []
         self._incoming = 0  # admitted requests being preprocessed: a batch may wait for them
         self._held: _Pending[Item, Result] | None = None  # did not fit the last batch: opens the next
         self._live_requests = 0  # queued (or held) and still awaited
         self._live_rows = 0
-        self._call_seconds = 0.0  # moving averages of the runtime calls: seconds, and rows per call
-        self._call_rows = 0.0
-        self._running_since: float | None = None  # when the running call started (None: idle)
+        self._call_seconds = 0.0  # moving average of a runtime call's length
+        self._cost_seconds = 0.0  # moving averages of what calls cost the queue: seconds, and rows
+        self._cost_rows = 0.0
+        self._running: list[float] = []  # when each running call started
+        self._way_seconds = 0.0  # moving average of the time from admission to the queue
         self._last_end = 0.0  # when the last call ended, and whether requests were waiting then
         self._backlogged = False
+        self._standing_since: float | None = None  # since when every batch left requests waiting
+        self._gave_up_at = -math.inf  # when a caller last gave up waiting (see ``overloaded``)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Starts the worker on the running loop."""
-        if self._worker is not None:
+        """Starts the workers on the running loop."""
+        if self._workers:
             return
         self._arrived = asyncio.Event()
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
+        self._gathering = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        self._workers = [
+            loop.create_task(self._work(), name=f"{self.name}-worker-{n}") for n in range(self.workers)
+        ]
 
     async def stop(self) -> None:
-        """Stops the worker; requests still queued fail with ``ShuttingDown``."""
-        if self._worker is None:
+        """Stops the workers; requests still queued fail with ``ShuttingDown``."""
+        if not self._workers:
             return
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._worker = None
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        self._workers = []
         waiting = [self._held] if self._held is not None else []
         self._held = None
         waiting += self._queue
@@ -198,8 +238,24 @@ class Batcher(Generic[Item, Result]):
     def seconds_per_row(self) -> float:
         """What a row has recently cost the queue, in seconds (0 before the first call): the time from
         the end of one call to the end of the next when they ran back to back (gathering, hand-offs
-        and a starved thread included), else the call's own time, over its rows."""
-        return self._call_seconds / self._call_rows if self._call_rows else 0.0
+        and a starved thread included), else the call's own time shared among the workers, over its
+        rows."""
+        return self._cost_seconds / self._cost_rows if self._cost_rows else 0.0
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the queue has been standing (never emptied) for ``overload_after_s``, and callers
+        gave up on it meanwhile."""
+        return (
+            self.overload_wait_s > 0
+            and self._standing_since is not None
+            and self._gave_up_at >= self._standing_since
+            and time.monotonic() - self._standing_since >= self.overload_after_s
+        )
+
+    def _gave_up(self) -> None:
+        """A caller gave up on the queue: its deadline passed or would have, or it went away."""
+        self._gave_up_at = time.monotonic()
 
     # -- admission --------------------------------------------------------------------------
     def expected_wait_s(self, now: float | None = None) -> float:
@@ -208,8 +264,8 @@ class Batcher(Generic[Item, Result]):
         the running call."""
         now = time.monotonic() if now is None else now
         wait = (self._live_rows + self._incoming) * self.seconds_per_row
-        if self._running_since is not None:
-            wait += max(0.0, self._running_since + self._call_seconds - now)
+        if len(self._running) >= self.workers:  # every worker busy: the first to finish takes it
+            wait += max(0.0, min(self._running) + self._call_seconds - now)
         return wait
 
     def check_admission(self, deadline: float | None = None) -> None:
@@ -220,15 +276,26 @@ class Batcher(Generic[Item, Result]):
                 f"the {self.name} queue is full ({self.max_queue} requests waiting)",
                 self._retry_after(now),
             )
-        if deadline is not None:
-            wait = self.expected_wait_s(now)
-            # Its own rows take at least one row's time after the wait.
-            if now + wait + self.seconds_per_row > deadline:
+        if deadline is None and not self.overloaded:
+            return
+        wait = self.expected_wait_s(now)
+        if self.overloaded:
+            limit = max(self.overload_wait_s, self._call_seconds)
+            if wait > limit:
                 raise Overloaded(
-                    f"the {self.name} queue would make the request wait about {wait:.2f} s, past its "
-                    f"deadline in {max(0.0, deadline - now):.2f} s",
+                    f"the {self.name} is overloaded: its queue would make the request wait about "
+                    f"{wait:.2f} s",
                     self._retry_after(now),
                 )
+        # It starts once it has reached the queue (the body, parsing, preprocessing: ``way_seconds``)
+        # and the rows ahead are done, whichever is later; its answer comes when that call ends.
+        if deadline is not None and now + max(wait, self._way_seconds) + self._call_seconds > deadline:
+            self._gave_up()
+            raise Overloaded(
+                f"the {self.name} queue would make the request wait about {wait:.2f} s, past its "
+                f"deadline in {max(0.0, deadline - now):.2f} s",
+                self._retry_after(now),
+            )
 
     def _retry_after(self, now: float) -> float:
         """Seconds for the queue to drain as it stands (at least one)."""
@@ -250,10 +317,12 @@ class Batcher(Generic[Item, Result]):
         """Inside, the request is admitted and being preprocessed (``ticket``: admitted already, by
         ``admit``; else admitted now); its ticket is released on leaving."""
         ticket = ticket or self.admit(deadline)
+        arrived = False
         try:
             yield
+            arrived = True
         finally:
-            ticket.release()
+            ticket.release(arrived)
 
     # -- requests ---------------------------------------------------------------------------
     async def submit(self, item: Item, deadline: float | None = None) -> tuple[Result, BatchTimings]:
@@ -272,7 +341,7 @@ class Batcher(Generic[Item, Result]):
         """
         if not items:
             raise ValueError("submit_group needs at least one item")
-        if self._worker is None or self._arrived is None:
+        if not self._workers or self._arrived is None:
             raise ShuttingDown(f"{self.name} is not running")
         now = time.monotonic()
         if self._live_requests >= self.max_queue:
@@ -311,6 +380,7 @@ class Batcher(Generic[Item, Result]):
     def _dropped(self, pending: _Pending[Item, Result]) -> None:
         """Counts a request whose caller stopped waiting before the model ran it: at its deadline, or
         cancelled."""
+        self._gave_up()
         if self.on_drop is not None:
             late = pending.deadline is not None and time.monotonic() >= pending.deadline
             self.on_drop("deadline" if late else "cancelled", pending.rows)
@@ -337,6 +407,7 @@ class Batcher(Generic[Item, Result]):
             if pending.deadline is not None and pending.deadline < now + self._call_seconds:
                 self._take(pending)
                 pending.state = _DROPPED
+                self._gave_up()
                 if self.on_drop is not None:
                     self.on_drop("deadline", pending.rows)
                 pending.future.set_exception(
@@ -420,7 +491,13 @@ class Batcher(Generic[Item, Result]):
                 log.exception("%s: the worker failed on a batch; it goes on with the next", self.name)
 
     async def _one_batch(self) -> None:
-        batch = await self._gather()
+        assert self._gathering is not None
+        async with self._gathering:
+            batch = await self._gather()
+        if self._live_requests == 0:
+            self._standing_since = None
+        elif self._standing_since is None:
+            self._standing_since = time.monotonic()
         # Callers that went away while the batch formed are not computed for.
         live = [p for p in batch if not p.future.done()]
         for pending in batch:
@@ -483,28 +560,36 @@ class Batcher(Generic[Item, Result]):
         results: list[Result] = []
         for at in range(0, len(items), self.max_batch_size):
             chunk = items[at : at + self.max_batch_size]
-            self._running_since = time.monotonic()
+            started = time.monotonic()
+            self._running.append(started)
             try:
                 results += await loop.run_in_executor(self.executor, self._checked_run, chunk)
             finally:
                 ended = time.monotonic()
-                seconds = ended - self._running_since
-                self._running_since = None
+                self._running.remove(started)
+            seconds = ended - started
             # Back to back (requests were waiting when the last call ended): the whole interval is
-            # what the queue paid for these rows.
-            cost = ended - self._last_end if self._backlogged else seconds
+            # what the queue paid for these rows; else the call itself, shared among the workers.
+            if self._backlogged:
+                cost = max(ended - self._last_end, seconds / self.workers)
+            else:
+                cost = seconds / self.workers
             self._last_end, self._backlogged = ended, self._live_requests + self._incoming > 0
-            self._learn(len(chunk), max(seconds, cost))
+            self._learn(len(chunk), seconds, cost)
             if self.on_batch is not None:
                 self.on_batch(len(chunk), seconds)
         return results
 
-    def _learn(self, rows: int, seconds: float) -> None:
-        if not self._call_rows:
-            self._call_seconds, self._call_rows = seconds, float(rows)
+    def _learn_way(self, seconds: float) -> None:
+        self._way_seconds += _SMOOTHING * (seconds - self._way_seconds)
+
+    def _learn(self, rows: int, seconds: float, cost: float) -> None:
+        if not self._cost_rows:
+            self._call_seconds, self._cost_seconds, self._cost_rows = seconds, cost, float(rows)
             return
         self._call_seconds += _SMOOTHING * (seconds - self._call_seconds)
-        self._call_rows += _SMOOTHING * (rows - self._call_rows)
+        self._cost_seconds += _SMOOTHING * (cost - self._cost_seconds)
+        self._cost_rows += _SMOOTHING * (rows - self._cost_rows)
 
     def _answer(
         self,
@@ -519,7 +604,9 @@ class Batcher(Generic[Item, Result]):
         pending.timings.batch_size = size
         if not pending.future.done():
             pending.future.set_result(results)
-        elif self.on_abandoned is not None:
+            return
+        self._gave_up()
+        if self.on_abandoned is not None:
             self.on_abandoned(pending.rows)
 
     @staticmethod

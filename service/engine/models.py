@@ -18,7 +18,7 @@ from model.preprocessing import Preprocessor, load_tokenizer
 from service.engine.batcher import Batcher
 from service.engine.pipeline import PIPELINES, Pipeline
 from service.observability import Metrics
-from service.runtime import create_runtime
+from service.runtime import create_runtime, inference_workers
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -94,7 +94,8 @@ def load_model(slot: ModelSlot, settings: Settings, metrics: Metrics) -> float |
         return None
     slot.pipeline = pipeline
     slot.provider = pipeline.runtime.provider
-    slot.executor = ThreadPoolExecutor(1, thread_name_prefix=f"imm-{task}-inference")
+    workers = inference_workers(settings) if pipeline.runtime.concurrent_calls else 1
+    slot.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"imm-{task}-inference")
     slot.batcher = Batcher(
         pipeline.run_batch,
         slot.executor,
@@ -103,19 +104,23 @@ def load_model(slot: ModelSlot, settings: Settings, metrics: Metrics) -> float |
         max_queue=settings.max_queue,
         order=settings.queue_order,
         lifo_after_s=settings.lifo_after_ms / 1000,
+        workers=workers,
+        overload_wait_s=settings.overload_wait_ms / 1000,
+        overload_after_s=settings.overload_after_ms / 1000,
         on_batch=lambda rows, _seconds: metrics.observe_batch(task, rows),
         on_drop=lambda reason, rows: metrics.dropped.labels(task, reason).inc(),
         on_abandoned=lambda rows: metrics.abandoned_rows.labels(task).inc(rows),
         name=f"{task}-batcher",
     )
     log.info(
-        "%s model %s loaded from %s in %.2f s (warm-up %.2f s), running on %s",
+        "%s model %s loaded from %s in %.2f s (warm-up %.2f s), running on %s, %d call(s) at once",
         task.upper(),
         pipeline.name,
         path,
         time.perf_counter() - started,
         warmup_s,
         slot.provider,
+        workers,
     )
     return time.perf_counter() - started
 
