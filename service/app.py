@@ -42,21 +42,27 @@ Multimodal named entity recognition and relation extraction on tweets (IMM), ser
 
 
 class ServiceApp(FastAPI):
-    """FastAPI with the service's own ASGI layers (``outer_middleware``: request context, then the
-    guard) outside FastAPI's whole stack: a request refused before its body (401, 413, an early
-    503) costs those two layers only, not FastAPI's error, telemetry, body-limit and routing layers
-    (measured under overload, where refusals outnumber answers)."""
+    """FastAPI with the service's own ASGI layers (the guard, the request context) outside FastAPI's
+    whole stack: a request refused before its body (401, 413, an early 503) costs those layers only,
+    not FastAPI's error, telemetry, body-limit and routing layers (under overload refusals outnumber
+    answers)."""
 
-    outer_middleware: list[tuple[type, dict[str, Any]]] = []
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._outer_middleware: list[tuple[type, dict[str, Any]]] = []
+
+    def add_outer_middleware(self, layer: type, **options: Any) -> None:
+        """Wraps everything added so far, ``add_middleware``'s layers and FastAPI's own included."""
+        self._outer_middleware.append((layer, options))
 
     def build_middleware_stack(self) -> ASGIApp:
         app = super().build_middleware_stack()
-        for layer, options in reversed(self.outer_middleware):
+        for layer, options in self._outer_middleware:
             app = layer(app, **options)
         return app
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> ServiceApp:
     """A new app for ``settings`` (default: from the environment), serving ``engine`` (default: a new
     one for the settings, started and closed with the app; models load when it starts)."""
     settings = settings or (engine.settings if engine is not None else Settings())
@@ -96,23 +102,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     auth = [Depends(HTTPBearer(auto_error=False))] if api_key else []
     app.include_router(inference, dependencies=auth)
     app.include_router(operations)
-    app.outer_middleware = [
-        (
-            RequestContextMiddleware,
-            {"metrics": engine.metrics, "endpoints": (*INFERENCE_ENDPOINTS, "/health", "/ready", "/metrics")},
-        ),
-        (
-            GuardMiddleware,
-            {
-                "paths": INFERENCE_ENDPOINTS,
-                "max_body_bytes": settings.max_upload_bytes,
-                "api_key": api_key,
-                "body_timeout_s": settings.body_timeout_s,
-                "retry_after_s": settings.retry_after_s,
-                "admit": lambda path, deadline: engine.admit(MODELS_OF_PATH[path], deadline),
-            },
-        ),
-    ]
+    app.add_outer_middleware(
+        GuardMiddleware,
+        paths=INFERENCE_ENDPOINTS,
+        max_body_bytes=settings.max_upload_bytes,
+        api_key=api_key,
+        body_timeout_s=settings.body_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        admit=lambda path, deadline: engine.admit(MODELS_OF_PATH[path], deadline),
+    )
+    app.add_outer_middleware(
+        RequestContextMiddleware,
+        metrics=engine.metrics,
+        endpoints=(*INFERENCE_ENDPOINTS, "/health", "/ready", "/metrics"),
+    )
     install_docs(app, favicon_url="/static/favicon.svg")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -173,7 +173,7 @@ def replica_app(settings: Settings) -> FastAPI:
             yield lifespan_state
 
     app.router.lifespan_context = lifespan_until_loaded
-    app.add_middleware(ReplicaHeaders)
+    app.add_outer_middleware(ReplicaHeaders)  # outside the request context, which adds the id
     return app
 
 
