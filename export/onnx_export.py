@@ -521,9 +521,11 @@ def _build_graph(
 ) -> tuple[Path, dict[str, Any]]:
     """The final graph file in ``work`` and what the manifest records about it.
 
-    fp32: the exported graph. int8: its weights int8 (``export.quantize``). fp16: converted to
-    fp16 with fp32 inputs and outputs, if it stays within ``FP16_TOLERANCE``. Every bundle also
-    gets its ``weights`` table (``export.weights``), checked by rebuilding the model from it.
+    fp32: the exported graph. int8: integer MatMuls with per-row activation scales; int8-weight-only:
+    its weights int8 (``export.quantize``). fp16: converted to fp16 with fp32 inputs and outputs, if
+    it stays within ``FP16_TOLERANCE``. Every bundle also gets its ``weights`` table
+    (``export.weights``), checked by rebuilding the model from it. An int8 graph is checked by how
+    many decoded labels it keeps.
     """
     from export import quantize
     from export.weights import apply_quantization, find_weights
@@ -556,18 +558,19 @@ def _build_graph(
     elif precision == "int8":
         final = work / "int8.onnx"
         weights = apply_quantization(
-            weights, rewrite("int8 quantization", quantize.quantize_int8, raw, final)
+            weights, rewrite("int8 quantization", quantize.quantize_per_row, raw, final)
         )
-        int8_parity = compare(final, task, batches, references, crf)
-        if not np.isfinite(int8_parity.max_abs):
-            raise ExportError("the int8 graph produces non-finite outputs")
-        if int8_parity.label_agreement < INT8_MIN_AGREEMENT:
-            say(
-                f"warning: int8 keeps {int8_parity.label_agreement:.1%} of the labels on the sample inputs "
-                f"(< {INT8_MIN_AGREEMENT:.0%}); check its dev score before serving it"
-            )
-        details["parity"] = int8_parity.to_dict() | {"min_agreement_warning": INT8_MIN_AGREEMENT}
-        details["quantization"] = quantize.INT8_SETTINGS
+        twin = work / "int8-float-activations.onnx"
+        quantize.float_activation_twin(raw, twin)
+        details |= _int8_parity(final, task, batches, references, crf, say)
+        details["quantization"] = quantize.PER_ROW_SETTINGS
+    elif precision == "int8-weight-only":
+        final = work / "int8.onnx"
+        weights = apply_quantization(
+            weights, rewrite("int8 quantization", quantize.quantize_weight_only, raw, final)
+        )
+        details |= _int8_parity(final, task, batches, references, crf, say)
+        details["quantization"] = quantize.WEIGHT_ONLY_SETTINGS
     else:
         final = work / "fp16.onnx"
         rewrite("fp16 conversion", quantize.convert_fp16, raw, final)
@@ -579,7 +582,8 @@ def _build_graph(
             )
         details["parity"] = half_parity.to_dict() | {"tolerance": tolerance}
     details["weights"] = weights
-    _check_weights(model, final, weights, batches, crf, visual, tolerance)
+    # A per-row int8 graph's activations are integers: its fp32-activation twin has the same weights.
+    _check_weights(model, twin if precision == "int8" else final, weights, batches, crf, visual, tolerance)
     return final, details
 
 
@@ -624,6 +628,26 @@ def _check_weights(
             f"the bundle's weights table does not rebuild the model (max abs difference {parity.max_abs:.3g} "
             f"> {tolerance:.3g}; parameters not found in the graph: {', '.join(missing[:8]) or 'none'})"
         )
+
+
+def _int8_parity(
+    graph: Path,
+    task: str,
+    batches: Sequence[dict[str, np.ndarray]],
+    references: Sequence[np.ndarray],
+    crf: dict[str, np.ndarray] | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """An int8 graph against PyTorch on the sample batches: finite, and how many labels it keeps."""
+    parity = compare(graph, task, batches, references, crf)
+    if not np.isfinite(parity.max_abs):
+        raise ExportError("the int8 graph produces non-finite outputs")
+    if parity.label_agreement < INT8_MIN_AGREEMENT:
+        say(
+            f"warning: int8 keeps {parity.label_agreement:.1%} of the labels on the sample inputs "
+            f"(< {INT8_MIN_AGREEMENT:.0%}); check its dev score before serving it"
+        )
+    return {"parity": parity.to_dict() | {"min_agreement_warning": INT8_MIN_AGREEMENT}}
 
 
 def _first_line(error: BaseException) -> str:

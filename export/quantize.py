@@ -1,30 +1,36 @@
 """Graph-level precision steps on an exported fp32 graph.
 
-- ``quantize_int8``: weight-only int8. Every MatMul and Conv weight becomes int8 with one fp32
-  scale per output channel, read through a standard ``DequantizeLinear``; embedding tables are
-  int8 with one scale per row. Activations stay fp32, so an example's answer never depends on
-  the other examples of its batch (dynamic quantisation scales activations over the whole batch,
-  pads included: valid F1 moved by up to 1.2 points between batch sizes 1, 16 and 64) nor on the
-  CPU's integer kernels (u8s8 products saturate without AVX-512 VNNI). ONNX Runtime folds the
-  dequantisation into fp32 weights when the session is made (``export.bundle.session_options``
-  disables the QDQ fusions that would otherwise keep it per run): the file is a quarter of fp32's
-  size and the compute is fp32's.
+- ``quantize_per_row`` (``--precision int8``, the default int8): integer MatMuls with one scale per
+  row of each activation (per token) computed from that row alone at run time, and int8 weights
+  with one scale per output channel. A row's scale depends on nothing else in the batch, so an
+  example's answer is the same alone and beside any batch-mates, bit for bit; the integer products
+  are exact, and with 7-bit weights they are the same on every x86 CPU (see the function).
+- ``quantize_weight_only`` (``--precision int8-weight-only``): every MatMul and Conv weight becomes
+  int8 with one fp32 scale per output channel, read through a standard ``DequantizeLinear``;
+  activations and compute stay fp32. ONNX Runtime folds the dequantisation into fp32 weights when
+  the session is made (``export.bundle.session_options`` disables the QDQ fusions that would
+  otherwise keep it per run): a quarter of fp32's size, fp32's speed and numbers.
+- Both store embedding tables as int8 with one scale per row (``quantize_embedding_rows``), and
+  leave the classifier (the CRF's emissions, the relation logits) in fp32.
 - ``convert_fp16``: fp16 weights and compute, with fp32 inputs and outputs so that the server's
   arrays and the manifest's input types do not change with the precision.
 
+Measured and not offered (docs/export.md): dynamic int8 (one activation scale per run over the
+whole batch, pads included: valid F1 moved by up to 1.2 points between batch sizes 1, 16 and 64);
+static int8 (QDQ, activation scales calibrated once on 512 training tweets: batch-independent and
+fast, but 1.6 to 2.5 points of valid F1 lost on NER and 1.5 on RE, 0.5 to 1.1 still with the
+worst-fitting layers kept in float); ONNX Runtime's 8-bit ``MatMulNBits`` (no faster than fp32
+here); its offline transformer fusions (slower on this graph).
+
 None of the steps renames or fuses the parameters' initializers beyond what the manifest's
 ``weights`` table records (``export.weights``), so the PyTorch runtime reads the same tensors.
-Measured on the MiniLM NER graph, 1 thread of an AVX-512 VNNI Xeon, batch 16 with pictures:
-fp32 as exported 242 ms, after ONNX Runtime's offline transformer fusions 273 ms (so they are not
-used), weight-only int8 244 ms, ORT's dynamic int8 158 ms (batch-dependent, see above), ORT's
-8-bit MatMulNBits 273 ms.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +38,36 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["INT8_SETTINGS", "convert_fp16", "quantize_embedding_rows", "quantize_int8", "quantize_weights"]
+__all__ = [
+    "PER_ROW_SETTINGS",
+    "PER_ROW_WEIGHT_BITS",
+    "WEIGHT_ONLY_SETTINGS",
+    "convert_fp16",
+    "float_activation_twin",
+    "quantize_embedding_rows",
+    "quantize_per_row",
+    "quantize_weight_only",
+    "quantize_weights",
+]
 
-# Recorded in the manifest of every int8 bundle.
-INT8_SETTINGS: dict[str, Any] = {
+# Recorded in the manifest (``quantization``) of every int8 bundle.
+PER_ROW_SETTINGS: dict[str, Any] = {
+    "method": "int8 with per-row activation scales: MatMulInteger of uint8 rows and int8 weights",
+    "activations": "uint8 around 128, one scale per row (token), max |row| / 127, computed at run time",
+    "weights": "MatMul weights: 7-bit symmetric int8, one fp32 scale per output channel; Conv "
+    "weights: int8, weight-only",
+    "float": "LayerNorm, Softmax, GELU, attention products, residual additions, the classifier",
+    "embeddings": "int8, one fp32 scale per row (Gathers of tables of >= 1024 rows)",
+    "batch_independent": True,
+}
+WEIGHT_ONLY_SETTINGS: dict[str, Any] = {
     "method": "weight-only int8: DequantizeLinear of symmetric int8 weights, fp32 activations and compute",
     "weights": "MatMul and Conv weights, one fp32 scale per output channel",
     "embeddings": "int8, one fp32 scale per row (Gathers of tables of >= 1024 rows)",
     "batch_independent": True,
 }
+#: ``quantize_per_row``'s weights: 7 bits keep AVX2's saturating u8 x s8 pair sums exact.
+PER_ROW_WEIGHT_BITS = 7
 _MIN_EMBEDDING_ROWS = 1024
 
 _NOISY_LOGGERS = ("onnxruntime", "onnx_model", "fusion_base", "fusion_utils", "root")
@@ -60,23 +87,158 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def quantize_int8(source: Path, target: Path) -> dict[str, dict[str, Any]]:
+def quantize_weight_only(source: Path, target: Path) -> dict[str, dict[str, Any]]:
     """Weight-only int8 (see the module's docstring); returns what ``quantize_weights`` and
     ``quantize_embedding_rows`` replaced, for the manifest's ``weights`` table."""
     model = onnx.load(str(source))
-    replaced = quantize_weights(model)
+    replaced = quantize_weights(model, skip=_classifier_nodes(model))
     replaced.update(quantize_embedding_rows(model))
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
     return replaced
 
 
+def quantize_per_row(
+    source: Path, target: Path, weight_bits: int = PER_ROW_WEIGHT_BITS
+) -> dict[str, dict[str, Any]]:
+    """Int8 with per-row activation scales (``--precision int8``; see the module's docstring).
+
+    Every MatMul with a weight (the classifier excepted) becomes: the scale of each row of its input
+    (one token: ``max |x| / 127`` over that token's features), the row quantized to uint8 around
+    128, ``MatMulInteger`` against int8 weights with one scale per output channel (``weight_bits``:
+    7 keeps every pair of u8 x s8 products below the int16 that AVX2's ``vpmaddubsw`` saturates at,
+    so the integer results are the same on every x86 CPU; 8 is exact only with VNNI), then the int32
+    products times both scales. An input shared by several MatMuls (a token's query, key and value)
+    is quantized once. Conv weights (the patch projection) are weight-only int8, embedding tables
+    int8 per row. Returns what was replaced, for the manifest's ``weights`` table.
+    """
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, not {weight_bits}")
+    limit = 2 ** (weight_bits - 1) - 1
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    excluded = set(_classifier_nodes(model))
+    constants = {
+        "per_row_127": np.array(127.0, dtype=np.float32),
+        "per_row_tiny": np.array(1e-12, dtype=np.float32),
+        "per_row_one": np.array(1.0, dtype=np.float32),
+        "per_row_zero_point": np.array(128, dtype=np.uint8),
+        "per_row_weight_zero_point": np.array(0, dtype=np.int8),
+    }
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    rows: dict[str, tuple[str, str]] = {}  # an input -> its uint8 rows and their scales
+    replaced: dict[str, dict[str, Any]] = {}
+    nodes = []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if (
+            weight is None
+            or node.name in excluded
+            or weight.data_type != onnx.TensorProto.FLOAT
+            or len(weight.dims) != 2
+        ):
+            nodes.append(node)
+            continue
+        source_name = node.input[0]
+        if source_name not in rows:
+            p = f"per_row_{len(rows)}"
+            nodes += [
+                helper.make_node("Abs", [source_name], [f"{p}_abs"], name=f"{p}_abs"),
+                helper.make_node(
+                    "ReduceMax", [f"{p}_abs"], [f"{p}_peak"], name=f"{p}_peak", axes=[-1], keepdims=1
+                ),
+                helper.make_node("Max", [f"{p}_peak", "per_row_tiny"], [f"{p}_nonzero"], name=f"{p}_nonzero"),
+                helper.make_node("Div", [f"{p}_nonzero", "per_row_127"], [f"{p}_scale"], name=f"{p}_scale"),
+                helper.make_node(
+                    "Div", ["per_row_127", f"{p}_nonzero"], [f"{p}_inverse"], name=f"{p}_inverse"
+                ),
+                helper.make_node("Mul", [source_name, f"{p}_inverse"], [f"{p}_scaled"], name=f"{p}_scaled"),
+                helper.make_node(
+                    "QuantizeLinear",
+                    [f"{p}_scaled", "per_row_one", "per_row_zero_point"],
+                    [f"{p}_uint8"],
+                    name=f"{p}_uint8",
+                ),
+            ]
+            rows[source_name] = (f"{p}_uint8", f"{p}_scale")
+        quantized_rows, row_scales = rows[source_name]
+        if weight.name not in replaced:
+            values = numpy_helper.to_array(weight)
+            scales = (np.abs(values).max(axis=0) / np.float32(limit)).astype(np.float32)
+            scales[scales == 0] = 1.0
+            integers = np.clip(np.rint(values / scales), -limit, limit).astype(np.int8)
+            entry = {"tensor": f"{weight.name}_int8", "scale": f"{weight.name}_scale", "axis": 1}
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(integers, entry["tensor"]),
+                    numpy_helper.from_array(scales, entry["scale"]),
+                ]
+            )
+            replaced[weight.name] = entry
+        entry = replaced[weight.name]
+        p = node.name or node.output[0]
+        nodes += [
+            helper.make_node(
+                "MatMulInteger",
+                [quantized_rows, entry["tensor"], "per_row_zero_point", "per_row_weight_zero_point"],
+                [f"{p}_int32"],
+                name=f"{p}_integer",
+            ),
+            helper.make_node(
+                "Cast", [f"{p}_int32"], [f"{p}_float"], name=f"{p}_float", to=onnx.TensorProto.FLOAT
+            ),
+            helper.make_node("Mul", [f"{p}_float", row_scales], [f"{p}_rows"], name=f"{p}_rows"),
+            helper.make_node("Mul", [f"{p}_rows", entry["scale"]], [node.output[0]], name=f"{p}_columns"),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph, set(replaced))
+    replaced.update(quantize_weights(model, skip=excluded))  # Conv weights: weight-only
+    replaced.update(quantize_embedding_rows(model))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+    return replaced
+
+
+def _classifier_nodes(model: onnx.ModelProto) -> list[str]:
+    """The MatMuls that make the graph's outputs (the emissions' or logits' classifier), found by
+    walking back from the outputs through other ops: they stay in float, so the CRF and the
+    softmax read unrounded scores."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found, seen = [], set()
+    pending = [output.name for output in model.graph.output]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            found.append(node.name)
+            continue
+        pending.extend(node.input)
+    return found
+
+
 # Which input of an op holds its weight, and the weight's output-channel axis there.
 _WEIGHT_INPUTS = {"MatMul": (1, 1), "Conv": (1, 0)}
 
 
-def quantize_weights(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
-    """Puts every fp32 MatMul/Conv weight initializer behind ``DequantizeLinear(int8, scale, axis)``.
+def float_activation_twin(source: Path, target: Path, weight_bits: int = PER_ROW_WEIGHT_BITS) -> None:
+    """The fp32 graph at ``source`` with ``quantize_per_row``'s weights (the same int8 values and
+    scales, read through ``DequantizeLinear``) and fp32 activations: what a model rebuilt from a
+    per-row bundle's weights table computes, so the export can check that table exactly."""
+    model = onnx.load(str(source))
+    quantize_weights(model, skip=_classifier_nodes(model), weight_bits=weight_bits)
+    quantize_embedding_rows(model)
+    onnx.save(model, str(target))
+
+
+def quantize_weights(
+    model: onnx.ModelProto, skip: Collection[str] = (), weight_bits: int = 8
+) -> dict[str, dict[str, Any]]:
+    """Puts every fp32 MatMul/Conv weight initializer behind ``DequantizeLinear(int8, scale, axis)``
+    (but the weights of the nodes named in ``skip``).
 
     Symmetric scales ``max |channel| / 127`` per output channel (zero point 0): an error of at
     most half a step of each channel's own scale. Returns ``{old name: {"tensor", "scale", "axis"}}``.
@@ -86,7 +248,7 @@ def quantize_weights(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
     replaced: dict[str, dict[str, Any]] = {}
     dequantize_nodes = []
     for node in graph.node:
-        if node.op_type not in _WEIGHT_INPUTS:
+        if node.op_type not in _WEIGHT_INPUTS or node.name in skip:
             continue
         position, axis = _WEIGHT_INPUTS[node.op_type]
         name = node.input[position] if len(node.input) > position else ""
@@ -96,11 +258,12 @@ def quantize_weights(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
         if name not in replaced:
             values = numpy_helper.to_array(tensor)
             reduced = tuple(i for i in range(values.ndim) if i != axis)
-            scales = (np.abs(values).max(axis=reduced) / np.float32(127.0)).astype(np.float32)
+            limit = 2 ** (weight_bits - 1) - 1
+            scales = (np.abs(values).max(axis=reduced) / np.float32(limit)).astype(np.float32)
             scales[scales == 0] = 1.0
             shape = [1] * values.ndim
             shape[axis] = -1
-            quantized = np.clip(np.rint(values / scales.reshape(shape)), -127, 127).astype(np.int8)
+            quantized = np.clip(np.rint(values / scales.reshape(shape)), -limit, limit).astype(np.int8)
             entry = {"tensor": f"{name}_int8", "scale": f"{name}_scale", "axis": axis}
             graph.initializer.extend(
                 [

@@ -87,7 +87,7 @@ def config_pbtxt(manifest: dict[str, Any], name: str) -> str:
     """
     inputs = ",\n".join(_tensor_entry(item) for item in manifest["inputs"])
     outputs = ",\n".join(_tensor_entry(item) for item in manifest["outputs"])
-    kind = {"int8": "KIND_CPU", "fp16": "KIND_GPU"}.get(manifest["precision"])
+    kind = {"int8": "KIND_CPU", "int8-weight-only": "KIND_CPU", "fp16": "KIND_GPU"}.get(manifest["precision"])
     parts = [
         f"# {manifest['task'].upper()} model exported by `python -m export` ({manifest['precision']}, opset {manifest['opset']}).",
         "# Labels, CRF scores and preprocessing constants: manifest.json next to this file.",

@@ -528,7 +528,8 @@ def test_embedding_rows_are_int8_with_a_scale_each():
 
 
 def test_int8_answers_do_not_depend_on_the_batch(bundles, ner_model, ner_fixture_set):
-    """Weight-only int8: an example's emissions are the same alone and in any batch (pads included)."""
+    """Per-row int8: an example's emissions are the same alone and in any batch (pads included), bit
+    for bit: each row's activation scale is its own."""
     _, preprocessor = ner_model
     bundle = load_bundle(bundles["ner-int8"])
     runner = session(bundle)
@@ -539,7 +540,41 @@ def test_int8_answers_do_not_depend_on_the_batch(bundles, ner_model, ner_fixture
         alone = preprocessor.collate(texts[row : row + 1], images[row : row + 1])
         (single,) = runner.run(["emissions"], {name: alone[name] for name in bundle.input_names})
         words = texts[row].num_words
-        np.testing.assert_allclose(batched[row, :words], single[0, :words], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(batched[row, :words], single[0, :words])
+
+
+def test_int8_runs_integer_matmuls_and_weight_only_int8_stays_available(
+    tmp_path, bundles, trained_ner_checkpoint, ner_model, ner_fixture_set
+):
+    """``int8``: every MatMul with a weight but the classifier is a MatMulInteger fed by its input
+    quantized row by row; ``int8-weight-only``: fp32 MatMuls behind DequantizeLinear. Both keep the
+    labels of each other."""
+    _, preprocessor = ner_model
+    per_row = load_bundle(bundles["ner-int8"])
+    weight_only = load_bundle(export_bundle(trained_ner_checkpoint, tmp_path / "wo", "int8-weight-only"))
+    assert weight_only.precision == "int8-weight-only"
+    assert per_row.manifest["quantization"]["activations"].startswith("uint8")
+    graphs = {
+        name: onnx.load(str(bundle.model_path)).graph
+        for name, bundle in (("per_row", per_row), ("wo", weight_only))
+    }
+    constants = {name: {t.name for t in graph.initializer} for name, graph in graphs.items()}
+    float_matmuls = [
+        node.name
+        for node in graphs["per_row"].node
+        if node.op_type == "MatMul" and node.input[1] in constants["per_row"]
+    ]
+    assert float_matmuls == ["/classifier/MatMul"]
+    assert sum(node.op_type == "MatMulInteger" for node in graphs["per_row"].node) >= 6
+    assert not [node for node in graphs["wo"].node if node.op_type == "MatMulInteger"]
+    texts, images = ner_fixture_set
+    labels = {}
+    for name, bundle in (("per_row", per_row), ("wo", weight_only)):
+        runner = session(bundle)
+        batch = preprocessor.collate(texts[:16], images[:16])
+        (emissions,) = runner.run(["emissions"], {key: batch[key] for key in bundle.input_names})
+        labels[name] = emissions.argmax(-1)[batch["word_mask"]]
+    assert (labels["per_row"] == labels["wo"]).mean() >= 0.98
 
 
 def test_weights_table_rebuilds_the_model(bundles, ner_model):
@@ -558,7 +593,8 @@ def test_weights_table_rebuilds_the_model(bundles, ner_model):
             entry = bundle.manifest["weights"][key]
             if "row" in entry:  # only the row the graph reads
                 expected = np.where(np.arange(len(expected))[:, None] == entry["row"], expected, 0)
-            bound = {"ner-fp32": 0.0, "ner-int8": np.abs(expected).max() / 127 / 2 + 1e-7}.get(
+            # int8: half a step of 7-bit MatMul weights (Conv weights and embedding rows: 8-bit)
+            bound = {"ner-fp32": 0.0, "ner-int8": np.abs(expected).max() / 63 / 2 + 1e-7}.get(
                 name, 1e-3 * max(1.0, float(np.abs(expected).max()))
             )
             assert np.abs(value - expected).max() <= bound, (name, key)
