@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m export", description="Export an IMM checkpoint to an ONNX serving bundle."
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (written by model.train)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory (written by model.train)")
+    source.add_argument(
+        "--from-bundle",
+        metavar="BUNDLE",
+        help="re-export a bundle from its own weights (at another precision, or with this version's "
+        "graph) when its checkpoint is not at hand; an int8 bundle gives its int8-rounded weights",
+    )
     parser.add_argument(
         "--out", required=True, help="bundle directory to write (replaced if it holds a bundle)"
     )
@@ -58,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, source: str | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        if args.from_bundle is not None:
+            return _from_bundle(args)
         # Cheap checks first: a wrong path should not wait for torch to import.
         check_export_arguments(
             Path(args.checkpoint),
@@ -82,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opset=args.opset,
             triton_dir=args.triton,
             name=args.name,
+            source=source,
             log=lambda message: print(
                 message, file=sys.stderr if message.startswith("warning") else sys.stdout
             ),
@@ -98,6 +108,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return INTERNAL_ERROR
     return 0
+
+
+def _from_bundle(args: argparse.Namespace) -> int:
+    """``--from-bundle``: the bundle's weights as a temporary checkpoint, exported as usual."""
+    import tempfile
+
+    from export.bundle import load_bundle
+
+    bundle = load_bundle(args.from_bundle)  # a BundleError names what is wrong with it
+    from export.onnx_export import checkpoint_from_bundle
+
+    with tempfile.TemporaryDirectory(prefix="imm-from-bundle-") as work:
+        checkpoint = checkpoint_from_bundle(bundle.directory, Path(work) / bundle.directory.name)
+        forwarded = [
+            "--checkpoint", str(checkpoint), "--out", args.out, "--precision", args.precision,
+            "--name", args.name or bundle.manifest["model_name"],
+            *(["--opset", str(args.opset)] if args.opset is not None else []),
+            *(["--triton", args.triton] if args.triton else []),
+        ]  # fmt: skip
+        return main(forwarded, source=f"bundle {bundle.directory} ({bundle.name})")
 
 
 def _one_line(error: BaseException) -> str:

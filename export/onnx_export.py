@@ -75,6 +75,7 @@ __all__ = [
     "sample_batches",
     "sample_image",
     "sample_vocabulary",
+    "checkpoint_from_bundle",
     "visual_stream",
 ]
 
@@ -406,9 +407,11 @@ def export_bundle(
     triton_dir: str | Path | None = None,
     *,
     name: str | None = None,
+    source: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Exports a checkpoint into a bundle at ``out_dir`` (and a Triton model under ``triton_dir``).
+    """Exports a checkpoint into a bundle at ``out_dir`` (and a Triton model under ``triton_dir``);
+    ``source`` names where the checkpoint came from when it is a temporary one (``--from-bundle``).
 
     Everything is checked before anything is written; the bundle is built in a hidden sibling
     directory and renamed into place, so a failure leaves nothing at ``out_dir``. An existing
@@ -470,7 +473,7 @@ def export_bundle(
                 "visual_stream": visual,
                 "visual_training": training,
                 "source": {
-                    "checkpoint": str(checkpoint_dir.resolve()),
+                    "checkpoint": source or str(checkpoint_dir.resolve()),
                     "backbone": model.config.backbone,
                     "config": model.config.to_dict(),
                 },
@@ -487,7 +490,7 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     say(
-        f"exported {checkpoint_dir} -> {out_dir} ({precision}, {(out_dir / MODEL_FILE).stat().st_size / 1e6:.1f} MB"
+        f"exported {source or checkpoint_dir} -> {out_dir} ({precision}, {(out_dir / MODEL_FILE).stat().st_size / 1e6:.1f} MB"
         f"{', Triton model ' + str(triton_model) if triton_model else ''}) in {time.perf_counter() - started:.1f} s"
     )
     return out_dir
@@ -606,6 +609,42 @@ def rebuild_model(
         )
     model.load_state_dict(values, strict=False)
     return model
+
+
+def checkpoint_from_bundle(bundle_dir: str | Path, directory: str | Path) -> Path:
+    """Writes a checkpoint into ``directory`` rebuilt from a bundle's own weights (its weights table
+    and CRF scores), tokenizer, configuration, dev scores and visual-training record: a bundle
+    re-exported from it (``python -m export --from-bundle``) has the same weights, at another
+    precision or in another graph version. An int8 bundle gives its dequantised weights."""
+    from export.bundle import load_bundle
+    from model.checkpoint import write_checkpoint
+    from model.preprocessing import load_tokenizer
+
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    if "weights" not in manifest or "source" not in manifest:
+        raise ExportError(
+            f"bundle {bundle.directory} has no weights table (exported before it existed): re-export it "
+            "from its checkpoint"
+        )
+    config = IMMConfig.from_dict(manifest["source"]["config"])
+    model = rebuild_model(config, bundle.model_path, manifest["weights"])
+    if bundle.crf is not None:  # outside the graph: in the manifest
+        with torch.no_grad():
+            for key, value in bundle.crf.items():
+                getattr(model.head.crf, key).copy_(torch.from_numpy(value))
+    preprocessor = Preprocessor(bundle.preprocessing, load_tokenizer(bundle.tokenizer_path))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(
+        directory,
+        model,
+        preprocessor,
+        training_args={"from_bundle": str(bundle.directory), "bundle": bundle.name},
+        scores=manifest.get("scores", {}),
+        visual_training=manifest["visual_training"],
+    )
+    return directory
 
 
 def _check_weights(

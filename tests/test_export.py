@@ -412,6 +412,29 @@ def test_a_failed_export_leaves_nothing(capsys, monkeypatch, tmp_path, trained_n
     assert not (tmp_path / "triton").exists()
 
 
+def test_a_bundle_reexported_from_its_own_weights_answers_as_it_did(
+    capsys, tmp_path, bundles, ner_model, ner_fixture_set
+):
+    """``--from-bundle``: the weights table, the CRF scores, the tokenizer and the record of how the
+    model was trained make the checkpoint again; its fp32 export computes what the bundle did."""
+    _, preprocessor = ner_model
+    first = load_bundle(bundles["ner-fp32"])
+    code, err = run_cli(capsys, "--from-bundle", str(first.directory), "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    again = load_bundle(tmp_path / "again")
+    for key in ("crf", "labels", "scores", "visual_training", "model_name", "preprocessing"):
+        assert again.manifest[key] == first.manifest[key], key
+    assert str(first.directory) in again.manifest["source"]["checkpoint"]
+    feed = batches(preprocessor, ner_fixture_set, 8)[0]
+    first_out, again_out = (
+        session(bundle).run(["emissions"], {name: feed[name] for name in bundle.input_names})[0]
+        for bundle in (first, again)
+    )
+    np.testing.assert_allclose(first_out, again_out, rtol=0, atol=1e-5)
+    code, err = run_cli(capsys, "--from-bundle", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
+    assert code == 2 and err.count("\n") == 1 and "not a directory" in err
+
+
 def test_reexport_replaces_a_bundle(capsys, tmp_path, bundles, trained_re_checkpoint):
     out = Path(shutil.copytree(bundles["re-fp32"], tmp_path / "re"))
     args = (
