@@ -89,7 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=os.cpu_count(), help="intra-op threads, for every backend"
     )
     parser.add_argument(
-        "--precisions", nargs="*", default=["fp32", "int8"], help="ONNX precisions to time (none: sizes only)"
+        "--precisions",
+        nargs="*",
+        default=["fp32", "int8-weight-only", "int8"],
+        help="ONNX precisions to time (none: sizes only)",
     )
     parser.add_argument(
         "--size-precisions", nargs="+", default=["fp32", "int8", "fp16"], help="precisions to export and size"
@@ -240,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import onnxruntime as ort
     import torch
+    from limits import call_ops, peak_rates
 
-    from export.bundle import load_bundle
+    from export.bundle import load_bundle, session_options
     from export.onnx_export import INPUT_NAMES, export_bundle, graph_module
     from model.checkpoint import load_checkpoint
 
@@ -266,11 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         graph = graph_module(model)
         sessions = {}
         for precision in args.precisions:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = args.threads
+            # The server's options (weight-only int8's DequantizeLinear folded once, not per run).
             sessions[precision] = ort.InferenceSession(
-                str(bundles[precision].model_path), options, providers=["CPUExecutionProvider"]
+                str(bundles[precision].model_path),
+                session_options(args.threads),
+                providers=["CPUExecutionProvider"],
             )
+        peaks = peak_rates(args.threads)
+        print(f"peak on {args.threads} threads: {peaks}", file=sys.stderr)
+        work_per_call: dict[tuple[str, int], dict[str, float]] = {}
 
         results = []
         load_before = os.getloadavg()
@@ -291,13 +299,20 @@ def main(argv: list[str] | None = None) -> int:
                 runners[f"onnxruntime {precision}"] = lambda session=session, feeds=feeds: session.run(
                     None, feeds
                 )
+                work_per_call[(precision, batch_size)] = call_ops(bundles[precision].model_path, feeds)
             if not runners:
                 continue
             times = time_backends(
                 runners, args.warmup, args.iterations, args.rounds, args.max_seconds, args.min_iterations
             )
             for name, (wall, cpu) in times.items():
-                results.append({"backend": name, "batch_size": batch_size, **summarise(wall, cpu)})
+                row = {"backend": name, "batch_size": batch_size, **summarise(wall, cpu)}
+                precision = name.removeprefix("onnxruntime ")
+                if (precision, batch_size) in work_per_call:
+                    ops = work_per_call[(precision, batch_size)]
+                    row["gops"] = {kind: value / 1e9 for kind, value in ops.items()}
+                    row["achieved_gops_per_s"] = sum(ops.values()) / 1e9 / (row["p50_ms"] / 1000)
+                results.append(row)
             print(f"batch {batch_size} done", file=sys.stderr)
         load_after = os.getloadavg()
         other_share = None
@@ -350,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 "onnxruntime": ort.__version__,
             },
             "latency": results,
+            # The cores' rates in the same run (bench/limits.py): one large MatMul, fp32 and u8 x s8.
+            "peak_gops_per_s": peaks,
             "sizes": sizes,
             "dev": dev,
         }
@@ -396,6 +413,25 @@ def markdown(report: dict) -> str:
             f"{1000 * row['batch_size'] / row['p50_ms']:.0f} | "
             f"{relative} |"
         )
+    peaks = report.get("peak_gops_per_s")
+    if peaks:
+        lines += [
+            "",
+            f"The limit: one large MatMul on the same {settings['threads']} threads, in the same run, does "
+            f"{peaks['fp32']:.0f} GFLOP/s in fp32 and {peaks['int8']:.0f} GOP/s in uint8 x int8. A call's "
+            "work is its MatMuls' and Convs' multiply-adds x 2 (float + integer), at the p50 latency:",
+            "",
+            "| backend | batch | G(FL)OP per call (float + int8) | achieved G/s | of the fp32 peak | of the int8 peak |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in report["latency"]:
+            if "achieved_gops_per_s" not in row:
+                continue
+            rate, work = row["achieved_gops_per_s"], row["gops"]
+            lines.append(
+                f"| {row['backend']} | {row['batch_size']} | {work['float']:.2f} + {work['int8']:.2f} | "
+                f"{rate:.0f} | {rate / peaks['fp32']:.0%} | {rate / peaks['int8']:.0%} |"
+            )
     lines += [
         "",
         "| precision | model.onnx MB | bundle MB | visual stream | sample label agreement | sample max abs |",

@@ -105,12 +105,14 @@ def quantize_per_row(
 
     Every MatMul with a weight (the classifier excepted) becomes: the scale of each row of its input
     (one token: ``max |x| / 127`` over that token's features), the row quantized to uint8 around
-    128, ``MatMulInteger`` against int8 weights with one scale per output channel (``weight_bits``:
-    7 keeps every pair of u8 x s8 products below the int16 that AVX2's ``vpmaddubsw`` saturates at,
-    so the integer results are the same on every x86 CPU; 8 is exact only with VNNI), then the int32
-    products times both scales. An input shared by several MatMuls (a token's query, key and value)
-    is quantized once. Conv weights (the patch projection) are weight-only int8, embedding tables
-    int8 per row. Returns what was replaced, for the manifest's ``weights`` table.
+    128, ONNX Runtime's ``MatMulIntegerToFloat`` against int8 weights with one scale per output
+    channel (applied in the integer GEMM's epilogue), then the row's scale. ``weight_bits`` 7 keeps
+    every pair of u8 x s8 products below the int16 that AVX2's ``vpmaddubsw`` saturates at, so the
+    integer results are the same on every x86 CPU; 8 is exact only with VNNI. An input shared by
+    several MatMuls (a token's query, key and value) is quantized once. The patch projection (a
+    Conv whose stride is its kernel: non-overlapping patches) becomes the same integer product on
+    the patches' rows. Embedding tables are int8 per row. Returns what was replaced, for the
+    manifest's ``weights`` table.
     """
     if weight_bits not in (7, 8):
         raise ValueError(f"weight_bits must be 7 or 8, not {weight_bits}")
@@ -129,46 +131,59 @@ def quantize_per_row(
     graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
     rows: dict[str, tuple[str, str]] = {}  # an input -> its uint8 rows and their scales
     replaced: dict[str, dict[str, Any]] = {}
-    nodes = []
-    for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if (
-            weight is None
-            or node.name in excluded
-            or weight.data_type != onnx.TensorProto.FLOAT
-            or len(weight.dims) != 2
-        ):
-            nodes.append(node)
-            continue
-        source_name = node.input[0]
+    nodes: list[onnx.NodeProto] = []
+    shapes = _static_shapes(model)
+
+    def quantized_rows(source_name: str) -> tuple[str, str]:
         if source_name not in rows:
             p = f"per_row_{len(rows)}"
-            nodes += [
-                helper.make_node("Abs", [source_name], [f"{p}_abs"], name=f"{p}_abs"),
-                helper.make_node(
-                    "ReduceMax", [f"{p}_abs"], [f"{p}_peak"], name=f"{p}_peak", axes=[-1], keepdims=1
-                ),
-                helper.make_node("Max", [f"{p}_peak", "per_row_tiny"], [f"{p}_nonzero"], name=f"{p}_nonzero"),
-                helper.make_node("Div", [f"{p}_nonzero", "per_row_127"], [f"{p}_scale"], name=f"{p}_scale"),
-                helper.make_node(
-                    "Div", ["per_row_127", f"{p}_nonzero"], [f"{p}_inverse"], name=f"{p}_inverse"
-                ),
-                helper.make_node("Mul", [source_name, f"{p}_inverse"], [f"{p}_scaled"], name=f"{p}_scaled"),
-                helper.make_node(
-                    "QuantizeLinear",
-                    [f"{p}_scaled", "per_row_one", "per_row_zero_point"],
-                    [f"{p}_uint8"],
-                    name=f"{p}_uint8",
-                ),
-            ]
+            nodes.extend(
+                [
+                    # max |x| per row as max(max x, -min x): two reading passes, no |x| tensor written
+                    helper.make_node(
+                        "ReduceMax", [source_name], [f"{p}_top"], name=f"{p}_top", axes=[-1], keepdims=1
+                    ),
+                    helper.make_node(
+                        "ReduceMin", [source_name], [f"{p}_bottom"], name=f"{p}_bottom", axes=[-1], keepdims=1
+                    ),
+                    helper.make_node("Neg", [f"{p}_bottom"], [f"{p}_negated"], name=f"{p}_negated"),
+                    helper.make_node(
+                        "Max",
+                        [f"{p}_top", f"{p}_negated", "per_row_tiny"],
+                        [f"{p}_nonzero"],
+                        name=f"{p}_nonzero",
+                    ),
+                    helper.make_node(
+                        "Div", [f"{p}_nonzero", "per_row_127"], [f"{p}_scale"], name=f"{p}_scale"
+                    ),
+                    helper.make_node(
+                        "Div", ["per_row_127", f"{p}_nonzero"], [f"{p}_inverse"], name=f"{p}_inverse"
+                    ),
+                    helper.make_node(
+                        "Mul", [source_name, f"{p}_inverse"], [f"{p}_scaled"], name=f"{p}_scaled"
+                    ),
+                    helper.make_node(
+                        "QuantizeLinear",
+                        [f"{p}_scaled", "per_row_one", "per_row_zero_point"],
+                        [f"{p}_uint8"],
+                        name=f"{p}_uint8",
+                    ),
+                ]
+            )
             rows[source_name] = (f"{p}_uint8", f"{p}_scale")
-        quantized_rows, row_scales = rows[source_name]
+        return rows[source_name]
+
+    def integer_weight(weight: onnx.TensorProto, axis: int) -> dict[str, Any]:
+        """``weight`` as int8 with one scale per output channel (``axis``), stored once."""
         if weight.name not in replaced:
             values = numpy_helper.to_array(weight)
-            scales = (np.abs(values).max(axis=0) / np.float32(limit)).astype(np.float32)
+            reduced = tuple(i for i in range(values.ndim) if i != axis)
+            scales = (np.abs(values).max(axis=reduced) / np.float32(limit)).astype(np.float32)
             scales[scales == 0] = 1.0
-            integers = np.clip(np.rint(values / scales), -limit, limit).astype(np.int8)
-            entry = {"tensor": f"{weight.name}_int8", "scale": f"{weight.name}_scale", "axis": 1}
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            integers = np.clip(np.rint(values / scales.reshape(shape)), -limit, limit).astype(np.int8)
+            entry = {"tensor": f"{weight.name}_int8", "scale": f"{weight.name}_scale", "axis": axis}
             graph.initializer.extend(
                 [
                     numpy_helper.from_array(integers, entry["tensor"]),
@@ -176,29 +191,145 @@ def quantize_per_row(
                 ]
             )
             replaced[weight.name] = entry
-        entry = replaced[weight.name]
-        p = node.name or node.output[0]
-        nodes += [
-            helper.make_node(
-                "MatMulInteger",
-                [quantized_rows, entry["tensor"], "per_row_zero_point", "per_row_weight_zero_point"],
-                [f"{p}_int32"],
-                name=f"{p}_integer",
-            ),
-            helper.make_node(
-                "Cast", [f"{p}_int32"], [f"{p}_float"], name=f"{p}_float", to=onnx.TensorProto.FLOAT
-            ),
-            helper.make_node("Mul", [f"{p}_float", row_scales], [f"{p}_rows"], name=f"{p}_rows"),
-            helper.make_node("Mul", [f"{p}_rows", entry["scale"]], [node.output[0]], name=f"{p}_columns"),
-        ]
+        return replaced[weight.name]
+
+    def integer_product(source_name: str, weight_int8: str, scale: str, output: str, p: str) -> None:
+        """``output = source @ weight`` with ``source`` quantized by rows (``weight_int8``: (K, N))."""
+        uint8_rows, row_scales = quantized_rows(source_name)
+        nodes.extend(
+            [
+                # ONNX Runtime's integer GEMM, the columns' scales applied in its epilogue
+                helper.make_node(
+                    "MatMulIntegerToFloat",
+                    [
+                        uint8_rows,
+                        weight_int8,
+                        "per_row_one",
+                        scale,
+                        "per_row_zero_point",
+                        "per_row_weight_zero_point",
+                    ],
+                    [f"{p}_columns"],
+                    name=f"{p}_integer",
+                    domain="com.microsoft",
+                ),
+                helper.make_node("Mul", [f"{p}_columns", row_scales], [output], name=f"{p}_rows"),
+            ]
+        )
+
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        usable = (
+            weight is not None and weight.data_type == onnx.TensorProto.FLOAT and node.name not in excluded
+        )
+        if usable and node.op_type == "MatMul" and len(weight.dims) == 2:
+            entry = integer_weight(weight, axis=1)
+            integer_product(node.input[0], entry["tensor"], entry["scale"], node.output[0], node.name)
+        elif usable and node.op_type == "Conv" and _patch_projection(node, weight, shapes):
+            entry = integer_weight(weight, axis=0)
+            _conv_as_rows(node, weight, entry, integer_product, nodes, graph, shapes[node.input[0]][1:])
+        else:
+            nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused_initializers(graph, set(replaced))
-    replaced.update(quantize_weights(model, skip=excluded))  # Conv weights: weight-only
     replaced.update(quantize_embedding_rows(model))
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.checker.check_model(model)
     onnx.save(model, str(target))
     return replaced
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Each tensor's shape as ONNX's shape inference knows it (ints where static, else names)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    return shapes
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _patch_projection(node: onnx.NodeProto, weight: onnx.TensorProto, shapes: dict[str, list]) -> bool:
+    """A 2-D Conv over non-overlapping patches of an input of static channels, height and width that
+    the patches tile: stride = kernel, no padding, dilation or groups."""
+    if len(weight.dims) != 4:
+        return False
+    spatial = shapes.get(node.input[0], [None])[1:]
+    if len(spatial) != 3 or not all(isinstance(d, int) and d > 0 for d in spatial):
+        return False
+    if spatial[1] % weight.dims[2] or spatial[2] % weight.dims[3]:
+        return False
+    kernel = list(weight.dims[2:])
+    return (
+        list(_attribute(node, "strides", [1, 1])) == kernel
+        and not any(_attribute(node, "pads", [0, 0, 0, 0]))
+        and list(_attribute(node, "dilations", [1, 1])) == [1, 1]
+        and _attribute(node, "group", 1) == 1
+    )
+
+
+def _conv_as_rows(node, weight, entry, integer_product, nodes, graph, spatial) -> None:
+    """A patch projection (N, C, H, W) -> (N, O, H/k, W/k) as an integer product on the patches'
+    rows: (N, C, H, W) -> (N, H/k * W/k, C k k) @ (C k k, O) -> back to the Conv's layout.
+    ``spatial``: the input's static (C, H, W). Shapes keep the N axis by ``0`` (copy), never
+    ``-1``: N may be 0 (a batch without pictures)."""
+    out_channels, channels, kh, kw = weight.dims
+    _, height, width = spatial
+    rows_h, rows_w = height // kh, width // kw
+    p = node.name or node.output[0]
+    constants = {
+        f"{p}_patches": np.array([0, channels, rows_h, kh, rows_w, kw], dtype=np.int64),
+        f"{p}_rows": np.array([0, rows_h * rows_w, channels * kh * kw], dtype=np.int64),
+        f"{p}_kernel": np.array([out_channels, channels * kh * kw], dtype=np.int64),
+        f"{p}_image": np.array([0, out_channels, rows_h, rows_w], dtype=np.int64),
+    }
+    graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    nodes.extend(
+        [
+            helper.make_node("Reshape", [node.input[0], f"{p}_patches"], [f"{p}_split"], name=f"{p}_split"),
+            helper.make_node(
+                "Transpose", [f"{p}_split"], [f"{p}_ordered"], name=f"{p}_ordered", perm=[0, 2, 4, 1, 3, 5]
+            ),
+            helper.make_node(
+                "Reshape", [f"{p}_ordered", f"{p}_rows"], [f"{p}_patch_rows"], name=f"{p}_patch_rows"
+            ),
+            # (O, C, k, k) int8 -> (C k k, O): constant, folded once when the session is made
+            helper.make_node(
+                "Reshape", [entry["tensor"], f"{p}_kernel"], [f"{p}_kernel_rows"], name=f"{p}_kernel_rows"
+            ),
+            helper.make_node(
+                "Transpose",
+                [f"{p}_kernel_rows"],
+                [f"{p}_kernel_columns"],
+                name=f"{p}_kernel_columns",
+                perm=[1, 0],
+            ),
+        ]
+    )
+    projected = f"{p}_projected"
+    integer_product(f"{p}_patch_rows", f"{p}_kernel_columns", entry["scale"], projected, p)
+    if len(node.input) > 2 and node.input[2]:
+        nodes.append(helper.make_node("Add", [projected, node.input[2]], [f"{p}_biased"], name=f"{p}_biased"))
+        projected = f"{p}_biased"
+    nodes.extend(
+        [
+            helper.make_node(
+                "Transpose", [projected], [f"{p}_channels_first"], name=f"{p}_channels_first", perm=[0, 2, 1]
+            ),
+            helper.make_node(
+                "Reshape", [f"{p}_channels_first", f"{p}_image"], [node.output[0]], name=f"{p}_image"
+            ),
+        ]
+    )
 
 
 def _classifier_nodes(model: onnx.ModelProto) -> list[str]:

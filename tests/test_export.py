@@ -569,9 +569,9 @@ def test_int8_answers_do_not_depend_on_the_batch(bundles, ner_model, ner_fixture
 def test_int8_runs_integer_matmuls_and_weight_only_int8_stays_available(
     tmp_path, bundles, trained_ner_checkpoint, ner_model, ner_fixture_set
 ):
-    """``int8``: every MatMul with a weight but the classifier is a MatMulInteger fed by its input
-    quantized row by row; ``int8-weight-only``: fp32 MatMuls behind DequantizeLinear. Both keep the
-    labels of each other."""
+    """``int8``: every MatMul with a weight but the classifier, and the patch projection, is an integer
+    product (MatMulIntegerToFloat) of its input quantized row by row; ``int8-weight-only``: fp32
+    MatMuls behind DequantizeLinear. Both keep the labels of each other."""
     _, preprocessor = ner_model
     per_row = load_bundle(bundles["ner-int8"])
     weight_only = load_bundle(export_bundle(trained_ner_checkpoint, tmp_path / "wo", "int8-weight-only"))
@@ -588,8 +588,9 @@ def test_int8_runs_integer_matmuls_and_weight_only_int8_stays_available(
         if node.op_type == "MatMul" and node.input[1] in constants["per_row"]
     ]
     assert float_matmuls == ["/classifier/MatMul"]
-    assert sum(node.op_type == "MatMulInteger" for node in graphs["per_row"].node) >= 6
-    assert not [node for node in graphs["wo"].node if node.op_type == "MatMulInteger"]
+    assert sum(node.op_type == "MatMulIntegerToFloat" for node in graphs["per_row"].node) >= 6
+    assert not [node for node in graphs["per_row"].node if node.op_type == "Conv"]
+    assert not [node for node in graphs["wo"].node if node.op_type == "MatMulIntegerToFloat"]
     texts, images = ner_fixture_set
     labels = {}
     for name, bundle in (("per_row", per_row), ("wo", weight_only)):
