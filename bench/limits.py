@@ -3,7 +3,7 @@
 ``peak_rates(threads)`` times one large fp32 ``MatMul`` and one large ``MatMulInteger`` (uint8 x
 int8, the kernel the int8 bundles run) on ONNX Runtime, the same library and threads as the model,
 and returns their rates (GFLOP/s, GOP/s: a multiply-add counts 2). ``call_ops(model_path, feeds)``
-counts the multiply-adds of one call of a bundle's graph on ``feeds`` (every MatMul, MatMulInteger
+counts the multiply-adds of one call of a bundle's graph on ``feeds`` (every MatMul, integer MatMul
 and Conv, from the shapes the call really has), split into float and integer work.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-_MATMULS = ("MatMul", "MatMulInteger")
+_MATMULS = ("MatMul", "MatMulInteger", "MatMulIntegerToFloat")
+_INTEGER = ("MatMulInteger", "MatMulIntegerToFloat")
 
 
 def _session(model, threads: int):
@@ -82,8 +83,16 @@ def call_ops(model_path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, 
     wanted: dict[str, int] = {}  # the inputs whose shapes are needed, and their element types
     for node in model.graph.node:
         if node.op_type in (*_MATMULS, "Conv"):
-            kind = onnx.TensorProto.UINT8 if node.op_type == "MatMulInteger" else onnx.TensorProto.FLOAT
-            wanted |= {name: kind for name in node.input[:2] if name not in constants and name not in feeds}
+            kinds = (
+                (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+                if node.op_type in _INTEGER
+                else (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT)
+            )
+            wanted |= {
+                name: kind
+                for name, kind in zip(node.input[:2], kinds)
+                if name not in constants and name not in feeds
+            }
     declared = {output.name for output in model.graph.output}
     for name, kind in wanted.items():
         if name not in declared:
@@ -98,7 +107,7 @@ def call_ops(model_path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, 
         if node.op_type in _MATMULS:
             a, b = shapes[node.input[0]], shapes[node.input[1]]
             rows = float(np.prod(a[:-1]))  # every leading axis of A, broadcast batch axes included
-            ops["int8" if node.op_type == "MatMulInteger" else "float"] += 2 * rows * a[-1] * b[-1]
+            ops["int8" if node.op_type in _INTEGER else "float"] += 2 * rows * a[-1] * b[-1]
         elif node.op_type == "Conv":
             x, w = shapes[node.input[0]], shapes[node.input[1]]
             stride = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1, 1])
