@@ -6,11 +6,23 @@ Starlette reads a text field that does not decode in the request's charset (UTF-
 entities and offsets into a string the client never sent. ``StrictFormRoute`` (the app's route
 class, FastAPI's documented way to customise the request) parses forms with Starlette's own
 parsers, changed only there, and also refuses a multipart body that ends before its closing
-boundary (400) instead of reading it as a form with fields missing.
+boundary (400) instead of reading it as a form with fields missing, and a field sent more than once
+(422 naming it: Starlette would silently use the last).
+
+Uploads over 1 MB are spooled to the temporary directory while they are parsed: a disk that cannot
+take them (full, read-only) is a logged ``507`` (``503`` for other storage errors), not the 400
+"There was an error parsing the body" that FastAPI makes of any other error. And the bodies that a
+process receives at once are bounded in total (``IMM_MAX_UPLOADS_BYTES``, from their declared
+``Content-Length``, before one byte is read: ``UploadBudget``): beyond it, ``503`` with
+``Retry-After``, so that many slow uploads cannot fill the disk.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -22,6 +34,11 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser, parse_options_header
 
 from service.errors import FieldError
+
+log = logging.getLogger("service.errors")
+
+#: The errors of a disk that has no room left for an upload.
+_NO_SPACE = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
 
 
 def _decode(field: str, data: bytes, charset: str) -> str:
@@ -117,10 +134,85 @@ class StrictFormRequest(Request):
                 self._form = FormData()
             else:
                 try:
-                    self._form = await parser.parse()
+                    form = await parser.parse()
                 except MultiPartException as error:
                     raise HTTPException(status_code=400, detail=error.message) from None
+                except (TimeoutError, ConnectionError):
+                    raise
+                except OSError as error:  # spooling an upload to the temporary directory failed
+                    raise _storage_error(error) from None
+                await _refuse_repeated_fields(form)
+                self._form = form
         return self._form
+
+
+def _storage_error(error: OSError) -> HTTPException:
+    """The answer to an upload the server could not store (logged: it is the server's problem). The
+    connection stays open: the server reads the rest of the body (at most ``IMM_MAX_UPLOAD_BYTES``)
+    and throws it away, so that the client gets the answer rather than a reset."""
+    where = tempfile.gettempdir()
+    if error.errno in _NO_SPACE:
+        log.error(
+            "an upload could not be stored: no space left in the temporary directory %s (%s)", where, error
+        )
+        return HTTPException(
+            507,
+            "the server has no room to store the upload right now: retry later",
+            headers={"Retry-After": "5"},
+        )
+    log.error("an upload could not be stored in the temporary directory %s: %s", where, error)
+    return HTTPException(
+        503,
+        "the server could not store the upload: retry later",
+        headers={"Retry-After": "5"},
+    )
+
+
+async def _refuse_repeated_fields(form: FormData) -> None:
+    """A 422 naming the first field sent more than once (every field of the API takes one value)."""
+    counts = Counter(name for name, _ in form.multi_items())
+    repeated = [(name, count) for name, count in counts.items() if count > 1]
+    if repeated:
+        await form.close()
+        name, count = repeated[0]
+        message = f"{name} given {count} times: send each field once"
+        raise HTTPException(422, FieldError(name, message, "repeated_field").detail)
+
+
+class UploadBudget:
+    """The bytes of the request bodies that this process is receiving at once (declared by their
+    ``Content-Length``; a body without one counts as ``IMM_MAX_UPLOAD_BYTES``). A body that would
+    take the total past the limit is refused before it is read, unless no other is being received
+    (a limit below ``IMM_MAX_UPLOAD_BYTES`` then still lets one through at a time)."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+
+    def reserve(self, size: int, limit: int) -> bool:
+        if self.reserved and self.reserved + size > limit:
+            return False
+        self.reserved += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.reserved -= size
+
+
+#: This process's budget (one event loop receives every body of the process).
+UPLOADS = UploadBudget()
+
+
+def _declared_body(request: Request, settings: Any) -> int:
+    """The bytes the request's body will take: its ``Content-Length``, or at most the body limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            return max(0, int(declared))
+        except ValueError:
+            return 0  # the guard answers 400 before this
+    if "chunked" in request.headers.get("transfer-encoding", "").lower():
+        return settings.max_upload_bytes
+    return 0
 
 
 class StrictFormRoute(APIRoute):
@@ -130,6 +222,21 @@ class StrictFormRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict_form_handler(request: Request) -> Response:
-            return await handler(StrictFormRequest(request.scope, request.receive))
+            strict = StrictFormRequest(request.scope, request.receive)
+            engine = getattr(request.app.state, "engine", None)
+            settings = getattr(engine, "settings", None)
+            size = _declared_body(request, settings) if settings is not None else 0
+            if not size:
+                return await handler(strict)
+            if not UPLOADS.reserve(size, settings.max_uploads_bytes):
+                raise HTTPException(
+                    503,
+                    "too many uploads being received at once (IMM_MAX_UPLOADS_BYTES): retry later",
+                    headers={"Retry-After": str(max(1, settings.retry_after_s)), "Connection": "close"},
+                )
+            try:
+                return await handler(strict)
+            finally:
+                UPLOADS.release(size)
 
         return strict_form_handler

@@ -5,11 +5,16 @@ the same id is in the request's log line and in the body of a 500. Metrics live 
 their own per app, so several apps (tests) never collide in the global one. With several worker
 processes (``IMM_WORKERS``, ``PROMETHEUS_MULTIPROC_DIR`` set) prometheus-client keeps each
 process's values in files and ``Metrics.exposition`` adds them up: counters and histograms sum,
-the queue depth sums over live processes, readiness is the least ready process's.
+the queue depth sums over live processes, readiness is the least ready process's. The files are
+mapped into memory: ``reserve_multiprocess_files`` allocates a process's files before its first
+metric (a page that a full disk cannot back would kill the process with SIGBUS), and
+``remove_dead_processes`` drops the live gauges of a worker that was killed (SIGKILL, OOM) before
+it could drop them itself.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -17,6 +22,7 @@ import os
 import re
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,9 +32,11 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    values,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model.logs import JsonFormatter
 from service.errors import json_error_body
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -47,6 +55,16 @@ INFERENCE_ENDPOINTS = ("/ner", "/re", "/extract")
 # Latency buckets from 1 ms to 10 s: the stages span decode (sub-ms) to a full request under load.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: The files one process writes in multiprocess mode (prometheus-client names them
+#: ``<type>[_<gauge mode>]_<pid>.db``): one per metric type and gauge mode that ``Metrics`` uses.
+MULTIPROCESS_FILES = ("counter", "histogram", "gauge_livesum", "gauge_livemax", "gauge_livemin")
+#: Bytes allocated up front for each of them: prometheus-client grows a file (sparse) beyond its
+#: size, so this is ample for the service's bounded label sets (the histograms take ~70 KB).
+MULTIPROCESS_FILE_BYTES = 256 * 1024
+#: Why the server closed or refused a client connection (``imm_connections_dropped_total``).
+DROP_REASONS = ("idle_evicted", "idle_pressure", "refused", "head_timeout")
 
 
 class Metrics:
@@ -113,10 +131,29 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self.open_connections = Gauge(
+            "imm_open_connections",
+            "Open client connections (IMM_MAX_CONNECTIONS per process)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.connections_dropped = Counter(
+            "imm_connections_dropped",
+            "Client connections the server closed or refused for its limits: 'idle_evicted' (idle, closed "
+            "to make room at IMM_MAX_CONNECTIONS), 'idle_pressure' (idle past the keep-alive timeout "
+            "shortened near the limit), 'refused' (503 at the limit, none idle), 'head_timeout' (no "
+            "complete request head within IMM_HEADER_TIMEOUT_S)",
+            ["reason"],
+            registry=self.registry,
+        )
+        global _current
+        _current = self
 
     def exposition(self) -> bytes:
         """The text /metrics serves: this process's registry, or every worker's when there are several."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if directory:
+            remove_dead_processes(directory)
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
@@ -124,7 +161,7 @@ class Metrics:
 
     def process_exiting(self) -> None:
         """Drops this process's live gauges from the multiprocess files (a clean worker exit)."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(MULTIPROCESS_ENV):
             multiprocess.mark_process_dead(os.getpid())
 
     def observe_batch(self, model: str, rows: int) -> None:
@@ -134,6 +171,106 @@ class Metrics:
     def observe_stages(self, endpoint: str, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
             self.stage_seconds.labels(endpoint, stage).observe(seconds)
+
+
+#: The last ``Metrics`` made in this process: the app's, where the server's connection events go.
+_current: Metrics | None = None
+
+
+def connection_opened() -> None:
+    if _current is not None:
+        _current.open_connections.inc()
+
+
+def connection_closed() -> None:
+    if _current is not None:
+        _current.open_connections.dec()
+
+
+def connection_dropped(reason: str) -> None:
+    if _current is not None:
+        _current.connections_dropped.labels(reason).inc()
+
+
+def reserve_multiprocess_files(directory: str | os.PathLike, pid: int) -> None:
+    """Creates the multiprocess files of process ``pid`` at ``MULTIPROCESS_FILE_BYTES`` each, their
+    blocks allocated, before the process makes its first metric: prometheus-client maps them into
+    memory, and a write to a page that a full disk cannot back kills the process (SIGBUS) where
+    this raises ``OSError`` (ENOSPC, EROFS, ...). The files are removed again when it fails."""
+    created: list[Path] = []
+    try:
+        for prefix in MULTIPROCESS_FILES:
+            path = Path(directory) / f"{prefix}_{pid}.db"
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            created.append(path)
+            try:
+                if os.fstat(descriptor).st_size < MULTIPROCESS_FILE_BYTES:
+                    _allocate(descriptor, MULTIPROCESS_FILE_BYTES)
+            finally:
+                os.close(descriptor)
+    except OSError:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _allocate(descriptor: int, size: int) -> None:
+    """Allocates the first ``size`` bytes of a file (zeros), extending it: ``posix_fallocate`` where
+    the system has it, else by writing the zeros."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(descriptor, 0, size)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    zeros = bytes(64 * 1024)
+    for offset in range(0, size, len(zeros)):
+        os.pwrite(descriptor, zeros[: size - offset], offset)
+
+
+def use_process_metrics() -> None:
+    """This process keeps its metrics in memory (its own values only on /metrics), not in
+    multiprocess files: for a process whose ``PROMETHEUS_MULTIPROC_DIR`` cannot take them. Only
+    before its first metric is made."""
+    os.environ.pop(MULTIPROCESS_ENV, None)
+    values.ValueClass = values.MutexValue
+
+
+def remove_dead_processes(directory: str | os.PathLike) -> list[int]:
+    """Drops the live gauges (queue depth, readiness, open connections, ...) of the processes that
+    wrote files in ``directory`` and are gone: a worker killed before its clean exit could drop its
+    own (its counters stay: they count what it answered). Returns their pids."""
+    pids = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit():
+            pids.add(int(pid))
+    dead = sorted(pid for pid in pids if not _alive_sibling(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, str(directory))
+    return dead
+
+
+def _alive_sibling(pid: int) -> bool:
+    """Whether ``pid`` is this process or a live process of the same parent (another worker of the
+    same supervisor: a reused pid of some other program does not count)."""
+    if pid == os.getpid():
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: whether the process exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    state, ppid = stat.rpartition(")")[2].split()[:2]
+    return state not in ("Z", "X", "x") and int(ppid) == os.getppid()
 
 
 # Fresh ids: this process's random prefix and a counter, unique across processes and restarts
@@ -240,28 +377,6 @@ class RequestContextMiddleware:
                         ensure_ascii=False,
                     )
                 )
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (tracebacks as a field)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        message = record.getMessage()
-        if record.name == access_log.name and message.startswith("{"):
-            try:
-                entry.update(json.loads(message))
-            except ValueError:
-                entry["message"] = message
-        else:
-            entry["message"] = message
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
 
 
 def logging_config(level: str) -> dict:

@@ -1,4 +1,5 @@
-"""Service configuration, read from ``IMM_*`` environment variables (pydantic-settings).
+"""Service configuration, read from ``IMM_*`` environment variables and a ``.env`` file in the working
+directory (pydantic-settings; the environment wins).
 
 Every knob has a safe default so that ``python -m service`` works on the default bundles in
 ``weights/``. docs/service.md holds the table of variables; keep it in step with this file.
@@ -27,7 +28,8 @@ def available_cores() -> int:
 class Settings(BaseSettings):
     """All the service's settings; ``Settings()`` reads the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="IMM_", extra="ignore", frozen=True)
+    # IMM_* variables first, then a .env file in the working directory (KEY=VALUE lines, IMM_ names)
+    model_config = SettingsConfigDict(env_prefix="IMM_", env_file=".env", extra="ignore", frozen=True)
 
     ner_bundle: Path | None = Field(
         Path("weights/ner"), description="NER bundle directory ('' disables /ner)"
@@ -113,7 +115,10 @@ class Settings(BaseSettings):
         description="server processes on the one port (0: 1 with ONNX Runtime, 4 with the PyTorch runtime)",
     )
     max_connections: int = Field(
-        1000, ge=1, description="open connections (and requests in flight) per process; beyond: 503"
+        1000,
+        ge=1,
+        description="open connections per process; at the limit idle ones are closed to make room, and a "
+        "new connection is answered 503 only when every other is busy with a request",
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection that sends no complete request head within this is closed"
@@ -131,6 +136,12 @@ class Settings(BaseSettings):
         "(60 s on common ones), so the server never closes a connection the balancer is about to reuse",
     )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest request body")
+    max_uploads_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="request bodies being received at once per process, in bytes (from Content-Length; "
+        "uploads over 1 MB are spooled to the temporary directory); beyond: 503 with Retry-After",
+    )
     max_image_pixels: int = Field(
         25_000_000,
         ge=1,

@@ -6,6 +6,7 @@ bundles, and talks to it over raw sockets or httpx.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -57,9 +58,10 @@ def wait_ready(url: str, process: subprocess.Popen, output: Callable[[], str], t
 
 
 class Server:
-    """``python -m service`` in a subprocess, ready when /ready says so."""
+    """``python -m service`` in a subprocess, ready when /ready says so. ``settings`` are environment
+    variables (``IMM_*`` or any other, ``PROMETHEUS_MULTIPROC_DIR`` included); None unsets one."""
 
-    def __init__(self, bundles: dict[str, Path], tmp_path: Path, **settings: str):
+    def __init__(self, bundles: dict[str, Path], tmp_path: Path, **settings: str | None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IMM_", "PROMETHEUS_"))}
@@ -72,9 +74,15 @@ class Server:
             IMM_PREPROCESS_THREADS="1",
             PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
-            **settings,
         )
-        self.metrics_dir = tmp_path / "metrics"
+        for name, value in settings.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        self.metrics_dir = (
+            Path(env["PROMETHEUS_MULTIPROC_DIR"]) if "PROMETHEUS_MULTIPROC_DIR" in env else None
+        )
         self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
@@ -121,6 +129,18 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def file_metric(path: Path, sample: str, **labels: str) -> float:
+    """The sum of a sample's values over the series with ``labels`` in one multiprocess metrics file."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    total = 0.0
+    for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+        _, name, series_labels, _ = json.loads(key)
+        if name == sample and all(series_labels.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
 def test_two_workers_serve_one_port_and_metrics_count_both(server_factory):
     server = server_factory(IMM_WORKERS="2")
 
@@ -128,14 +148,19 @@ def test_two_workers_serve_one_port_and_metrics_count_both(server_factory):
         with httpx.Client(base_url=server.url, timeout=30) as client:  # a new connection each time
             return client.post("/ner", data={"text": f"alice smith in paris {number}"}).status_code
 
+    def workers_that_served() -> int:
+        files = server.metrics_dir.glob("counter_*.db")
+        return sum(1 for path in files if file_metric(path, "imm_requests_total", endpoint="/ner") > 0)
+
     sent = 0
     with ThreadPoolExecutor(8) as pool:
         # Which process accepts a connection is the kernel's choice: send concurrent requests until
         # both have served some (each worker keeps its counts in files of its own).
-        while len(list(server.metrics_dir.glob("counter_*.db"))) < 2 and sent < 400:
+        while workers_that_served() < 2 and sent < 400:
             assert list(pool.map(post, range(sent, sent + 16))) == [200] * 16
             sent += 16
     assert len(list(server.metrics_dir.glob("counter_*.db"))) == 2, server.output()
+    assert workers_that_served() == 2, server.output()
     # /metrics, answered by one of them, adds both up.
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert metric(text, "imm_requests_total", endpoint="/ner", status="200") == sent
@@ -169,18 +194,39 @@ def test_a_body_trickled_too_slowly_gets_408(server_factory):
     assert b"not received within 1 s" in answer
 
 
-def test_connections_beyond_the_limit_get_503(server_factory):
+def test_connections_beyond_the_limit_get_503_only_when_all_are_busy(server_factory):
     server = server_factory(IMM_MAX_CONNECTIONS="2", IMM_HEADER_TIMEOUT_S="30")
+    # Two idle connections (silent since they opened) hold nobody out: they are closed to make room.
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
     try:
-        time.sleep(0.5)
-        answer = httpx.get(f"{server.url}/health", timeout=10)
-        assert answer.status_code == 503
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        assert idle[0].recv(1024) == b""  # the longest idle one was closed by the server
     finally:
         for connection in idle:
             connection.close()
-    time.sleep(0.5)
-    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    # Two connections in the middle of a request: a third gets the API's JSON 503, never text/plain.
+    body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nalice in paris\r\n--b--\r\n'
+    head = (
+        f"POST /ner HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    busy = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
+    try:
+        for connection in busy:
+            connection.sendall(head)  # the body comes later
+            # The server asks for the body once the request is being handled: it is busy now.
+            assert connection.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        answer = httpx.get(f"{server.url}/ready", timeout=10)
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["connection"] == "close" and answer.headers["retry-after"]
+        assert "too many open connections" in answer.json()["detail"]
+        for connection in busy:
+            connection.sendall(body)
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for connection in busy:
+            connection.close()
 
 
 def test_a_photo_on_two_workers(server_factory):

@@ -13,6 +13,17 @@ integer arithmetic; the EXIF orientation is applied in place, or to the reduced 
 decoders' buffers are bounded across threads: ``ImageProcessor`` decodes within
 ``DECODE_BUDGET`` (at most ``DECODE_BUDGET_BYTES`` of decoded pixels at once; a larger picture
 decodes alone), so four 25-megapixel pictures at once cost one decoder buffer, not four.
+
+Bombs in containers. Only the formats a tweet's picture comes in are opened (``ACCEPTED_FORMATS``:
+JPEG, MPO through it, PNG, GIF, WebP, BMP, TIFF); the others are refused before their Pillow plugin
+runs, since some decode while reading the header (ICO, CUR and ICNS hold a PNG that Pillow decodes
+in ``open``, whatever size the container declares). For the accepted ones the size checked is the
+size of what is decoded, and only the first frame or page is ever decoded: a GIF whose first frame
+overflows its screen has the larger size, a TIFF's strip or tile counts too, later frames and pages
+are never read. What a decode holds beyond its pixels (a WebP's four canvases, a progressive JPEG's
+full-size coefficients, a TIFF's strip or tile) is counted by ``decode_cost``, which the budget
+reserves. PNG text chunks, decompressed while reading the header, are capped at
+``PNG_TEXT_BYTES``.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any phone photo, far below a decompression bomb
 
@@ -38,7 +49,7 @@ class ImageError(ValueError):
 
 
 class NotAnImage(ImageError):
-    """The bytes are not an image format Pillow knows."""
+    """The bytes are not a picture in one of ``ACCEPTED_FORMATS``."""
 
 
 class CorruptImage(ImageError):
@@ -47,6 +58,30 @@ class CorruptImage(ImageError):
 
 class ImageTooLarge(ImageError):
     """The declared pixel count exceeds the limit (decompression bombs included)."""
+
+
+#: The formats opened (Pillow's names; MPO, a JPEG with more pictures after the first, opens as one).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_ACCEPTED_NAMES = "JPEG, PNG, GIF, WebP, BMP or TIFF"
+#: Formats refused by name, from their signature (never given to Pillow).
+_REFUSED_SIGNATURES = {
+    b"\x00\x00\x01\x00": "ICO",
+    b"\x00\x00\x02\x00": "CUR",
+    b"icns": "ICNS",
+    b"8BPS": "PSD",
+    b"\xffO\xffQ": "JPEG 2000",
+    b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
+    b"%!PS": "EPS",
+    b"\xc5\xd0\xd3\xc6": "EPS",
+    b"%PDF": "PDF",
+    b"qoif": "QOI",
+    b"DDS ": "DDS",
+}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+#: Text a PNG may hold (tEXt, zTXt, iTXt: Pillow decompresses them while reading the header; its
+#: own limit is 64 MiB a picture). A larger total is refused as too large.
+PNG_TEXT_BYTES = 4 * 1024 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, PNG_TEXT_BYTES)
 
 
 #: Decoded pixels held at once by ``ImageProcessor`` across threads (see ``DecodeBudget``).
@@ -64,6 +99,93 @@ def decoded_bytes(image: Image.Image) -> int:
     """The size of ``image``'s pixels once decoded, from its header (after ``draft``)."""
     width, height = image.size
     return width * height * _PIXEL_BYTES.get(image.mode, 4)
+
+
+def decode_cost(image: Image.Image) -> int:
+    """The memory decoding ``open_header``'s picture holds at its peak, from its header.
+
+    Measured (peak RSS of one decode of a 5000x5000 picture, ``decoded_bytes`` 100 MB for RGB):
+    WebP 381 MB (Pillow decodes it through libwebp's animation decoder: the canvas, its copy of the
+    previous frame, the bytes Pillow is handed and Pillow's picture, 16 bytes a pixel); a
+    progressive JPEG 145 MB in 4:4:4, 73 MB in 4:2:0, whatever its draft size (libjpeg keeps every
+    coefficient, 2 bytes a sample, until the last scan), a baseline one 4 MB; a TIFF its pixels and
+    one strip or tile; a run-length BMP twice its pixels (Pillow's decoder builds them in Python).
+    """
+    pixels = decoded_bytes(image)
+    if image.format == "WEBP":
+        width, height = image.size
+        return 4 * width * height * 4
+    if isinstance(image, JpegImagePlugin.JpegImageFile):
+        return pixels + _jpeg_coefficient_bytes(image)
+    if image.format == "TIFF":
+        return pixels + _tiff_block_bytes(image)
+    if image.format == "BMP" and image.tile and image.tile[0][0] == "bmp_rle":
+        return 2 * pixels
+    return pixels
+
+
+def _jpeg_coefficient_bytes(image: JpegImagePlugin.JpegImageFile) -> int:
+    """libjpeg's whole-picture coefficient buffer, which a JPEG in several scans (progressive, or
+    one component a scan) needs: 2 bytes a sample at full size, draft mode or not. 0 otherwise."""
+    if not image.info.get("progressive") and _jpeg_first_scan_components(image) >= len(image.layer):
+        return 0
+    scale = image.decoderconfig[0] if image.decoderconfig else 1
+    width, height = image.size[0] * scale, image.size[1] * scale  # the full size, rounded up
+    factors = [(max(h, 1), max(v, 1)) for _, h, v, _ in image.layer] or [(1, 1)]
+    h_max, v_max = max(h for h, _ in factors), max(v for _, v in factors)
+    mcu_columns, mcu_rows = -(-width // (8 * h_max)), -(-height // (8 * v_max))
+    return sum(2 * (mcu_columns * 8 * h) * (mcu_rows * 8 * v) for h, v in factors)
+
+
+def _jpeg_first_scan_components(image: Image.Image) -> int:
+    """The number of components in the JPEG's first scan (from its SOS marker), 0 if not found."""
+    fp = image.fp
+    if fp is None:
+        return 0
+    position = fp.tell()
+    try:
+        fp.seek(2)  # past SOI
+        while True:
+            if fp.read(1) != b"\xff":
+                return 0
+            marker = fp.read(1)
+            while marker == b"\xff":  # fill bytes
+                marker = fp.read(1)
+            if not marker:
+                return 0
+            if marker[0] in (0x01, *range(0xD0, 0xD9)):  # TEM, RSTn, SOI: no length
+                continue
+            header = fp.read(3 if marker[0] == 0xDA else 2)
+            if len(header) < 2:
+                return 0
+            if marker[0] == 0xDA:
+                return header[2] if len(header) == 3 else 0
+            fp.seek(int.from_bytes(header, "big") - 2, io.SEEK_CUR)
+    except (OSError, ValueError):
+        return 0
+    finally:
+        fp.seek(position)
+
+
+def _tiff_block_pixels(image: Image.Image) -> tuple[int, int]:
+    """The TIFF's first page's strip or tile: the (width, height) libtiff decodes at once."""
+    tags = image.tag_v2
+    width, height = image.size
+    if 322 in tags or 323 in tags:  # TileWidth, TileLength
+        return int(tags.get(322, width)), int(tags.get(323, height))
+    return width, min(int(tags.get(278, height)), height)  # RowsPerStrip
+
+
+def _tiff_block_bytes(image: Image.Image) -> int:
+    """libtiff's buffer for one strip or tile (4 bytes a pixel when it decodes to RGBA)."""
+    tags = image.tag_v2
+    width, height = _tiff_block_pixels(image)
+    bits = tags.get(258, (8,))
+    sample_bytes = -(-max(bits if isinstance(bits, tuple) else (bits,)) // 8)
+    pixel_bytes = int(tags.get(277, 1)) * sample_bytes
+    if tags.get(262) == 6:  # YCbCr: libtiff's RGBA interface
+        pixel_bytes = max(pixel_bytes, 4)
+    return width * height * pixel_bytes
 
 
 class DecodeBudget:
@@ -134,27 +256,73 @@ def open_header(
     source: bytes | str | Path, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """The picture with only its header read (size, mode), the pixel limit checked and the JPEG
-    draft mode set: nothing decoded yet (``decode`` does that)."""
+    draft mode set: nothing decoded yet (``decode`` does that, first frame or page only).
+
+    Only ``ACCEPTED_FORMATS`` are opened: no other Pillow plugin ever sees the bytes.
+    """
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         # No warnings filter here (not thread-safe): Pillow's own bomb error fires beyond 2x its
         # limit, and ``max_pixels`` below is checked on the header before anything is decoded.
-        image = Image.open(stream)
+        image = Image.open(stream, formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as error:
         raise ImageTooLarge(f"image is too large: {error}") from None
     except UnidentifiedImageError:
-        raise NotAnImage("not an image file (unsupported or unknown format)") from None
-    except OSError as error:
+        raise _not_accepted(source) from None
+    except ValueError as error:  # PNG text over PNG_TEXT_BYTES, or a broken header
+        if "MAX_TEXT" in str(error):
+            raise ImageTooLarge(f"image has more than {PNG_TEXT_BYTES} bytes of PNG text") from None
         raise CorruptImage(f"image could not be read: {error}") from None
+    except (OSError, SyntaxError, EOFError) as error:
+        raise CorruptImage(f"image could not be read: {error}") from None
+    try:
+        _check_size(image, max_pixels)
+        if draft_size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
+            image.draft("RGB", (draft_size, draft_size))
+    except ImageError:
+        image.close()
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        image.close()
+        raise CorruptImage(f"image data is corrupt or truncated: {error}") from None
+    return image
+
+
+def _check_size(image: Image.Image, max_pixels: int) -> None:
+    """The pixel limit on what will be decoded: the first frame or page (a GIF's first frame may
+    overflow its screen: Pillow's size is then the larger one) and a TIFF's strip or tile."""
+    if image.format not in (*ACCEPTED_FORMATS, "MPO"):  # not reached: ``formats`` rules it out
+        raise NotAnImage(f"{image.format} pictures are not accepted: send {_ACCEPTED_NAMES}")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
-    try:
-        if draft_size is not None and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
-    except (OSError, SyntaxError, ValueError) as error:
-        raise CorruptImage(f"image data is corrupt or truncated: {error}") from None
-    return image
+    if image.format == "TIFF":
+        block_width, block_height = _tiff_block_pixels(image)
+        if block_width * block_height > max_pixels:
+            raise ImageTooLarge(
+                f"image has a TIFF tile or strip of {block_width}x{block_height} pixels, more than the"
+                f" limit of {max_pixels}"
+            )
+
+
+def _not_accepted(source: bytes | str | Path) -> NotAnImage:
+    """The error for bytes no accepted format opens: naming the format when its signature says."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        head = bytes(source[:16])
+    else:
+        try:
+            with open(source, "rb") as file:
+                head = file.read(16)
+        except OSError:
+            head = b""
+    name = next((fmt for magic, fmt in _REFUSED_SIGNATURES.items() if head.startswith(magic)), None)
+    if name in ("ICO", "CUR") and (head[4:6] == b"\0\0" or head[9:10] != b"\0"):  # no icons, or no reserved
+        name = None  # byte: more likely a TGA (the same first four bytes)
+    if name is None and head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        name = "HEIF/AVIF"
+    if name is not None:
+        return NotAnImage(f"{name} pictures are not accepted: send {_ACCEPTED_NAMES}")
+    return NotAnImage("not an image file (unsupported or unknown format)")
 
 
 def decode(image: Image.Image, draft_size: int | None = None) -> Image.Image:
@@ -265,7 +433,7 @@ class ImageProcessor:
     def __call__(self, source: bytes | str | Path) -> np.ndarray:
         """The model's pixels for ``source``, decoded within ``DECODE_BUDGET``."""
         image = self.header(source)
-        size = decoded_bytes(image)
+        size = decode_cost(image)
         with DECODE_BUDGET.reserve(size):
             picture = decode(image, self.image_size)
             try:
