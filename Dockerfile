@@ -22,6 +22,7 @@ COPY pyproject.toml README.md LICENSE ./
 COPY model ./model
 COPY export ./export
 COPY service ./service
+COPY imm ./imm
 # The project itself, on the locked dependencies (--no-deps; pip check fails the build on a lock that
 # no longer satisfies pyproject.toml). Fail the build too if torch sneaked in, or if the app does not import.
 # Then pip goes: the running image installs nothing.

@@ -45,7 +45,7 @@ test-docker: $(STAMP)
 # The service on Ray Serve, on a local two-node Ray cluster (tests/test_ray_serve.py, about 2 minutes;
 # -s shows what the fault and autoscaling tests saw).
 test-ray: $(RAY_STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -s -m ray tests/test_ray_serve.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -s -m ray tests/test_ray_serve.py tests/test_ray_extract.py
 
 # The inference service on the default bundles (weights/ner, weights/re); IMM_* variables configure it.
 # Its own venv, installed from the lock the images use (same versions, hash-checked), without torch.

@@ -226,9 +226,10 @@ def directory_bytes(directory: Path) -> int:
 
 def ner_dev_scores(bundles: dict, model, preprocessor, dev: Path, images: Path | None, batch_size: int = 16):
     """Entity micro-F1 of PyTorch and of each bundle on a Twitter CoNLL file (``model.evaluate``'s scoring)."""
+    from export.evaluate import predict_bundle
     from model.data import read_twitter_conll
     from model.data.images import ImageStore
-    from model.evaluate import predict, predict_bundle, score
+    from model.evaluate import predict, score
 
     examples = read_twitter_conll(dev)
     store = ImageStore(images, preprocessor.image)

@@ -28,10 +28,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m export", description="Export an IMM checkpoint to an ONNX serving bundle."
-    )
+def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Export an IMM checkpoint to an ONNX serving bundle.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (written by model.train)")
     source.add_argument(
@@ -65,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, *, source: str | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "python -m export", source: str | None = None
+) -> int:
+    args = build_parser(prog).parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         if args.from_bundle is not None:

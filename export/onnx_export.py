@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from export.bundle import (
     DEFAULT_OPSET,
@@ -47,10 +46,11 @@ from export.bundle import (
     write_manifest,
 )
 from export.checks import ExportError, check_export_arguments, safe_model_name
+from export.graph import INPUT_NAMES, OUTPUT_NAMES, NERGraph, REGraph, graph_module, rebuild_model
+from export.outputs import decode_outputs
 from model.checkpoint import SCORES_FILE, load_checkpoint, read_json, resolve_checkpoint, visual_training
 from model.config import IMMConfig
-from model.decoding import viterbi_decode
-from model.imm import TASK_MODELS, IMMForNER, IMMPreTrainedModel
+from model.imm import IMMForNER, IMMPreTrainedModel
 from model.preprocessing import Preprocessor
 
 __all__ = [
@@ -79,11 +79,6 @@ __all__ = [
     "visual_stream",
 ]
 
-INPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "ner": ("input_ids", "attention_mask", "word_index", "word_shape", "pixel_values", "has_image"),
-    "re": ("input_ids", "attention_mask", "pixel_values", "has_image", "marker_index"),
-}
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {"ner": ("emissions",), "re": ("logits",)}
 _DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "input_ids": {0: "batch", 1: "sequence"},
     "attention_mask": {0: "batch", 1: "sequence"},
@@ -101,45 +96,6 @@ FP16_TOLERANCE = 2e-2  # max abs difference to PyTorch, relative to max(1, max |
 INT8_MIN_AGREEMENT = 0.98  # below this share of identical labels, int8 export warns
 
 logger = logging.getLogger("export")
-
-
-class _Graph(nn.Module):
-    """What a bundle's graph computes; ``visual=False`` leaves the visual stream out (the pictures
-    are then ignored: for a model whose visual path was never trained, see ``visual_stream``)."""
-
-    def __init__(self, model: IMMPreTrainedModel, visual: bool = True):
-        super().__init__()
-        self.model = model
-        self.visual = visual
-
-    def encode(self, input_ids, attention_mask, pixel_values, has_image) -> torch.Tensor:
-        if not self.visual:
-            return self.model.encoder.encode_text(input_ids, attention_mask).text
-        return self.model.encoder(input_ids, attention_mask, pixel_values, has_image).text
-
-
-class NERGraph(_Graph):
-    """The NER graph: inputs in ``INPUT_NAMES["ner"]`` order, word emissions out (B, W, T)."""
-
-    def forward(
-        self, input_ids, attention_mask, word_index, word_shape, pixel_values, has_image
-    ) -> torch.Tensor:
-        return self.model.head.emissions(
-            self.encode(input_ids, attention_mask, pixel_values, has_image), word_index, word_shape
-        )
-
-
-class REGraph(_Graph):
-    """The RE graph: inputs in ``INPUT_NAMES["re"]`` order, relation logits out (B, R)."""
-
-    def forward(self, input_ids, attention_mask, pixel_values, has_image, marker_index) -> torch.Tensor:
-        return self.model.head(self.encode(input_ids, attention_mask, pixel_values, has_image), marker_index)
-
-
-def graph_module(model: IMMPreTrainedModel, visual: bool = True) -> nn.Module:
-    """The eval-mode wrapper that is traced into the graph (and that the PyTorch runtime runs)."""
-    wrapper = NERGraph(model, visual) if model.config.task == "ner" else REGraph(model, visual)
-    return wrapper.eval()
 
 
 def visual_stream(visual_training: dict[str, Any]) -> bool:
@@ -362,12 +318,10 @@ def ort_session(path: str | Path, threads: int | None = None):
 
 
 def labels_of(outputs: np.ndarray, batch: dict[str, np.ndarray], crf: dict[str, np.ndarray] | None) -> list:
-    """Decoded label ids: Viterbi per word for NER (with the CRF scores), argmax per example for RE."""
+    """Decoded label ids (``export.outputs``, as served): the CRF's Viterbi tags (NER), the argmax (RE)."""
     if crf is None:
         return outputs.argmax(axis=-1).tolist()
-    return viterbi_decode(
-        outputs, batch["word_mask"], crf["transitions"], crf["start_transitions"], crf["end_transitions"]
-    )
+    return decode_outputs("ner", outputs, batch["word_mask"], crf, confidence=False).tags
 
 
 def compare(
@@ -588,27 +542,6 @@ def _build_graph(
     # A per-row int8 graph's activations are integers: its fp32-activation twin has the same weights.
     _check_weights(model, twin if precision == "int8" else final, weights, batches, crf, visual, tolerance)
     return final, details
-
-
-def rebuild_model(
-    config: IMMConfig, graph: str | Path, weights: dict[str, dict[str, Any]]
-) -> IMMPreTrainedModel:
-    """The model of ``config`` holding the weights a bundle's graph has (``weights``: its manifest's
-    table); parameters the graph never reads are zero. What the PyTorch runtime serves."""
-    from export.weights import read_weights
-
-    model = TASK_MODELS[config.task](config).eval()
-    with torch.no_grad():
-        for parameter in model.state_dict().values():
-            parameter.zero_()
-    values = {key: torch.from_numpy(value) for key, value in read_weights(graph, weights).items()}
-    unknown = set(values) - set(model.state_dict())
-    if unknown:
-        raise ExportError(
-            f"the weights table names parameters this model does not have: {sorted(unknown)[:5]}"
-        )
-    model.load_state_dict(values, strict=False)
-    return model
 
 
 def checkpoint_from_bundle(bundle_dir: str | Path, directory: str | Path) -> Path:

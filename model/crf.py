@@ -1,45 +1,103 @@
-"""Batched CRF inference in PyTorch: Viterbi tags and per-word marginals, on any device.
+"""The project's one torch CRF: pytorch-crf's (training) plus batched Viterbi and marginals (GPU runtime).
 
-The twin of ``model.decoding``'s numpy ``viterbi_decode`` and ``crf_marginals`` (same CRF
-convention, pytorch-crf's), for the GPU runtime: everything stays on the device, there is no
-host synchronisation and no data-dependent shape, so the whole decode is captured in the same
-CUDA graph as the model. Loops run over word positions only, never over examples. Tested equal
-to the numpy functions (which are tested against brute force and pytorch-crf).
+``CRF`` subclasses ``torchcrf.CRF`` (pytorch-crf), so training keeps its negative log-likelihood
+(``forward(emissions, tags, mask, reduction)``) and its parameters ``transitions``,
+``start_transitions`` and ``end_transitions``: checkpoints (``head.crf.transitions``, ...) load
+as they are. It adds ``viterbi``, ``marginals`` and ``decode_batch`` (tags and per-word
+confidence), which stay on the device with no host synchronisation and no data-dependent shape,
+so the GPU runtime (``service.runtimes.pytorch``) captures the whole decode in the same CUDA
+graph as the model. Loops run over word positions only, never over examples.
+
+``model.decoding``'s ``viterbi_decode`` and ``crf_marginals`` are the numpy twin (same CRF
+convention) for the torch-free ONNX server; tests hold the two equal, and both equal to
+pytorch-crf's own ``decode`` and to brute force.
 """
 
 from __future__ import annotations
 
 import torch
+import torchcrf
 
-__all__ = ["CRFDecoder"]
+__all__ = ["CRF"]
 
 
-class CRFDecoder(torch.nn.Module):
-    """``forward(emissions (B, W, T), mask (B, W))`` -> (tags (B, W) int64, confidence (B, W) float32).
+class CRF(torchcrf.CRF):
+    """pytorch-crf's linear-chain CRF (likelihood, ``decode``) with batched, graph-capturable inference.
 
-    ``tags`` is each row's Viterbi path (0 on padding); ``confidence`` the marginal probability of
-    the chosen tag at each word, P(y_i = tags_i | x) (0 on padding). Masks are contiguous prefixes
-    (``collate``'s ``word_mask``); every row needs its first word (a padding row of a CUDA graph
-    bucket has one dummy word).
+    Built like pytorch-crf's (``CRF(num_tags, batch_first=True)`` in the NER head), or from given
+    scores with ``from_scores`` (the GPU runtime). The batched methods take ``emissions`` (B, W, T)
+    and ``mask`` (B, W), or (W, B, T) and (W, B) when ``batch_first`` is False, like the rest of
+    pytorch-crf. Masks are contiguous prefixes (``collate``'s ``word_mask``) and every row needs
+    its first word (a padding row of a CUDA graph bucket has one dummy word); neither is checked,
+    as checking would synchronise with the device.
     """
 
-    def __init__(
-        self, transitions: torch.Tensor, start_transitions: torch.Tensor, end_transitions: torch.Tensor
-    ):
-        super().__init__()
-        self.register_buffer("transitions", transitions.float().clone())
-        self.register_buffer("start_transitions", start_transitions.float().clone())
-        self.register_buffer("end_transitions", end_transitions.float().clone())
+    @classmethod
+    def from_scores(
+        cls,
+        transitions: torch.Tensor,
+        start_transitions: torch.Tensor,
+        end_transitions: torch.Tensor,
+        batch_first: bool = True,
+    ) -> CRF:
+        """A frozen float32 CRF holding given scores (a bundle's ``crf`` arrays), for inference."""
+        crf = cls(transitions.shape[-1], batch_first=batch_first)
+        with torch.no_grad():
+            crf.transitions.copy_(transitions)
+            crf.start_transitions.copy_(start_transitions)
+            crf.end_transitions.copy_(end_transitions)
+        return crf.requires_grad_(False)
 
-    def forward(self, emissions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emissions = emissions.float()
-        mask = mask.bool()
-        tags = self.viterbi(emissions, mask)
-        marginals = self.marginals(emissions, mask)
+    def _batched(
+        self, emissions: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-first emissions in the wider of their and the CRF's dtype; a bool mask (None: all words)."""
+        if emissions.dim() != 3 or emissions.size(2) != self.num_tags:
+            raise ValueError(
+                f"emissions must be 3-d with {self.num_tags} tags, got shape {tuple(emissions.shape)}"
+            )
+        if not self.batch_first:
+            emissions = emissions.transpose(0, 1)
+            mask = None if mask is None else mask.transpose(0, 1)
+        if mask is None:
+            mask = emissions.new_ones(emissions.shape[:2], dtype=torch.bool)
+        if mask.shape != emissions.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(emissions.shape[:2])}, got {tuple(mask.shape)}")
+        return emissions.to(torch.promote_types(emissions.dtype, self.transitions.dtype)), mask.bool()
+
+    def _layout(self, batch_first: torch.Tensor) -> torch.Tensor:
+        """A batch-first result in the CRF's layout."""
+        return batch_first if self.batch_first else batch_first.transpose(0, 1)
+
+    def decode_batch(
+        self, emissions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tags int64, confidence): each row's Viterbi path and P(y_i = tags_i | x) per word, 0 on padding.
+
+        Both have the mask's shape; confidence is float32 for float32 scores (``from_scores``) and
+        float16 or float32 emissions.
+        """
+        emissions, mask = self._batched(emissions, mask)
+        tags = self._viterbi(emissions, mask)
+        marginals = self._marginals(emissions, mask)
         confidence = marginals.gather(2, tags.unsqueeze(-1)).squeeze(-1) * mask
-        return tags, confidence
+        return self._layout(tags), self._layout(confidence)
 
-    def viterbi(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def viterbi(self, emissions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The best tag sequence of each row as an int64 tensor of the mask's shape, 0 on padding.
+
+        On each row's words it equals ``decode`` (pytorch-crf's, which returns Python lists).
+        """
+        return self._layout(self._viterbi(*self._batched(emissions, mask)))
+
+    def marginals(self, emissions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """P(y_i = t | x) by forward-backward in log space, shaped like ``emissions``.
+
+        Sums to 1 over the tags at each real word; 0 on padding.
+        """
+        return self._layout(self._marginals(*self._batched(emissions, mask)))
+
+    def _viterbi(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _, num_words, _ = emissions.shape
         score = self.start_transitions + emissions[:, 0]  # (B, T): best path ending in each tag
         backpointers = []  # [i - 1][b, j]: best previous tag when row b is at tag j at word i
@@ -61,8 +119,7 @@ class CRFDecoder(torch.nn.Module):
                 current = torch.where(inside, followed, last_tags)
         return tags
 
-    def marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """P(y_i = t | x) by forward-backward in log space: (B, W, T), rows summing to 1 on real words."""
+    def _marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _, num_words, _ = emissions.shape
         alphas = [self.start_transitions + emissions[:, 0]]
         for i in range(1, num_words):

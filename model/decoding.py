@@ -1,5 +1,9 @@
 """CRF decoding and BIO span extraction in numpy, shared by evaluation and the server (no torch).
 
+``viterbi_decode`` and ``crf_marginals`` are the numpy twin of ``model.crf.CRF``, the project's one
+torch CRF (training and the GPU runtime): they exist for the torch-free ONNX server, which must not
+import torch, and are tested equal to it, to pytorch-crf's ``decode`` and to brute force.
+
 The CRF parameters follow pytorch-crf (``torchcrf.CRF``): ``transitions[i, j]`` scores moving from tag i to
 tag j, ``start_transitions[t]`` scores starting with tag t and ``end_transitions[t]`` ending with it. The
 score of a tag sequence y over a row of length n is::

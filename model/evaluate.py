@@ -1,8 +1,6 @@
-"""Evaluate a checkpoint or an exported bundle on a dataset file: ``python -m model.evaluate``.
-
-``--checkpoint DIR`` runs the PyTorch model; ``--bundle DIR`` the ONNX graph of a serving bundle
-on ONNX Runtime (CPU) with the numpy CRF decoding the server uses, so an int8 or fp16 export is
-scored exactly as it will be served.
+"""Evaluate a checkpoint on a dataset file: ``python -m model.evaluate --checkpoint DIR`` (or
+``imm evaluate``). A serving bundle is scored by ``export.evaluate`` (``imm evaluate --bundle``),
+the layer that reads bundles.
 
 Prints one JSON object on stdout: micro ``precision``, ``recall``, ``f1`` (0-1), per-type (NER)
 or per-relation (RE) scores, and the number of examples and of missing images. The scores
@@ -18,20 +16,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from model.data import DataFormatError, NERExample, REExample, read_mnre, read_twitter_conll
 from model.data.dataset import Example, encode_example
 from model.data.images import ImageStore
-from model.decoding import bio_spans, viterbi_decode
+from model.decoding import bio_spans
 from model.imm import IMMPreTrainedModel
 from model.metrics import ner_scores, re_scores
 from model.preprocessing import Preprocessor
-
-if TYPE_CHECKING:
-    from export.bundle import Bundle
 
 log = logging.getLogger("model.evaluate")
 
@@ -58,6 +53,20 @@ def _batches(
         yield chunk, arrays
 
 
+def progress(batches, examples: int, batch_size: int):
+    """``batches`` with a progress bar on stderr (tqdm; quiet when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        batches,
+        total=-(-examples // batch_size),
+        unit="batch",
+        desc="evaluating",
+        disable=None,
+        file=sys.stderr,
+    )
+
+
 def _full_length(task: str, labels: list, chunk: Sequence[Example]) -> list:
     """NER: words cut off by the sequence limit are predicted ``O`` (they still count in the gold)."""
     if task != "ner":
@@ -78,44 +87,11 @@ def predict(
     """Label names per example: a tag per word (words cut by truncation get ``O``) or a relation."""
     model.eval()
     predictions: list = []
-    for chunk, arrays in _batches(preprocessor, examples, images, batch_size):
+    for chunk, arrays in progress(
+        _batches(preprocessor, examples, images, batch_size), len(examples), batch_size
+    ):
         batch = {name: torch.from_numpy(array).to(device) for name, array in arrays.items()}
         predictions.extend(_full_length(model.config.task, model.predict(**batch), chunk))
-    return predictions
-
-
-def predict_bundle(
-    bundle: Bundle,
-    preprocessor: Preprocessor,
-    examples: Sequence[Example],
-    images: ImageStore | None = None,
-    *,
-    batch_size: int = 32,
-) -> list:
-    """``predict`` for a serving bundle: its ONNX graph on ONNX Runtime, then the server's decoding."""
-    import onnxruntime as ort
-
-    from export.bundle import session_options  # the server's options: the same numbers as served
-
-    session = ort.InferenceSession(
-        str(bundle.model_path), session_options(), providers=["CPUExecutionProvider"]
-    )
-    predictions: list = []
-    for chunk, arrays in _batches(preprocessor, examples, images, batch_size):
-        (output,) = session.run(None, {name: arrays[name] for name in bundle.input_names})
-        if bundle.task == "ner":
-            crf = bundle.crf
-            ids = viterbi_decode(
-                output,
-                arrays["word_mask"],
-                crf["transitions"],
-                crf["start_transitions"],
-                crf["end_transitions"],
-            )
-            labels = [[bundle.labels[i] for i in row] for row in ids]
-        else:
-            labels = [bundle.labels[i] for i in output.argmax(axis=-1).tolist()]
-        predictions.extend(_full_length(bundle.task, labels, chunk))
     return predictions
 
 
@@ -166,61 +142,74 @@ def prediction_records(examples: Sequence[Example], predictions: list) -> list[d
     return records
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint directory written by model.train")
-    source.add_argument(
-        "--bundle", help="serving bundle written by python -m export (run on ONNX Runtime, CPU)"
-    )
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every evaluation takes (a checkpoint's here, a bundle's in ``export.evaluate``)."""
     parser.add_argument("--data", required=True, help="a Twitter CoNLL file (NER) or an MNRE file (RE)")
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--images", help="directory of the tweet images")
     images.add_argument("--no-images", action="store_true", help="evaluate as if no example had an image")
     parser.add_argument("--predictions", help="write per-example predictions to this JSONL file")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --checkpoint")
+
+
+def build_parser(prog: str = "python -m model.evaluate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.splitlines()[0],
+        epilog="A serving bundle, scored exactly as served: imm evaluate --bundle DIR --data FILE "
+        "(python -m export.evaluate), with the same options but --device.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by model.train")
+    add_data_arguments(parser)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from export.bundle import BundleError, load_bundle
-    from model.checkpoint import CheckpointError, load_checkpoint
-    from model.preprocessing import load_tokenizer
+def load_examples(task: str, args: argparse.Namespace) -> list[Example]:
+    """``--data``'s examples for ``task`` (``ValueError`` naming the problem when there are none)."""
+    if args.images is not None and not Path(args.images).is_dir():
+        raise FileNotFoundError(f"--images {args.images}: not a directory")
+    examples = read_examples(task, args.data)
+    if not examples:
+        raise ValueError(f"{args.data} holds no examples")
+    return examples
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        if args.images is not None and not Path(args.images).is_dir():
-            raise FileNotFoundError(f"--images {args.images}: not a directory")
-        if args.bundle:
-            bundle = load_bundle(args.bundle)
-            task = bundle.task
-            preprocessor = Preprocessor(bundle.preprocessing, load_tokenizer(bundle.tokenizer_path))
-        else:
-            model, preprocessor = load_checkpoint(args.checkpoint)
-            task = model.config.task
-        examples = read_examples(task, args.data)
-        if not examples:
-            raise ValueError(f"{args.data} holds no examples")
-    except (FileNotFoundError, CheckpointError, BundleError, DataFormatError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    images = ImageStore(None if args.no_images else args.images, preprocessor.image)
-    images.report([e.image_id for e in examples], args.data)
-    if args.bundle:
-        predictions = predict_bundle(bundle, preprocessor, examples, images, batch_size=args.batch_size)
-    else:
-        model.to(args.device)
-        predictions = predict(
-            model, preprocessor, examples, images, batch_size=args.batch_size, device=args.device
-        )
+
+def report(task: str, examples: Sequence[Example], images: ImageStore, predictions: list, args) -> None:
+    """Prints the scores as JSON; writes ``--predictions``."""
     scores = scored(task, examples, images, predictions)
     if args.predictions:
         with open(args.predictions, "w", encoding="utf-8") as handle:
             for record in prediction_records(examples, predictions):
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     print(json.dumps(scores, indent=2))
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m model.evaluate") -> int:
+    from model.checkpoint import CheckpointError, load_checkpoint
+
+    if "--bundle" in (sys.argv[1:] if argv is None else argv):  # export's layer reads bundles
+        print(
+            "error: a bundle is scored by imm evaluate --bundle DIR (or python -m export.evaluate)",
+            file=sys.stderr,
+        )
+        return 2
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        model, preprocessor = load_checkpoint(args.checkpoint)
+        task = model.config.task
+        examples = load_examples(task, args)
+    except (FileNotFoundError, CheckpointError, DataFormatError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    images = ImageStore(None if args.no_images else args.images, preprocessor.image)
+    images.report([e.image_id for e in examples], args.data)
+    model.to(args.device)
+    predictions = predict(
+        model, preprocessor, examples, images, batch_size=args.batch_size, device=args.device
+    )
+    report(task, examples, images, predictions, args)
     return 0
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchcrf import CRF
 
 from model.config import IMMConfig
+from model.crf import CRF
 from model.preprocessing.text import WORD_SHAPES
 
 
@@ -51,7 +51,10 @@ class NERHead(nn.Module):
         return -self.crf(emissions.float(), labels, mask=word_mask, reduction="mean")
 
     def decode(self, emissions: torch.Tensor, word_mask: torch.Tensor) -> list[list[int]]:
-        return self.crf.decode(emissions.float(), mask=word_mask)
+        """The Viterbi tag ids of each row's words (as pytorch-crf's ``decode``), batched on the device."""
+        tags = self.crf.viterbi(emissions.float(), word_mask)
+        lengths = word_mask.sum(dim=1)
+        return [row[:length] for row, length in zip(tags.tolist(), lengths.tolist(), strict=True)]
 
 
 class REHead(nn.Module):

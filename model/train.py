@@ -49,6 +49,7 @@ from model.data.images import ImageStore
 from model.embeddings import PatchEmbeddings
 from model.evaluate import evaluate, read_examples
 from model.imm import IMMPreTrainedModel
+from model.logs import configure as configure_logs
 from model.preprocessing import Preprocessor
 from model.teacher import CLIPTeacher, TeacherLoadError
 from model.training_state import (
@@ -117,8 +118,8 @@ class TrainingArguments:
     average_last: int = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--task", required=True, choices=["ner", "re"])
     add("--train", required=True, nargs="+", help="training file(s): Twitter CoNLL (ner) or MNRE (re)")
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grad-clip", type=float, default=1.0)
     add("--max-seq-len", type=int, default=128, help="word pieces per example (also with --init-from)")
     add("--seed", type=int, default=42)
+    add(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr: text, or JSON objects like the server's (for log collectors)",
+    )
     add("--clip", help="local CLIPModel directory: the SW teacher (without it SW is off)")
     add("--no-sw", action="store_true", help="ablation: no SW loss even with --clip")
     add(
@@ -206,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> TrainingArguments:
-    namespace = vars(build_parser().parse_args(argv))
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m model.train") -> TrainingArguments:
+    namespace = vars(build_parser(prog).parse_args(argv))
+    namespace.pop("log_format", None)
     return TrainingArguments(**namespace)
 
 
@@ -689,9 +697,10 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m model.train") -> int:
+    log_format = build_parser(prog).parse_known_args(argv)[0].log_format
+    configure_logs(log_format)
+    args = parse_args(argv, prog)
     try:
         best = train(args)
     except (UsageError, DataFormatError, CheckpointError, TeacherLoadError, FileNotFoundError) as error:

@@ -157,8 +157,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_response(request, error.status_code, error.detail, getattr(error, "headers", None))
 
+    # A bug in a route: Starlette's outermost layer answers with this (its own answer would be
+    # plain text) and re-raises, and the request context logs it (service.observability).
     @app.exception_handler(Exception)
-    async def _unexpected(
-        request: Request, error: Exception
-    ) -> JSONResponse:  # pragma: no cover - see middleware
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         return error_response(request, 500, "internal server error")

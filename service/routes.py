@@ -231,14 +231,15 @@ async def extract(
     text: TextField,
     image: ImageField = None,
     pairs: Annotated[
-        Literal["all", "typed"],
+        Literal["typed", "all"],
         Form(
-            description="Which entity pairs to classify: 'all' (every ordered pair of distinct "
-            "entities: n entities make n(n-1) pairs) or 'typed' (only the pairs whose head and tail "
-            "types some relation of the RE model joins, as its labels name them: "
-            "/per/loc/place_of_residence joins a PER head to a LOC tail)",
+            description="Which entity pairs to classify: 'typed' (the default: only the pairs whose "
+            "head and tail types some relation of the RE model joins, as its labels name them: "
+            "/per/loc/place_of_residence joins a PER head to a LOC tail) or 'all' (every ordered "
+            "pair of distinct entities: n entities make n(n-1) pairs; for an RE model whose labels "
+            "name no types)",
         ),
-    ] = "all",
+    ] = "typed",
     include_none: Annotated[
         bool, Form(description="Also list the pairs whose most probable relation is 'None'")
     ] = False,

@@ -1,4 +1,7 @@
-"""CRF decoding against brute force and pytorch-crf, BIO spans against seqeval, character spans."""
+"""CRF decoding against brute force and pytorch-crf, BIO spans against seqeval, character spans.
+
+The numpy twin (``model.decoding``) and the torch ``model.crf.CRF`` are both held to pytorch-crf's decode.
+"""
 
 from __future__ import annotations
 
@@ -92,6 +95,87 @@ def test_viterbi_equals_pytorch_crf_with_padding(seed):
     assert viterbi_decode(emissions, mask, transitions, start, end) == expected
     # float32 inputs (as ONNX Runtime returns them) decode the same.
     assert viterbi_decode(emissions.astype(np.float32), mask, transitions, start, end) == expected
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_torch_crf_viterbi_equals_pytorch_crf_decode(seed, batch_first):
+    """``model.crf.CRF``'s batched Viterbi against pytorch-crf's own decode, on ragged masks."""
+    torch = pytest.importorskip("torch")
+    torchcrf = pytest.importorskip("torchcrf")
+    from model.crf import CRF
+
+    torch.manual_seed(seed)
+    plain = torchcrf.CRF(7, batch_first=batch_first)
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.normal_()
+    ours = CRF(7, batch_first=batch_first)
+    ours.load_state_dict(plain.state_dict())
+    emissions = torch.randn(12, 10, 7) * 2
+    lengths = torch.randint(1, 11, (12,))
+    lengths[0] = 10
+    mask = torch.arange(10)[None] < lengths[:, None]
+    if not batch_first:
+        emissions, mask = emissions.transpose(0, 1), mask.transpose(0, 1)
+    expected = plain.decode(emissions, mask=mask)
+    assert ours.decode(emissions, mask=mask) == expected  # pytorch-crf's own decode, inherited
+    found = ours.viterbi(emissions, mask)
+    tags, confidence = ours.decode_batch(emissions, mask)
+    assert torch.equal(tags, found) and found.shape == mask.shape == confidence.shape
+    if not batch_first:
+        found, mask, confidence = found.T, mask.T, confidence.T
+    assert [row[:n] for row, n in zip(found.tolist(), lengths.tolist(), strict=True)] == expected
+    assert not found[~mask].any() and not confidence[~mask].any()
+    assert ((confidence[mask] > 0) & (confidence[mask] <= 1 + 1e-6)).all()
+
+
+def test_torch_crf_equals_the_numpy_twin_in_float64():
+    torch = pytest.importorskip("torch")
+    from model.crf import CRF
+
+    rng = np.random.default_rng(7)
+    emissions, mask, transitions, start, end = random_crf(rng, batch=9, words=8, tags=5)
+    crf = CRF.from_scores(*(torch.from_numpy(s) for s in (transitions, start, end))).double()
+    assert crf.transitions.dtype == torch.float64 and not crf.transitions.requires_grad
+    found = crf.viterbi(torch.from_numpy(emissions), torch.from_numpy(mask))
+    lengths = mask.sum(axis=1)
+    paths = [row[:n] for row, n in zip(found.tolist(), lengths.tolist(), strict=True)]
+    assert paths == viterbi_decode(emissions, mask, transitions, start, end)
+    marginals = crf.marginals(torch.from_numpy(emissions), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(marginals, crf_marginals(emissions, mask, transitions, start, end), atol=1e-10)
+
+
+def test_torch_crf_loads_a_plain_pytorch_crf_state_dict():
+    """Checkpoints saved with ``torchcrf.CRF`` (``head.crf.transitions``, ...) load into ``model.crf.CRF``."""
+    torch = pytest.importorskip("torch")
+    torchcrf = pytest.importorskip("torchcrf")
+    from model.crf import CRF
+
+    torch.manual_seed(3)
+    plain = torchcrf.CRF(6, batch_first=True)
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.normal_()
+    head = torch.nn.Module()
+    head.crf = plain
+    saved = head.state_dict()
+    assert set(saved) == {"crf.transitions", "crf.start_transitions", "crf.end_transitions"}
+    ours = torch.nn.Module()
+    ours.crf = CRF(6, batch_first=True)
+    ours.load_state_dict(saved)  # strict: same names, same shapes, nothing more
+    assert set(ours.state_dict()) == set(saved)
+    for key, value in saved.items():
+        assert torch.equal(ours.state_dict()[key], value)
+    # The likelihood (the training loss) is pytorch-crf's, unchanged.
+    emissions = torch.randn(4, 5, 6)
+    tags = torch.randint(0, 6, (4, 5))
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] + [0] * 4, [1] * 4 + [0]], dtype=torch.bool)
+    for reduction in ("none", "mean"):
+        torch.testing.assert_close(
+            ours.crf(emissions, tags, mask=mask, reduction=reduction),
+            plain(emissions, tags, mask=mask, reduction=reduction),
+        )
 
 
 def test_viterbi_single_word_rows_and_empty_batch():

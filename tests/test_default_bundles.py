@@ -23,7 +23,7 @@ from export import load_bundle
 from export.bundle import session_options
 from model.data import read_mnre, read_twitter_conll
 from model.preprocessing import Preprocessor, load_tokenizer
-from service.runtime import NEROutput, OnnxRuntime
+from service.runtimes import NEROutput, OnnxRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights"
@@ -99,7 +99,7 @@ def test_int8_re_labels_do_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("task", ["ner", "re"])
 def test_the_torch_runtime_answers_like_onnx_runtime_on_the_default_bundles(task):
-    from service.torch_runtime import TorchRuntime
+    from service.runtimes.pytorch import TorchRuntime
 
     bundle = bundle_or_skip(task)
     preprocessor = preprocessor_of(bundle)

@@ -23,9 +23,9 @@ from torchcrf import CRF
 from export.__main__ import main as export_main
 from export.bundle import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, BundleError, load_bundle, sha256_file
 from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, export_bundle
+from imm.cli import main as imm_main
 from model.checkpoint import load_checkpoint, resolve_checkpoint
 from model.decoding import viterbi_decode
-from model.evaluate import main as evaluate_main
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
 from tests.test_train import write_conll, write_mnre
 
@@ -459,7 +459,7 @@ def test_reexport_replaces_a_bundle(capsys, tmp_path, bundles, trained_re_checkp
 def test_evaluate_scores_a_bundle_like_its_checkpoint(
     task, bundles, trained_ner_checkpoint, trained_re_checkpoint, tmp_path, capsys
 ):
-    """``python -m model.evaluate --bundle`` (ONNX Runtime + numpy CRF) predicts what the checkpoint does."""
+    """``imm evaluate --bundle`` (ONNX Runtime + the served decoding) predicts what ``--checkpoint`` does."""
     if task == "ner":
         data, bundle = (
             write_conll(tmp_path / "dev.txt", synthetic_ner_examples(40, seed=11)),
@@ -485,7 +485,7 @@ def test_evaluate_scores_a_bundle_like_its_checkpoint(
             "--predictions",
             str(predictions),
         ]
-        assert evaluate_main(argv) == 0
+        assert imm_main(["evaluate", *argv]) == 0
         results[source] = json.loads(capsys.readouterr().out)
         results[source]["pred"] = [json.loads(line)["pred"] for line in predictions.read_text().splitlines()]
     assert results["--bundle"]["examples"] == 40
@@ -497,7 +497,7 @@ def test_evaluate_refuses_a_tampered_bundle(bundles, tmp_path, capsys):
     tampered = Path(shutil.copytree(bundles["re-fp32"], tmp_path / "tampered"))
     (tampered / TOKENIZER_FILE).write_text("{}")
     data = write_mnre(tmp_path / "dev.txt", synthetic_re_examples(4, seed=11))
-    assert evaluate_main(["--bundle", str(tampered), "--data", str(data)]) == 2
+    assert imm_main(["evaluate", "--bundle", str(tampered), "--data", str(data)]) == 2
     error = capsys.readouterr().err
     assert (
         error.startswith("error: bundle")

@@ -72,7 +72,9 @@ def test_extract_answers_what_ner_then_re_on_every_pair_answer(client, with_phot
     pairs_seen = 0
     for text in TEXTS:
         ner = client.post("/ner", data={"text": text}, files=files).json()
-        answer = client.post("/extract", data={"text": text, "include_none": "true"}, files=files)
+        answer = client.post(
+            "/extract", data={"text": text, "pairs": "all", "include_none": "true"}, files=files
+        )
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["entities"] == ner["entities"], text
@@ -95,7 +97,7 @@ def test_extract_answers_what_ner_then_re_on_every_pair_answer(client, with_phot
 
 
 def test_none_relations_are_left_out_unless_asked_and_typed_pairs_follow_the_labels(client):
-    related = client.post("/extract", data={"text": TEXTS[0]}).json()
+    related = client.post("/extract", data={"text": TEXTS[0], "pairs": "all"}).json()
     assert [(e["text"], e["type"]) for e in related["entities"]] == [
         ("bob jones", "PER"),
         ("london", "LOC"),
@@ -104,9 +106,9 @@ def test_none_relations_are_left_out_unless_asked_and_typed_pairs_follow_the_lab
     relations = {(r["head"], r["tail"]): r["relation"] for r in related["relations"]}
     assert len(relations) == 6 and "None" not in relations.values()
     assert relations[(0, 1)] == "/per/loc/place_of_residence" and relations[(0, 2)] == "/per/org/member_of"
-    unrelated = client.post("/extract", data={"text": TEXTS[3]}).json()
+    unrelated = client.post("/extract", data={"text": TEXTS[3], "pairs": "all"}).json()
     assert [e["text"] for e in unrelated["entities"]] == ["alice", "carol"] and unrelated["relations"] == []
-    asked = client.post("/extract", data={"text": TEXTS[3], "include_none": "true"}).json()
+    asked = client.post("/extract", data={"text": TEXTS[3], "pairs": "all", "include_none": "true"}).json()
     assert [(r["head"], r["tail"], r["relation"]) for r in asked["relations"]] == [
         (0, 1, "None"),
         (1, 0, "None"),
@@ -151,7 +153,9 @@ def test_the_picture_is_decoded_once_and_the_pairs_go_to_the_re_model_as_one_bat
     try:
         photo = jpeg_bytes(400, 300, seed=5)
         answer = client.post(
-            "/extract", data={"text": TEXTS[0], "include_none": "true"}, files=image_file(photo)
+            "/extract",
+            data={"text": TEXTS[0], "pairs": "all", "include_none": "true"},
+            files=image_file(photo),
         )
     finally:
         for task, (preprocessor, image, run_batch) in saved.items():
@@ -162,7 +166,7 @@ def test_the_picture_is_decoded_once_and_the_pairs_go_to_the_re_model_as_one_bat
     assert decodes == [len(photo)]
     (ner_batch,), (re_batch,) = batches["ner"], batches["re"]
     assert len(re_batch) == len(body["relations"]) == 6
-    assert all(item.pixels is ner_batch[0].pixels for item in re_batch)  # the same array, not a copy
+    assert all(item.picture is ner_batch[0].picture for item in re_batch)  # the same array, not a copy
     assert answer.headers["server-timing"].count("decode;") == 1
     metrics = client.get("/metrics").text
     for stage in ("decode", "tokenise", "queue_wait", "inference", "total"):
@@ -234,7 +238,9 @@ def test_more_pairs_than_the_limit_is_413_and_typed_pairs_may_fit(bundles):
     async def scenario() -> None:
         app = create_app(make_settings(bundles, max_relation_pairs=2, warmup=False))
         async with started(app) as http:
-            refused = await http.post("/extract", data={"text": TEXTS[0]})  # 3 entities: 6 pairs
+            refused = await http.post(
+                "/extract", data={"text": TEXTS[0], "pairs": "all"}
+            )  # 3 entities: 6 pairs
             assert_clean_error(refused, 413)
             detail = refused.json()["detail"]
             assert (
@@ -253,7 +259,11 @@ def test_typed_pairs_need_labels_that_name_types(bundles):
             app.state.engine.slots["re"].pipeline.relation_types = None  # as for labels such as "works_for"
             answer = await http.post("/extract", data={"text": TEXTS[0], "pairs": "typed"})
             assert_clean_error(answer, 422, "pairs")
-            assert (await http.post("/extract", data={"text": TEXTS[0]})).status_code == 200
+            assert_clean_error(
+                await http.post("/extract", data={"text": TEXTS[0]}), 422, "pairs"
+            )  # the default
+            all_pairs = await http.post("/extract", data={"text": TEXTS[0], "pairs": "all"})
+            assert all_pairs.status_code == 200
 
     asyncio.run(scenario())
 
@@ -298,7 +308,8 @@ def test_the_api_key_guards_extract_and_openapi_documents_it(bundles):
             form = schema["components"]["schemas"][
                 operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
             ]
-            assert form["properties"]["pairs"]["enum"] == ["all", "typed"]
+            assert form["properties"]["pairs"]["enum"] == ["typed", "all"]
+            assert form["properties"]["pairs"]["default"] == "typed"
 
     asyncio.run(scenario())
 

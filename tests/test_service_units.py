@@ -18,7 +18,7 @@ from service.engine.pipeline import entity_words
 from service.errors import install_error_handlers
 from service.guard import GuardMiddleware
 from service.observability import Metrics, RequestContextMiddleware
-from service.runtime import CPU, CUDA, ProviderError, select_providers
+from service.runtimes import CPU, CUDA, ProviderError, select_providers
 from service.settings import Settings
 
 
@@ -438,6 +438,22 @@ def test_unexpected_errors_answer_a_generic_500_with_the_request_id_and_no_trace
     # A request id that could forge log lines is replaced.
     odd = _call(app, "GET", "/health", headers={"X-Request-ID": "a b\nfake"})
     assert odd.headers["x-request-id"] != "a b\nfake" and len(odd.headers["x-request-id"]) == 32
+
+
+def test_a_bug_in_a_route_of_the_real_app_is_a_json_500_with_its_request_id():
+    """Inside FastAPI's stack Starlette answers an unexpected exception itself: the app's handler
+    makes that answer the API's JSON (without it Starlette sends plain text)."""
+    from service import create_app
+
+    app = create_app(Settings(ner_bundle="", re_bundle="", warmup=False))
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("a bug; /etc/passwd")
+
+    answer = _call(app, "GET", "/bug", headers={"X-Request-ID": "bug-1"})
+    assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"detail": "internal server error", "request_id": "bug-1"}
 
 
 # --- settings and providers ------------------------------------------------------------------

@@ -19,13 +19,13 @@ from PIL import Image, ImageDraw
 from export import export_bundle, load_bundle
 from export.bundle import session_options
 from model.config import CLIP_MEAN, CLIP_STD
-from model.crf import CRFDecoder
+from model.crf import CRF
 from model.decoding import crf_marginals, viterbi_decode
 from model.preprocessing import ImageProcessor, Preprocessor, load_tokenizer, split_words
 from model.preprocessing.tensor_image import TOLERANCE, from_pil, resize_normalise
-from service.runtime import OnnxRuntime, jpeg_header, resolve_runtime
+from service.runtimes import OnnxRuntime, jpeg_header, resolve_runtime
+from service.runtimes.pytorch import TorchRuntime
 from service.settings import Settings
-from service.torch_runtime import TorchRuntime
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_an_old_bundle_without_a_weights_table_is_refused(bundles, tmp_path):
         TorchRuntime(bundle, preprocessor, device="cpu")
 
 
-def test_crf_decoder_equals_the_numpy_decoding():
+def test_crf_decode_batch_equals_the_numpy_decoding():
     rng = np.random.default_rng(0)
     for _ in range(40):
         batch, words, tags = int(rng.integers(1, 6)), int(rng.integers(1, 9)), int(rng.integers(2, 7))
@@ -131,8 +131,8 @@ def test_crf_decoder_equals_the_numpy_decoding():
         lengths = rng.integers(1, words + 1, size=batch)
         mask = np.arange(words)[None] < lengths[:, None]
         scores = [rng.normal(size=shape).astype(np.float32) for shape in ((tags, tags), (tags,), (tags,))]
-        decoder = CRFDecoder(*(torch.from_numpy(s) for s in scores))
-        found, confidence = decoder(torch.from_numpy(emissions), torch.from_numpy(mask))
+        crf = CRF.from_scores(*(torch.from_numpy(s) for s in scores))
+        found, confidence = crf.decode_batch(torch.from_numpy(emissions), torch.from_numpy(mask))
         paths = viterbi_decode(emissions, mask, *scores)
         marginals = crf_marginals(emissions, mask, *scores)
         for row in range(batch):
@@ -192,9 +192,16 @@ def test_jpeg_header_leaves_other_pictures_to_the_cpu_path():
     assert jpeg_header(b"\xff\xd8\xff" + b"garbage", 10**7) is None
 
 
-def test_auto_picks_onnx_without_a_gpu():
+def test_auto_picks_torch_only_with_an_nvidia_driver_and_a_cuda_device(monkeypatch):
+    """``auto``: torch needs both a driver (checked without importing torch) and a CUDA device;
+    each case set up here, so the test decides the same with or without a GPU."""
+    import service.runtimes as runtimes
+
     assert resolve_runtime("onnx") == "onnx" and resolve_runtime("torch") == "torch"
-    assert resolve_runtime("auto") == ("torch" if torch.cuda.is_available() else "onnx")
+    for driver, device, expected in ((False, True, "onnx"), (True, False, "onnx"), (True, True, "torch")):
+        monkeypatch.setattr(runtimes, "_nvidia_driver_present", lambda driver=driver: driver)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda device=device: device)
+        assert resolve_runtime("auto") == expected, (driver, device)
 
 
 def test_the_service_serves_the_same_answers_on_both_runtimes(bundles, trained_re_checkpoint, tmp_path):

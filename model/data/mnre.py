@@ -62,9 +62,21 @@ def _span(record: dict[str, Any], key: str, num_words: int) -> tuple[int, int]:
 
 def _parse_line(line: str) -> REExample:
     """One MNRE line into an example; ValueError/SyntaxError with the reason if it is malformed."""
-    record = ast.literal_eval(line)
+    expected = (
+        "expected one MNRE record per line, a dict literal such as {'token': [...], 'h': {'name': ..., "
+        "'pos': [start, end]}, 't': {...}, 'img_id': ..., 'relation': ...}"
+    )
+    try:
+        record = ast.literal_eval(line)
+    except (SyntaxError, ValueError):
+        hint = (
+            " (this looks like a CoNLL file: NER data, not RE)"
+            if "\t" in line or " " not in line.strip()
+            else ""
+        )
+        raise ValueError(f"{expected}; this line is not one{hint}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"expected a dict literal, got {type(record).__name__}")
+        raise ValueError(f"{expected}; got a {type(record).__name__}")
     missing = [key for key in _KEYS if key not in record]
     if missing:
         raise ValueError(f"missing key(s) {', '.join(missing)}")

@@ -44,7 +44,7 @@ from service.engine.errors import (
     ShuttingDown,
 )
 from service.engine.models import TASKS, ModelSlot, load_model
-from service.engine.pipeline import Entity, NERPipeline, Photo, Prepared, Relation, REPipeline
+from service.engine.pipeline import Entity, NERPipeline, Prepared, Relation, REPipeline, RequestPicture
 from service.observability import Metrics
 from service.schemas import (
     EntityOut,
@@ -255,7 +255,7 @@ class Engine:
         pipeline = slot.pipeline
         assert isinstance(pipeline, NERPipeline)
         self._check_text(text)
-        photo = Photo(image) if image is not None else None
+        photo = RequestPicture(image) if image is not None else None
         prepared, entities, timings = await self._infer(
             slot, deadline, admission, pipeline.prepare, text, photo
         )
@@ -295,7 +295,7 @@ class Engine:
         pipeline = slot.pipeline
         assert isinstance(pipeline, REPipeline)
         self._check_text(text)
-        photo = Photo(image) if image is not None else None
+        photo = RequestPicture(image) if image is not None else None
         prepared, result, timings = await self._infer(
             slot, deadline, admission, pipeline.prepare, text, photo, tuple(head), tuple(tail)
         )
@@ -325,7 +325,7 @@ class Engine:
         text: str,
         image: bytes | None = None,
         *,
-        pairs: Pairs = "all",
+        pairs: Pairs = "typed",
         include_none: bool = False,
         deadline: float | None = None,
         trace: Trace | None = None,
@@ -333,8 +333,8 @@ class Engine:
     ) -> ExtractResponse:
         """The entities of ``text`` (as ``ner``) and the relations between them (as ``re``), in one call.
 
-        ``pairs``: "all" classifies every ordered pair of distinct entities, "typed" only the pairs
-        whose head and tail types some relation of the RE model joins. Pairs whose best relation is
+        ``pairs``: "typed" (the default) classifies only the pairs whose head and tail types some
+        relation of the RE model joins, "all" every ordered pair of distinct entities. Pairs whose best relation is
         'None' are left out unless ``include_none``. The picture is decoded once for both models.
         """
         started = time.perf_counter()
@@ -351,7 +351,7 @@ class Engine:
                 f"pairs=typed needs relation labels that name entity types (/head/tail/name); the RE model "
                 f"{relation_model.name} has {relation_model.labels[:3]}...: use pairs=all",
             )
-        photo = Photo(image) if image is not None else None
+        photo = RequestPicture(image) if image is not None else None
         ner_prepared, entities, ner_timings = await self._infer(
             ner_slot, deadline, admission, ner.prepare, text, photo
         )

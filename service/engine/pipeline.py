@@ -1,15 +1,15 @@
 """What the service does with a request, per task: preprocess one, infer and decode a batch.
 
-``prepare`` (in the preprocessing thread pool) turns raw text and a request's picture (``Photo``)
+``prepare`` (in the preprocessing thread pool) turns raw text and a request's picture (``RequestPicture``)
 into model inputs through the project's one preprocessing path (``model.preprocessing``), decoding
 the picture at most once per image step, so that ``POST /extract`` decodes it once for both models
 when they share one (the same size, normalisation and runtime); ``run_batch`` (in the
-model's inference thread) hands the batch to the model's runtime (``service.runtime``: ONNX
+model's inference thread) hands the batch to the model's runtime (``service.runtimes``: ONNX
 Runtime, or PyTorch on a GPU), which pads it, runs the model once and decodes the CRF, and turns
 each row into its answer, so a request gets the same answer alone or in any batch.
 
 Torch-free: only numpy, tokenizers, Pillow and the torch-free project modules (the PyTorch
-runtime is imported by ``service.runtime`` only when it is chosen).
+runtime is imported by ``service.runtimes`` only when it is chosen).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,9 @@ import numpy as np
 from export.bundle import Bundle
 from model.data.mnre import NO_RELATION
 from model.decoding import bio_spans, char_spans
-from model.preprocessing import EncodedText, Preprocessor, split_words
+from model.preprocessing import EncodedText, ImageProcessor, Preprocessor, split_words
 from service.engine.errors import InvalidInput
-from service.runtime import NEROutput, Picture, Runtime, jpeg_header
+from service.runtimes import ModelPicture, NEROutput, Runtime, jpeg_header
 
 log = logging.getLogger("service.pipeline")
 
@@ -36,17 +36,27 @@ WARMUP_TEXT = "RT @imm_ai : Alice Smith visits Paris with the Lakers today ! #wa
 
 
 @dataclass
-class Photo:
-    """A request's picture as sent, and what each image step made of it.
+class RequestPicture:
+    """A request's picture as sent (its bytes), and the ``ModelPicture`` each image step made of it.
 
     A step (``Pipeline.image_step``: image size, normalisation, pixel limit, and whether the runtime
-    decodes JPEGs itself) decodes it at most once: models that share a step get the same ``Picture``
+    decodes JPEGs itself) decodes it at most once: models that share a step get the same ``ModelPicture``
     object, so ``POST /extract`` decodes the picture once for its NER and RE models.
     """
 
     data: bytes
-    pictures: dict[Hashable, Picture] = field(default_factory=dict)
-    headers_checked: set[Hashable] = field(default_factory=set)  # image processors that read its header
+    pictures: dict[ImageStep, ModelPicture] = field(default_factory=dict)
+    headers_checked: set[ImageProcessor] = field(default_factory=set)  # processors that read its header
+
+
+@dataclass(frozen=True)
+class ImageStep:
+    """What turns a request's picture into a model's ``ModelPicture``: whether the runtime decodes
+    JPEGs itself, and the image processor (size, normalisation, pixel limit: a frozen dataclass,
+    equal when its settings are). Models with equal steps share one decoded picture."""
+
+    runtime_decodes_jpeg: bool
+    processor: ImageProcessor
 
 
 @dataclass
@@ -56,14 +66,14 @@ class Prepared:
     text: str
     words: list[tuple[str, int, int]]  # (word, start, end) for the words that fit the window
     encoded: EncodedText
-    pixels: Picture | None  # normalised pixels, or JPEG bytes for a runtime that decodes them
+    picture: ModelPicture | None  # normalised pixels, or an undecoded JPEG for a runtime that decodes them
     truncated: bool
     stages: dict[str, float] = field(default_factory=dict)  # decode, tokenise seconds
     notes: list[str] = field(default_factory=list)  # what the client should know (an ignored picture)
 
     @property
     def image_used(self) -> bool:
-        return self.pixels is not None
+        return self.picture is not None
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,8 @@ class Pipeline:
         self.ignored_picture_note = (
             f"the picture was not used: this {self.task.upper()} model was trained without pictures"
         )
-        # What decides the pixels a picture becomes; equal steps share one decoded picture (a value,
-        # taken now: ImageProcessor is a frozen dataclass, equal when its settings are).
-        self.image_step: Hashable = (runtime.decodes_jpeg, preprocessor.image)
+        # What decides the picture a model gets; equal steps share one decoded picture.
+        self.image_step = ImageStep(runtime.decodes_jpeg, preprocessor.image)
 
     def words(self, text: str, limit: int | None = None) -> list[tuple[str, int, int]]:
         """The text's words as the model reads them (``split_words``, then words longer than the
@@ -113,7 +122,9 @@ class Pipeline:
             raise InvalidInput("text", "text is empty or only whitespace")
         return self.preprocessor.text.split_long_words(words[:limit])
 
-    def _image(self, photo: Photo | None, stages: dict[str, float], notes: list[str]) -> Picture | None:
+    def _image(
+        self, photo: RequestPicture | None, stages: dict[str, float], notes: list[str]
+    ) -> ModelPicture | None:
         """The picture for the model: decoded pixels (JPEG in draft mode: never a full-size decode of
         a large photo), JPEG bytes for a runtime that decodes them on its device, or None (no
         picture, or a model that ignores them: then only its header is read). A photo already decoded
@@ -131,7 +142,7 @@ class Pipeline:
         if self.image_step in photo.pictures:
             return photo.pictures[self.image_step]
         started = time.perf_counter()
-        pixels: Picture | None = None
+        pixels: ModelPicture | None = None
         if self.runtime.decodes_jpeg:
             pixels = jpeg_header(photo.data, self.preprocessor.image.max_pixels)
         if pixels is None:
@@ -141,7 +152,7 @@ class Pipeline:
         return pixels
 
     def run_batch(self, batch: Sequence[Prepared]) -> list[Any]:
-        output = self.runtime.infer([p.encoded for p in batch], [p.pixels for p in batch])
+        output = self.runtime.infer([p.encoded for p in batch], [p.picture for p in batch])
         return self.decode(batch, output)
 
     def decode(self, batch: Sequence[Prepared], output: Any) -> list[Any]:
@@ -169,7 +180,7 @@ class NERPipeline(Pipeline):
 
     task = "ner"
 
-    def prepare(self, text: str, image: Photo | None) -> Prepared:
+    def prepare(self, text: str, image: RequestPicture | None) -> Prepared:
         stages: dict[str, float] = {}
         started = time.perf_counter()
         # Each word takes at least one piece, so words past the budget can never fit: leaving them
@@ -286,11 +297,11 @@ class REPipeline(Pipeline):
             else None
         )
 
-    def prepare(self, text: str, image: Photo | None, head: Span, tail: Span) -> Prepared:
+    def prepare(self, text: str, image: RequestPicture | None, head: Span, tail: Span) -> Prepared:
         return self.prepare_pairs(text, image, [(head, tail)])[0]
 
     def prepare_pairs(
-        self, text: str, image: Photo | None, pairs: Sequence[tuple[Span, Span]]
+        self, text: str, image: RequestPicture | None, pairs: Sequence[tuple[Span, Span]]
     ) -> list[Prepared]:
         """One ``Prepared`` per (head, tail) pair of character spans of ``text``: the words are split
         and the picture read once for all of them."""

@@ -1,7 +1,7 @@
 """The PyTorch runtime: the bundle's model rebuilt from ``model/``, run on a GPU with CUDA graphs.
 
 Loading: the model is rebuilt from the bundle's config and its graph's own weights (the manifest's
-``weights`` table, ``export.onnx_export.rebuild_model``: int8 weights dequantised), so one bundle
+``weights`` table, ``export.graph.rebuild_model``: int8 weights dequantised), so one bundle
 directory serves on both runtimes with nothing else to download. A bundle whose visual path was
 never trained runs its text stream alone, as its ONNX graph does.
 
@@ -29,16 +29,17 @@ import numpy as np
 import torch
 
 from export.bundle import Bundle
-from export.onnx_export import graph_module, rebuild_model
+from export.graph import graph_module, rebuild_model
+from export.outputs import NEROutput
 from model.config import IMMConfig
-from model.crf import CRFDecoder
+from model.crf import CRF
 from model.preprocessing import EncodedText, Preprocessor
 from model.preprocessing.tensor_image import decode_jpegs, nvjpeg_available, resize_normalise
-from service.runtime import EncodedImage, NEROutput, Picture, Runtime
+from service.runtimes.base import ModelPicture, Runtime, UndecodedJpeg
 
 __all__ = ["TorchRuntime"]
 
-log = logging.getLogger("service.torch_runtime")
+log = logging.getLogger("service.runtimes")
 
 SEQUENCE_BUCKETS = (16, 32, 64, 128)
 
@@ -55,7 +56,7 @@ def _bucket(value: int, sizes: Sequence[int]) -> int:
 class _Forward(torch.nn.Module):
     """Model plus decoding: the whole of what one batch computes on the device."""
 
-    def __init__(self, graph: torch.nn.Module, task: str, crf: CRFDecoder | None):
+    def __init__(self, graph: torch.nn.Module, task: str, crf: CRF | None):
         super().__init__()
         self.graph = graph
         self.task = task
@@ -71,7 +72,7 @@ class _Forward(torch.nn.Module):
                 inputs["pixel_values"],
                 inputs["has_image"],
             )
-            return self.crf(emissions, inputs["word_mask"])
+            return self.crf.decode_batch(emissions, inputs["word_mask"])
         logits = self.graph(
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -179,7 +180,7 @@ class TorchRuntime(Runtime):
         crf = None
         if self.task == "ner":
             assert bundle.crf is not None
-            crf = CRFDecoder(*(torch.from_numpy(bundle.crf[key]) for key in CRF_ORDER))
+            crf = CRF.from_scores(*(torch.from_numpy(bundle.crf[key]) for key in CRF_ORDER))
         self.forward = _Forward(graph_module(model, self.visual), self.task, crf).to(self.device).eval()
         self.forward.graph.to(self.dtype)
         self.size = config.preprocessing.image_size
@@ -241,7 +242,9 @@ class TorchRuntime(Runtime):
         }
 
     # -- one batch -------------------------------------------------------------------------------
-    def infer(self, texts: Sequence[EncodedText], images: Sequence[Picture | None]) -> NEROutput | np.ndarray:
+    def infer(
+        self, texts: Sequence[EncodedText], images: Sequence[ModelPicture | None]
+    ) -> NEROutput | np.ndarray:
         if not self.visual:
             images = [None] * len(texts)
         arrays = self.preprocessor.collate(texts, [None] * len(texts))  # the text arrays
@@ -276,12 +279,12 @@ class TorchRuntime(Runtime):
             [confidence[row, :n].astype(np.float64) for row, n in enumerate(lengths)],
         )
 
-    def _pictures(self, pictures: Sequence[Picture], target: torch.Tensor, host: torch.Tensor) -> None:
+    def _pictures(self, pictures: Sequence[ModelPicture], target: torch.Tensor, host: torch.Tensor) -> None:
         """Writes the batch's pictures, in order, into the first rows of ``target`` on the device."""
         if not pictures:
             return
         decoded = [None] * len(pictures)
-        jpegs = [n for n, p in enumerate(pictures) if isinstance(p, EncodedImage)]
+        jpegs = [n for n, p in enumerate(pictures) if isinstance(p, UndecodedJpeg)]
         if jpegs:
             for number, image in zip(jpegs, decode_jpegs([pictures[n].data for n in jpegs], self.device)):
                 decoded[number] = image

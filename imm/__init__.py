@@ -1,0 +1,52 @@
+"""IMM, Implicit Modality Mining: detector-free multimodal named entities and relations in tweets.
+
+The Python API, on the same engine as the server (``service.engine``)::
+
+    import imm
+
+    nlp = imm.load("weights")                    # weights/ner and weights/re, or one bundle directory
+    nlp.ner("Alice Smith is in Paris", image="photo.jpg").entities
+    nlp.re("Alice Smith moved to Paris", head=(0, 11), tail=(21, 26)).relation
+    nlp.extract("Kevin Durant joins the Warriors").relations
+    for answer in nlp.pipe(tweets, batch_size=32): ...
+
+Answers are the API's typed objects (``imm.NERResponse``, ``REResponse``, ``ExtractResponse``);
+errors are the engine's (``imm.InvalidInput``, ``InputTooLarge``, ``ModelUnavailable``, ...) and
+the picture errors of the shared preprocessing (``imm.ImageError``). ``await imm.load_async(...)``
+gives the same calls as coroutines, on the caller's event loop. Commands: ``imm --help``.
+"""
+
+from __future__ import annotations
+
+from imm.api import IMM, AsyncIMM, load, load_async
+from model.preprocessing import ImageError
+from service.engine.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InputTooLarge,
+    InvalidInput,
+    ModelUnavailable,
+    Overloaded,
+    ShuttingDown,
+)
+from service.schemas import EntityOut, ExtractResponse, NERResponse, RelationOut, REResponse
+
+__all__ = [
+    "IMM",
+    "AsyncIMM",
+    "DeadlineExceeded",
+    "EngineError",
+    "EntityOut",
+    "ExtractResponse",
+    "ImageError",
+    "InputTooLarge",
+    "InvalidInput",
+    "ModelUnavailable",
+    "NERResponse",
+    "Overloaded",
+    "REResponse",
+    "RelationOut",
+    "ShuttingDown",
+    "load",
+    "load_async",
+]

@@ -1,0 +1,38 @@
+"""The layers: model <- export <- service <- imm. Each module imports only from its own layer and
+the layers to its left (read from the source, every import, top-level or inside a function)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["model", "export", "service", "imm"]
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(LAYERS)
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = []
+    for rank, layer in enumerate(LAYERS):
+        allowed = set(LAYERS[: rank + 1])
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            for package in imported_packages(path) - allowed:
+                upward.append(f"{path.relative_to(ROOT)} imports {package}")
+    assert not upward, upward
+
+
+def test_the_runtimes_do_not_import_each_other_or_the_exporter():
+    runtimes = ROOT / "service" / "runtimes"
+    onnx_side = (runtimes / "onnx.py").read_text() + (runtimes / "base.py").read_text()
+    assert "pytorch" not in onnx_side and "import torch" not in onnx_side
+    pytorch = (runtimes / "pytorch.py").read_text()
+    assert "runtimes.onnx" not in pytorch and "onnx_export" not in pytorch

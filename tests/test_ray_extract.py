@@ -1,0 +1,134 @@
+"""``imm extract --ray``: the corpus on a real two-node Ray cluster (Ray Data), answered row for row
+as on one machine, and no row lost when an engine actor is killed mid-run (``make test-ray``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imm.extract import main as extract_main
+from tests.test_corpus import read_lines, write_posts
+
+try:
+    import ray
+    from ray.cluster_utils import Cluster
+except ImportError as error:  # collected by `make test` too, which deselects these tests
+    MISSING_RAY: ImportError | None = error
+else:
+    MISSING_RAY = None
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+ACTOR = "MapWorker(MapBatches(ExtractActor))"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """A head and a worker node on this machine, one CPU each, this checkout on the workers' path."""
+    if MISSING_RAY is not None:
+        pytest.fail(f"the ray extra is not installed (pip install -e '.[ray]'): {MISSING_RAY}")
+    saved = dict(os.environ)
+    for name in [name for name in os.environ if name.startswith("IMM_")]:
+        del os.environ[name]
+    os.environ.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        IMM_INTRA_OP_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    Path("/tmp/ray").mkdir(exist_ok=True)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, log_to_driver=False)
+        yield
+    finally:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            nodes.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, bundles) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for task in ("ner", "re"):
+        (root / task).symlink_to(bundles[task], target_is_directory=True)
+    return root
+
+
+def extract(posts: Path, out: Path, models: Path, *more: str) -> int:
+    return extract_main(
+        [
+            str(posts),
+            "--out",
+            str(out),
+            "--models",
+            str(models),
+            "--id-column",
+            "id",
+            "--task",
+            "extract",
+            *more,
+        ]
+    )
+
+
+def actor_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if ACTOR.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_the_cluster_answers_row_for_row_as_one_machine(cluster, models, tmp_path, capsys):
+    posts = tmp_path / "posts.jsonl"
+    write_posts(posts, 300, seed=5)
+    assert extract(posts, tmp_path / "one.jsonl", models) == 0
+    assert extract(posts, tmp_path / "ray.jsonl", models, "--ray", "--ray-actors", "2") == 0
+    summary = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert summary["written"] == 300 and summary["ray_actors"] == 2
+    one, on_ray = read_lines(tmp_path / "one.jsonl"), read_lines(tmp_path / "ray.jsonl")
+    assert sorted(on_ray, key=lambda r: r["id"]) == sorted(one, key=lambda r: r["id"])
+
+
+def test_a_killed_actors_rows_are_retried_and_none_lost(cluster, models, tmp_path):
+    posts = tmp_path / "posts.jsonl"
+    write_posts(posts, 1500, seed=6)
+    assert extract(posts, tmp_path / "one.jsonl", models) == 0
+    killed: list[int] = []
+
+    def kill_one_actor_mid_run() -> None:
+        out = tmp_path / "ray.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 2000):
+            time.sleep(0.01)  # some rows are answered: the actors are busy
+        pids = actor_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_one_actor_mid_run)
+    killer.start()
+    assert extract(posts, tmp_path / "ray.jsonl", models, "--ray", "--ray-actors", "2") == 0
+    killer.join()
+    assert killed, "no actor was found to kill"
+    on_ray, one = read_lines(tmp_path / "ray.jsonl"), read_lines(tmp_path / "one.jsonl")
+    assert len({r["id"] for r in on_ray}) == len(on_ray) == 1500
+    assert sorted(on_ray, key=lambda r: r["id"]) == sorted(one, key=lambda r: r["id"])
