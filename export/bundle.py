@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from model.config import PreprocessingConfig
+from model.tasks import TASKS, task_spec
 
 __all__ = [
     "CRF_KEYS",
@@ -122,8 +123,9 @@ def write_manifest(
     directory = Path(directory)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if (task == "ner") != (crf is not None):
-        raise ValueError("a NER bundle needs the CRF scores, and only a NER bundle has them")
+    has_crf = task_spec(task).has_crf
+    if has_crf != (crf is not None):
+        raise ValueError(f"a {task.upper()} bundle {'needs' if has_crf else 'has no'} CRF scores")
     preprocessing_dict = (
         _jsonable(dataclasses.asdict(preprocessing))
         if isinstance(preprocessing, PreprocessingConfig)
@@ -237,7 +239,7 @@ def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
                     f"expected {entry['sha256'][:12]}...): the file was modified or corrupted; re-export it"
                 )
     crf = None
-    if manifest["task"] == "ner":
+    if task_spec(manifest["task"]).has_crf:
         crf = {key: np.asarray(manifest["crf"][key], dtype=np.float32) for key in CRF_KEYS}
     return Bundle(
         directory=directory,
@@ -268,8 +270,8 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     if manifest[_CHECKSUM_KEY] != manifest_checksum(manifest):
         raise fail("the manifest was edited after export (its checksum does not match); re-export the bundle")
     task, labels = manifest["task"], manifest["labels"]
-    if task not in ("ner", "re"):
-        raise fail(f"task must be 'ner' or 're', not {task!r}")
+    if task not in TASKS:
+        raise fail(f"task must be one of {', '.join(map(repr, TASKS))}, not {task!r}")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise fail("labels must be a non-empty list of strings")
     if manifest["precision"] not in PRECISIONS:
@@ -296,10 +298,10 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     for required in (MODEL_FILE, TOKENIZER_FILE):
         if required not in files:
             raise fail(f"{required} is not listed in the manifest")
-    if task == "ner":
+    if TASKS[task].has_crf:
         crf = manifest.get("crf")
         if not isinstance(crf, dict) or any(key not in crf for key in CRF_KEYS):
-            raise fail(f"a NER bundle needs crf.{', crf.'.join(CRF_KEYS)}")
+            raise fail(f"a {task.upper()} bundle needs crf.{', crf.'.join(CRF_KEYS)}")
         tags = len(labels)
         try:
             shapes = {key: np.asarray(crf[key], dtype=np.float32).shape for key in CRF_KEYS}

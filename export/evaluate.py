@@ -18,6 +18,7 @@ from model.data.dataset import Example
 from model.data.images import ImageStore
 from model.evaluate import _batches, _full_length, add_data_arguments, load_examples, progress, report
 from model.preprocessing import Preprocessor, load_tokenizer
+from model.tasks import task_spec
 
 
 def predict_bundle(
@@ -34,12 +35,13 @@ def predict_bundle(
     session = ort.InferenceSession(
         str(bundle.model_path), session_options(), providers=["CPUExecutionProvider"]
     )
+    has_crf = task_spec(bundle.task).has_crf
     predictions: list = []
     batches = _batches(preprocessor, examples, images, batch_size)
     for chunk, arrays in progress(batches, len(examples), batch_size):
         (output,) = session.run(None, {name: arrays[name] for name in bundle.input_names})
         decoded = decode_outputs(bundle.task, output, arrays["word_mask"], bundle.crf, confidence=False)
-        if bundle.task == "ner":
+        if has_crf:
             labels = [[bundle.labels[i] for i in row] for row in decoded.tags]
         else:
             labels = [bundle.labels[i] for i in decoded.argmax(axis=-1).tolist()]

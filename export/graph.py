@@ -12,15 +12,14 @@ import torch
 from torch import nn
 
 from model.config import IMMConfig
-from model.imm import TASK_MODELS, IMMPreTrainedModel
+from model.imm import IMMPreTrainedModel, build_task_model
+from model.tasks import TASKS
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "NERGraph", "REGraph", "graph_module", "rebuild_model"]
+__all__ = ["GRAPHS", "INPUT_NAMES", "OUTPUT_NAMES", "NERGraph", "REGraph", "graph_module", "rebuild_model"]
 
-INPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "ner": ("input_ids", "attention_mask", "word_index", "word_shape", "pixel_values", "has_image"),
-    "re": ("input_ids", "attention_mask", "pixel_values", "has_image", "marker_index"),
-}
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {"ner": ("emissions",), "re": ("logits",)}
+# Each task's graph signature, as its description (model.tasks) gives it.
+INPUT_NAMES: dict[str, tuple[str, ...]] = {name: spec.graph_inputs for name, spec in TASKS.items()}
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {name: spec.graph_outputs for name, spec in TASKS.items()}
 
 
 class _Graph(nn.Module):
@@ -56,10 +55,12 @@ class REGraph(_Graph):
         return self.model.head(self.encode(input_ids, attention_mask, pixel_values, has_image), marker_index)
 
 
+GRAPHS: dict[str, type[_Graph]] = {"ner": NERGraph, "re": REGraph}
+
+
 def graph_module(model: IMMPreTrainedModel, visual: bool = True) -> nn.Module:
     """The eval-mode wrapper that is traced into the graph (and that the PyTorch runtime runs)."""
-    wrapper = NERGraph(model, visual) if model.config.task == "ner" else REGraph(model, visual)
-    return wrapper.eval()
+    return GRAPHS[model.config.task](model, visual).eval()
 
 
 def rebuild_model(
@@ -69,7 +70,7 @@ def rebuild_model(
     table); parameters the graph never reads are zero. What the PyTorch runtime serves."""
     from export.weights import read_weights
 
-    model = TASK_MODELS[config.task](config).eval()
+    model = build_task_model(config).eval()
     with torch.no_grad():
         for parameter in model.state_dict().values():
             parameter.zero_()

@@ -47,11 +47,12 @@ from export.bundle import (
 )
 from export.checks import ExportError, check_export_arguments, safe_model_name
 from export.graph import INPUT_NAMES, OUTPUT_NAMES, NERGraph, REGraph, graph_module, rebuild_model
-from export.outputs import decode_outputs
+from export.outputs import decode_tags
 from model.checkpoint import SCORES_FILE, load_checkpoint, read_json, resolve_checkpoint, visual_training
 from model.config import IMMConfig
 from model.imm import IMMForNER, IMMPreTrainedModel
 from model.preprocessing import Preprocessor
+from model.tasks import task_spec
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -134,6 +135,7 @@ def sample_batches(
     rng = np.random.default_rng(seed)
     vocabulary = sample_vocabulary(preprocessor)
     size = preprocessor.config.image_size
+    marks_entity_pair = task_spec(task).marks_entity_pair
     batches = []
     for number, batch_size in enumerate(batch_sizes):
         texts, images = [], []
@@ -141,13 +143,13 @@ def sample_batches(
             words = [
                 vocabulary[i] for i in rng.integers(0, len(vocabulary), int(rng.integers(1, max_words + 1)))
             ]
-            if task == "ner":
-                texts.append(preprocessor.text.encode(words))
-            else:
+            if marks_entity_pair:
                 words = words if len(words) >= 2 else [*words, "x"]
                 head = int(rng.integers(0, len(words) - 1))
                 tail = int(rng.integers(head + 1, len(words)))
                 texts.append(preprocessor.text.encode_relation(words, (head, head + 1), (tail, tail + 1)))
+            else:
+                texts.append(preprocessor.text.encode(words))
             with_image = {0: True, 1: False}.get(number, bool(rng.random() < 0.5))
             images.append(sample_image(rng, size, preprocessor) if with_image else None)
         batches.append(preprocessor.collate(texts, images))
@@ -321,7 +323,7 @@ def labels_of(outputs: np.ndarray, batch: dict[str, np.ndarray], crf: dict[str, 
     """Decoded label ids (``export.outputs``, as served): the CRF's Viterbi tags (NER), the argmax (RE)."""
     if crf is None:
         return outputs.argmax(axis=-1).tolist()
-    return decode_outputs("ner", outputs, batch["word_mask"], crf, confidence=False).tags
+    return decode_tags(outputs, batch["word_mask"], crf, confidence=False).tags
 
 
 def compare(
@@ -394,7 +396,7 @@ def export_bundle(
     visual = visual_stream(training)
     if not visual:
         say("the visual path was never trained: the bundle leaves the visual stream out and ignores pictures")
-    crf = _crf_arrays(model) if task == "ner" else None
+    crf = _crf_arrays(model) if task_spec(task).has_crf else None
     batches = sample_batches(preprocessor, task)
     references = torch_outputs(model, batches, visual)
 

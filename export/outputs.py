@@ -14,8 +14,9 @@ import numpy as np
 
 from export.bundle import CRF_KEYS
 from model.decoding import crf_marginals, viterbi_decode
+from model.tasks import task_spec
 
-__all__ = ["NEROutput", "decode_outputs", "softmax"]
+__all__ = ["NEROutput", "decode_outputs", "decode_tags", "softmax"]
 
 
 @dataclass
@@ -41,16 +42,28 @@ def decode_outputs(
     *,
     confidence: bool = True,
 ) -> NEROutput | np.ndarray:
-    """NER (``output``: emissions (B, W, T), with the batch's ``word_mask`` and the bundle's ``crf``):
-    ``NEROutput`` (``confidence=False`` skips the marginals and leaves it empty); RE (logits
-    (B, R)): relation probabilities (B, R), float64."""
-    if task == "re":
+    """A task with a CRF (``output``: emissions (B, W, T), with the batch's ``word_mask`` and the
+    bundle's ``crf``): ``NEROutput`` (``decode_tags``); otherwise (logits (B, R)): relation
+    probabilities (B, R), float64."""
+    if not task_spec(task).has_crf:
         return softmax(output)
+    return decode_tags(output, word_mask, crf, confidence=confidence)
+
+
+def decode_tags(
+    emissions: np.ndarray,
+    word_mask: np.ndarray | None,
+    crf: dict[str, np.ndarray] | None,
+    *,
+    confidence: bool = True,
+) -> NEROutput:
+    """Word emissions (B, W, T) decoded by the CRF: each word's Viterbi tag and, unless
+    ``confidence=False`` (then left empty), that tag's marginal probability."""
     if crf is None or word_mask is None:
         raise ValueError("decoding NER emissions needs the word mask and the CRF scores")
     scores = tuple(crf[key] for key in CRF_KEYS)
-    tags = [np.asarray(path, dtype=np.int64) for path in viterbi_decode(output, word_mask, *scores)]
+    tags = [np.asarray(path, dtype=np.int64) for path in viterbi_decode(emissions, word_mask, *scores)]
     if not confidence:
         return NEROutput(tags, [])
-    marginals = crf_marginals(output, word_mask, *scores)
+    marginals = crf_marginals(emissions, word_mask, *scores)
     return NEROutput(tags, [marginals[row, np.arange(len(path)), path] for row, path in enumerate(tags)])

@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
@@ -81,6 +81,11 @@ class AsyncIMM:
         """The tasks whose models are loaded: "ner", "re"."""
         return [task for task, slot in self.engine.slots.items() if slot.ready]
 
+    def piece_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in word pieces (the models' tokenizer, no truncation): ``pipe`` and
+        ``imm extract`` send many texts shortest first, so that the rows of a batch pad little."""
+        return self.engine.piece_counts(texts)
+
     async def ner(self, text: str, image: Image = None) -> NERResponse:
         return await self.engine.ner(text, _image_bytes(image))
 
@@ -100,14 +105,16 @@ class AsyncIMM:
     async def pipe(
         self, items: Iterable[Any], task: Task = "ner", *, batch_size: int = 32
     ) -> AsyncIterator[NERResponse | REResponse | ExtractResponse]:
-        """The answers for ``items``, in order, up to ``batch_size`` in flight (the engine batches them).
-        An item is a text, or a dict of the call's arguments (``{"text": ..., "image": ...}``; RE:
-        ``head``, ``tail``)."""
+        """The answers for ``items``, in order, up to ``batch_size`` in flight (the engine batches them;
+        each chunk is sent shortest first, so that a batch's rows pad little). An item is a text, or a
+        dict of the call's arguments (``{"text": ..., "image": ...}``; RE: ``head``, ``tail``)."""
         call = {"ner": self.ner, "re": self.re, "extract": self.extract}[task]
         iterator = iter(items)
-        while chunk := list(itertools.islice(iterator, batch_size)):
-            answers = await asyncio.gather(*(call(**_arguments(item)) for item in chunk))
-            for answer in answers:
+        while chunk := [_arguments(item) for item in itertools.islice(iterator, batch_size)]:
+            answers: list[asyncio.Task] = [None] * len(chunk)  # type: ignore[list-item]
+            for index in shortest_first(self, [arguments["text"] for arguments in chunk]):
+                answers[index] = asyncio.ensure_future(call(**chunk[index]))
+            for answer in await asyncio.gather(*answers):
                 yield answer
 
     async def close(self) -> None:
@@ -118,6 +125,14 @@ class AsyncIMM:
 
     async def __aexit__(self, *_: object) -> None:
         await self.close()
+
+
+def shortest_first(nlp: AsyncIMM, texts: Sequence[Any]) -> list[int]:
+    """The indices of ``texts``, fewest word pieces first (a text that is not a string, which the call
+    will refuse, first of all)."""
+    valid = [index for index, text in enumerate(texts) if isinstance(text, str)]
+    counts = dict(zip(valid, nlp.piece_counts([texts[index] for index in valid]))) if valid else {}
+    return sorted(range(len(texts)), key=lambda index: counts.get(index, -1))
 
 
 def _arguments(item: Any) -> dict[str, Any]:
@@ -169,6 +184,10 @@ class IMM:
     def tasks(self) -> list[str]:
         return self._async.tasks
 
+    def piece_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in word pieces (see ``AsyncIMM.piece_counts``)."""
+        return self._async.piece_counts(texts)
+
     def ner(self, text: str, image: Image = None) -> NERResponse:
         """The named entities of ``text`` (with its picture, when given)."""
         return self._wait(self._async.ner(text, image))
@@ -195,8 +214,10 @@ class IMM:
         flight, batched together by the engine."""
         call = {"ner": self._async.ner, "re": self._async.re, "extract": self._async.extract}[task]
         iterator = iter(items)
-        while chunk := list(itertools.islice(iterator, batch_size)):
-            futures = [self._submit(call(**_arguments(item))) for item in chunk]
+        while chunk := [_arguments(item) for item in itertools.islice(iterator, batch_size)]:
+            futures: list[Future] = [None] * len(chunk)  # type: ignore[list-item]
+            for index in shortest_first(self._async, [arguments["text"] for arguments in chunk]):
+                futures[index] = self._submit(call(**chunk[index]))
             for future in futures:
                 yield future.result()
 

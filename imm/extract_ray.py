@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imm.api import shortest_first
 from imm.extract import Row, UsageError, answer, input_format, model_options, open_sink
 
-# Rows per actor call: enough for the engine to fill its batches, few enough to spread the work.
-ROWS_PER_CALL = 64
+# Rows per actor call: enough for the engine to fill its batches of like lengths (the call's rows
+# go shortest first), few enough to spread the work; all in flight at once within the engine's queue.
+ROWS_PER_CALL = 128
 
 
 class ExtractActor:
@@ -61,7 +63,10 @@ class ExtractActor:
     async def _answer_all(self, rows: list[Row]) -> list[dict[str, Any]]:
         s = self.settings
         images = Path(s["images"]) if s["images"] else None
-        return await asyncio.gather(*(answer(self.nlp, s["task"], row, images, s["pairs"]) for row in rows))
+        tasks: list[asyncio.Task] = [None] * len(rows)  # type: ignore[list-item]
+        for index in shortest_first(self.nlp, [row.text for row in rows]):
+            tasks[index] = asyncio.ensure_future(answer(self.nlp, s["task"], rows[index], images, s["pairs"]))
+        return await asyncio.gather(*tasks)
 
 
 def read_dataset(path: Path):

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from model.config import IMMConfig, Task
-from model.imm import CONFIG_FILE, TASK_MODELS, WEIGHTS_FILE, IMMPreTrainedModel
+from model.imm import CONFIG_FILE, WEIGHTS_FILE, IMMPreTrainedModel, build_task_model
 from model.preprocessing import TOKENIZER_FILE, Preprocessor, add_entity_markers, load_tokenizer
 from model.run_directory import (
     CHECKPOINT_DIR,
@@ -35,6 +36,7 @@ from model.run_directory import (
     next_generation,
     resolve_checkpoint,
 )
+from model.tasks import task_spec
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -87,10 +89,10 @@ def create_model(
     """A new model for ``task`` on the BERT-family backbone in ``backbone_dir``, plus its preprocessing."""
     config = IMMConfig.from_backbone(backbone_dir, task, labels, **overrides)
     tokenizer = backbone_tokenizer(backbone_dir)
-    if task == "re":
+    if task_spec(task).marks_entity_pair:
         add_entity_markers(tokenizer, config.preprocessing.entity_markers)
     config.backbone_config.vocab_size = max(config.backbone_config.vocab_size, tokenizer.get_vocab_size())
-    model = TASK_MODELS[task].from_backbone(config, backbone_dir)
+    model = build_task_model(config, backbone_dir)
     return model, Preprocessor(config.preprocessing, tokenizer)
 
 
@@ -101,7 +103,7 @@ def create_model_from_checkpoint(
     setting, Table 3): every shared weight is copied, the head starts fresh."""
     source, source_preprocessor = load_checkpoint(checkpoint_dir)
     tokenizer = source_preprocessor.text.tokenizer
-    if task == "re":
+    if task_spec(task).marks_entity_pair:
         add_entity_markers(tokenizer, source.config.preprocessing.entity_markers)
     backbone = dataclasses.replace(
         source.config.backbone_config,
@@ -110,7 +112,7 @@ def create_model_from_checkpoint(
     config = dataclasses.replace(
         source.config, task=task, labels=list(labels), backbone_config=backbone, **overrides
     )
-    model = TASK_MODELS[task](config)
+    model = build_task_model(config)
     target = model.encoder.state_dict()
     with torch.no_grad():
         for name, tensor in source.encoder.state_dict().items():
@@ -189,7 +191,8 @@ def load_checkpoint(
         config = IMMConfig.from_json_file(files / CONFIG_FILE)
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{files / CONFIG_FILE}: {error}") from None
-    model = TASK_MODELS[config.task].from_pretrained(files, map_location=map_location)
+    model = build_task_model(config)
+    model.load_state_dict(load_file(str(files / WEIGHTS_FILE), device=map_location))
     return model, Preprocessor.from_directory(files, config.preprocessing)
 
 

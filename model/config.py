@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Task = Literal["ner", "re"]
+from model.tasks import task_spec
+
+Task = Literal["ner", "re"]  # the names in model.tasks.TASKS, for type checkers
 AttentionMode = Literal["separate", "joint"]
 REPooling = Literal["cls", "entity_start"]
 IASlots = Literal["token", "all"]
@@ -125,8 +127,7 @@ class IMMConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
 
     def __post_init__(self) -> None:
-        if self.task not in ("ner", "re"):
-            raise ValueError(f"task must be 'ner' or 're', not {self.task!r}")
+        task_spec(self.task)  # ValueError naming the known tasks
         if not self.labels:
             raise ValueError("labels must not be empty")
         if self.attention_mode not in ("separate", "joint"):

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from model.data import DataFormatError, NERExample, REExample, read_mnre, read_twitter_conll
+from model.data import DataFormatError, NERExample, REExample
 from model.data.dataset import Example, encode_example
 from model.data.images import ImageStore
 from model.decoding import bio_spans
 from model.imm import IMMPreTrainedModel
-from model.metrics import ner_scores, re_scores
 from model.preprocessing import Preprocessor
+from model.tasks import task_spec
 
 log = logging.getLogger("model.evaluate")
 
@@ -35,7 +35,7 @@ def read_examples(task: str, path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    return read_twitter_conll(path) if task == "ner" else read_mnre(path)
+    return task_spec(task).read(path)
 
 
 def _batches(
@@ -68,8 +68,9 @@ def progress(batches, examples: int, batch_size: int):
 
 
 def _full_length(task: str, labels: list, chunk: Sequence[Example]) -> list:
-    """NER: words cut off by the sequence limit are predicted ``O`` (they still count in the gold)."""
-    if task != "ner":
+    """Tags per word: words cut off by the sequence limit are predicted ``O`` (they still count in
+    the gold)."""
+    if not task_spec(task).labels_per_word:
         return labels
     return [tags + ["O"] * (len(e.words) - len(tags)) for tags, e in zip(labels, chunk)]
 
@@ -96,9 +97,7 @@ def predict(
 
 
 def score(task: str, examples: Sequence[Example], predictions: list) -> dict[str, Any]:
-    if task == "ner":
-        return ner_scores([list(e.tags) for e in examples], predictions)
-    return re_scores([e.relation for e in examples], predictions)
+    return task_spec(task).score(examples, predictions)
 
 
 def evaluate(

@@ -9,8 +9,9 @@ Structure (paper Figure 2)::
 
 ``IMMEncoder`` is shared by the two task models (``IMMForNER``, ``IMMForRE``), which follow one
 contract: ``forward(**batch)`` returns an :class:`IMMOutput` whose ``loss`` is set when labels are
-given, and ``predict(**batch)`` returns label names. A model rebuilds from its config alone;
-``from_backbone`` loads a BERT-family checkpoint's weights into it.
+given, and ``predict(**batch)`` returns label names. A model rebuilds from its config alone
+(``build_task_model``, the one place models are built); ``from_backbone`` loads a BERT-family
+checkpoint's weights into it.
 """
 
 from __future__ import annotations
@@ -231,13 +232,6 @@ class IMMPreTrainedModel(nn.Module):
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "task": self.config.task})
         self.config.to_json_file(directory / CONFIG_FILE)
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
-        config = IMMConfig.from_json_file(Path(directory) / CONFIG_FILE)
-        model = cls(config)
-        model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=map_location))
-        return model
-
     def _sw_loss(
         self,
         encoded: EncoderOutput,
@@ -354,4 +348,15 @@ class IMMForRE(IMMPreTrainedModel):
         return [self.config.labels[i] for i in logits.argmax(dim=-1).tolist()]
 
 
+# The PyTorch half of each task's description (model.tasks, which must stay torch-free).
 TASK_MODELS: dict[str, type[IMMPreTrainedModel]] = {"ner": IMMForNER, "re": IMMForRE}
+
+
+def build_task_model(config: IMMConfig, backbone_dir: str | Path | None = None) -> IMMPreTrainedModel:
+    """The model of ``config.task``, its encoder started from the BERT weights in ``backbone_dir``
+    when given (freshly initialised otherwise). Training, checkpoints and bundles build their
+    models here."""
+    model_class = TASK_MODELS[config.task]
+    if backbone_dir is None:
+        return model_class(config)
+    return model_class.from_backbone(config, backbone_dir)

@@ -43,7 +43,7 @@ from model.checkpoint import (
     sw_status,
     write_checkpoint,
 )
-from model.data import MNRE_RELATIONS, NER_LABELS, DataFormatError
+from model.data import DataFormatError
 from model.data.dataset import Collator, IMMDataset
 from model.data.images import ImageStore
 from model.embeddings import PatchEmbeddings
@@ -51,6 +51,7 @@ from model.evaluate import evaluate, read_examples
 from model.imm import IMMPreTrainedModel
 from model.logs import configure as configure_logs
 from model.preprocessing import Preprocessor
+from model.tasks import TASKS, task_spec
 from model.teacher import CLIPTeacher, TeacherLoadError
 from model.training_state import (
     averaged_epoch_weights,
@@ -121,7 +122,7 @@ class TrainingArguments:
 def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--task", required=True, choices=["ner", "re"])
+    add("--task", required=True, choices=list(TASKS))
     add("--train", required=True, nargs="+", help="training file(s): Twitter CoNLL (ner) or MNRE (re)")
     add("--dev", required=True, nargs="+", help="dev file(s); the best epoch has the best mean dev F1")
     add("--out", required=True, help="checkpoint directory (metrics and resume state are kept in it)")
@@ -256,10 +257,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def labels_for(task: str) -> list[str]:
-    return list(NER_LABELS) if task == "ner" else list(MNRE_RELATIONS)
-
-
 def load_datasets(args: TrainingArguments) -> tuple[list, dict[str, list]]:
     """Reads every file up front: a bad file fails here, with its name, before any training."""
     train = []
@@ -307,15 +304,16 @@ def check_inputs(args: TrainingArguments) -> None:
 
 
 def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
+    task = task_spec(args.task)
     overrides = {
         "use_ia": not args.no_ia,
         "ia_slots": args.ia_slots,
         "ia_key_scale": not args.no_ia_key_scale,
         "attention_mode": args.attention_mode,
         "re_pooling": args.re_pooling,
-        "word_shape_size": args.word_shape_size if args.task == "ner" else 0,
+        "word_shape_size": args.word_shape_size if task.uses_word_shapes else 0,
     }
-    labels = labels_for(args.task)
+    labels = list(task.labels)
     if args.init_from:
         model, preprocessor = create_model_from_checkpoint(args.task, labels, args.init_from, **overrides)
     else:

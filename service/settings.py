@@ -189,4 +189,4 @@ class Settings(BaseSettings):
         return self.preprocess_threads or min(4, available_cores())
 
     def bundle_path(self, task: str) -> Path | None:
-        return self.ner_bundle if task == "ner" else self.re_bundle
+        return {"ner": self.ner_bundle, "re": self.re_bundle}[task]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import imm
+from imm.api import shortest_first
 from imm.cli import main as imm_main
 from tests.conftest import jpeg_bytes
 from tests.test_service import ServerThread, make_settings
@@ -51,6 +52,14 @@ def test_pipe_answers_in_order_as_one_at_a_time(nlp):
     assert len({a.relation for a in nlp.pipe(pairs, task="re")}) == 1
     with pytest.raises(TypeError, match="a text or a dict"):
         list(nlp.pipe([42]))
+
+
+def test_many_texts_go_fewest_pieces_first(nlp):
+    texts = ["bob jones visited london and paris", "nothing", None, "alice smith"]
+    counts = nlp.piece_counts([t for t in texts if t is not None])
+    assert counts[0] > counts[2] > counts[1] > 0  # the models' tokenizer, in word pieces
+    # A text the call will refuse (not a string) goes first; then fewest pieces first.
+    assert shortest_first(nlp._async, texts) == [2, 1, 3, 0]
 
 
 def test_errors_are_the_engines_own(nlp):

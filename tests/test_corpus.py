@@ -64,9 +64,9 @@ def test_every_row_gets_the_apis_answer_or_its_own_error(tmp_path, models, capsy
     (tmp_path / "posts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
     argv = [str(tmp_path / "posts.jsonl"), "--out", str(out), "--models", str(models), "--id-column", "id"]
-    assert (
-        extract_main([*argv, "--task", "extract", "--images", str(pictures), "--image-column", "image"]) == 0
-    )
+    # Windows of 7 rows, each sent shortest first: the output is still in input order.
+    argv += ["--sort-window", "7", "--task", "extract", "--images", str(pictures), "--image-column", "image"]
+    assert extract_main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == summary["written"] == 31
     assert summary["errors"] == {"image_missing": 4, "invalid_text": 1}

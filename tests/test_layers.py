@@ -4,6 +4,8 @@ the layers to its left (read from the source, every import, top-level or inside 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +38,12 @@ def test_the_runtimes_do_not_import_each_other_or_the_exporter():
     assert "pytorch" not in onnx_side and "import torch" not in onnx_side
     pytorch = (runtimes / "pytorch.py").read_text()
     assert "runtimes.onnx" not in pytorch and "onnx_export" not in pytorch
+
+
+def test_what_the_cpu_server_imports_never_imports_torch():
+    # model.tasks is asked by every layer, the server's included; export.bundle and export.outputs
+    # read and decode bundles for the ONNX runtime.
+    modules = "model.tasks, model.config, export.bundle, export.outputs, service.runtimes.onnx"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

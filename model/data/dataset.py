@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from model.data.examples import NERExample, REExample
 from model.data.images import ImageStore
 from model.preprocessing import EncodedText, Preprocessor, augment
+from model.tasks import task_spec
 
 Example = NERExample | REExample
 
@@ -108,14 +109,14 @@ class Collator:
 
     def __init__(self, preprocessor: Preprocessor, task: str, teacher: dict[str, torch.Tensor] | None = None):
         self.preprocessor = preprocessor
-        self.task = task
+        self.labels_per_word = task_spec(task).labels_per_word
         self.teacher = teacher
 
     def __call__(self, items: list[Item]) -> dict[str, torch.Tensor]:
         arrays = self.preprocessor.collate([i.text for i in items], [i.pixels for i in items])
         batch = {name: torch.from_numpy(array) for name, array in arrays.items()}
         batch["example_index"] = torch.tensor([i.number for i in items])
-        if self.task == "ner":
+        if self.labels_per_word:
             labels = torch.zeros(batch["word_index"].shape, dtype=torch.long)
             for row, item in enumerate(items):
                 labels[row, : len(item.label)] = torch.tensor(item.label, dtype=torch.long)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from model.data.mnre import NO_RELATION
+from model.tasks import TASKS
 from service.engine.batcher import BatchTimings, Ticket
 from service.engine.errors import (
     DeadlineExceeded,
@@ -43,7 +44,7 @@ from service.engine.errors import (
     Overloaded,
     ShuttingDown,
 )
-from service.engine.models import TASKS, ModelSlot, load_model
+from service.engine.models import ModelSlot, load_model
 from service.engine.pipeline import Entity, NERPipeline, Prepared, Relation, REPipeline, RequestPicture
 from service.observability import Metrics
 from service.schemas import (
@@ -187,6 +188,14 @@ class Engine:
             )
             for task, slot in self.slots.items()
         }
+
+    def piece_counts(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in sub-tokens, by the tokenizer of a ready model (``TextEncoder.piece_counts``):
+        the order in which to send many texts so that batches pad little."""
+        slot = next((slot for slot in self.slots.values() if slot.ready), None)
+        if slot is None:
+            raise ModelUnavailable("no model is ready")
+        return slot.pipeline.preprocessor.text.piece_counts(texts)
 
     def refresh_gauges(self) -> None:
         """Sets the queue-depth gauges from the batchers (before metrics are read)."""

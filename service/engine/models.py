@@ -23,7 +23,6 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 
-TASKS = ("ner", "re")
 ENV_NAMES = {"ner": "IMM_NER_BUNDLE", "re": "IMM_RE_BUNDLE"}
 
 

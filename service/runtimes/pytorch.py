@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from export.bundle import Bundle
+from export.bundle import CRF_KEYS, Bundle
 from export.graph import graph_module, rebuild_model
 from export.outputs import NEROutput
 from model.config import IMMConfig
 from model.crf import CRF
 from model.preprocessing import EncodedText, Preprocessor
 from model.preprocessing.tensor_image import decode_jpegs, nvjpeg_available, resize_normalise
+from model.tasks import task_spec
 from service.runtimes.base import ModelPicture, Runtime, UndecodedJpeg
 
 __all__ = ["TorchRuntime"]
@@ -54,33 +55,20 @@ def _bucket(value: int, sizes: Sequence[int]) -> int:
 
 
 class _Forward(torch.nn.Module):
-    """Model plus decoding: the whole of what one batch computes on the device."""
+    """Model plus decoding: the whole of what one batch computes on the device. ``crf`` (a task
+    with a CRF) decodes the graph's emissions; without one the logits become probabilities."""
 
     def __init__(self, graph: torch.nn.Module, task: str, crf: CRF | None):
         super().__init__()
         self.graph = graph
-        self.task = task
+        self.input_names = task_spec(task).graph_inputs
         self.crf = crf
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        if self.task == "ner":
-            emissions = self.graph(
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                inputs["word_index"],
-                inputs["word_shape"],
-                inputs["pixel_values"],
-                inputs["has_image"],
-            )
-            return self.crf.decode_batch(emissions, inputs["word_mask"])
-        logits = self.graph(
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs["pixel_values"],
-            inputs["has_image"],
-            inputs["marker_index"],
-        )
-        return (torch.softmax(logits.float(), dim=-1),)
+        output = self.graph(*(inputs[name] for name in self.input_names))
+        if self.crf is not None:
+            return self.crf.decode_batch(output, inputs["word_mask"])
+        return (torch.softmax(output.float(), dim=-1),)
 
 
 @dataclass
@@ -177,10 +165,11 @@ class TorchRuntime(Runtime):
         self.visual = bool(manifest.get("visual_stream", True))
         config = IMMConfig.from_dict(manifest["source"]["config"])
         model = rebuild_model(config, bundle.model_path, manifest["weights"])
+        self.has_crf = task_spec(self.task).has_crf
         crf = None
-        if self.task == "ner":
+        if self.has_crf:
             assert bundle.crf is not None
-            crf = CRF.from_scores(*(torch.from_numpy(bundle.crf[key]) for key in CRF_ORDER))
+            crf = CRF.from_scores(*(torch.from_numpy(bundle.crf[key]) for key in CRF_KEYS))
         self.forward = _Forward(graph_module(model, self.visual), self.task, crf).to(self.device).eval()
         self.forward.graph.to(self.dtype)
         self.size = config.preprocessing.image_size
@@ -270,7 +259,7 @@ class TorchRuntime(Runtime):
             if self.stream is not None:
                 self.stream.synchronize()
         batch = len(texts)
-        if self.task == "re":
+        if not self.has_crf:
             return host[0][:batch].double().numpy()
         tags, confidence = (tensor[:batch].numpy() for tensor in host)
         lengths = [text.num_words for text in texts]
@@ -304,6 +293,3 @@ class TorchRuntime(Runtime):
             pixels = picture if isinstance(picture, np.ndarray) else self.preprocessor.image(picture.data)
             host[number].numpy()[...] = pixels
             target[number].copy_(host[number], non_blocking=True)
-
-
-CRF_ORDER = ("transitions", "start_transitions", "end_transitions")
