@@ -39,9 +39,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record comes, not the stream it was when the
+    handler was made: a training run called from Python (a notebook, a test) may replace and close
+    its stderr, and the root logger outlives the call."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure(log_format: LogFormat = "text", level: int = logging.INFO) -> None:
     """The root logger on stderr, as text lines or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(
         JsonFormatter()
         if log_format == "json"

@@ -7,6 +7,7 @@ the same for them as for a real MiniLM/BERT-base or CLIP directory.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -254,3 +255,18 @@ def client(server) -> Iterator[httpx.Client]:
     """An HTTP client of the module's ``server`` fixture (``(url, app)``, a server in a thread)."""
     with httpx.Client(base_url=server[0], timeout=30) as http:
         yield http
+
+
+@pytest.fixture(autouse=True)
+def root_logger_restored() -> Iterator[None]:
+    """A command run in-process (``model.train``'s ``main``) configures the root logger, as it does
+    for its own process; the tests after it must not inherit that (a later command's stderr would
+    hold INFO lines it never writes when run alone)."""
+    from model.logs import StderrHandler
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, StderrHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
