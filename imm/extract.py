@@ -6,7 +6,8 @@
     imm extract posts.parquet --out answers.parquet --ray auto       # on a Ray cluster (Ray Data)
 
 Input: JSON lines, CSV or Parquet (by the file's suffix) with a text column, optionally a picture
-column (a path relative to ``--images``) and an id column (default: the row's number). ``--task re``
+column (a path relative to ``--images``) and an id column (``--id-column``; default: the column
+``id`` where there is one, else the row's number). ``--task re``
 also needs the entity pair: ``head`` and ``tail`` columns of ``[start, end]`` character offsets.
 Output, by ``--out``'s suffix: JSON lines (``.jsonl``), one object per row, ``{"id", ...the API's
 answer...}`` or ``{"id", "error": {"kind", "message"}}``; or Parquet (``.parquet``: a directory of
@@ -42,6 +43,8 @@ from model.tasks import TASKS
 
 __all__ = ["main"]
 
+#: The id column used when ``--id-column`` is not given and the input has one.
+DEFAULT_ID_COLUMN = "id"
 INPUT_FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -114,12 +117,16 @@ def span(value: Any, column: str, row_id: str) -> tuple[int, int]:
 
 
 def rows(args: argparse.Namespace) -> Iterator[Row]:
+    id_column = args.id_column
     for number, record in enumerate(read_records(args.input)):
-        if args.text_column not in record:
-            raise UsageError(
-                f"{args.input}: row {number} has no {args.text_column!r} column (has: {', '.join(record)[:200]})"
-            )
-        row_id = str(record[args.id_column]) if args.id_column else str(number)
+        if number == 0 and id_column is None and DEFAULT_ID_COLUMN in record:
+            id_column = DEFAULT_ID_COLUMN
+        for column in (args.text_column, id_column):
+            if column is not None and column not in record:
+                raise UsageError(
+                    f"{args.input}: row {number} has no {column!r} column (has: {', '.join(record)[:200]})"
+                )
+        row_id = str(record[id_column]) if id_column else str(number)
         yield Row(
             id=row_id,
             text=record[args.text_column],
@@ -385,7 +392,10 @@ def build_parser(prog: str = "imm extract") -> argparse.ArgumentParser:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--image-column", help="the column naming each row's picture")
     parser.add_argument("--images", type=Path, help="the directory the picture column's paths are in")
-    parser.add_argument("--id-column", help="the column of row ids (default: the row's number)")
+    parser.add_argument(
+        "--id-column",
+        help="the column of row ids (default: 'id' where the input has it, else the row's number)",
+    )
     parser.add_argument(
         "--pairs", choices=("typed", "all"), default="typed", help="--task extract: as the API's"
     )

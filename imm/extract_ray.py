@@ -10,8 +10,9 @@ actor sees them. An actor that dies (a killed process, a lost node) is restarted
 batch retried, so no row is lost; a row is written once, when its answer arrives.
 
 The input file, ``--images`` and ``--models`` must be readable at the same paths on every node (a
-shared file system, or the same image), and ``--id-column`` is required (blocks are read in
-parallel: a row's number is not known to the node that reads it). docs/scaling.md has the
+shared file system, or the same image), and the rows need ids (a column called ``id``, or
+``--id-column``: blocks are read in parallel, so a row's number is not known to the node that reads
+it). docs/scaling.md has the
 commands for a real cluster and KubeRay's ``RayJob``.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from imm.api import shortest_first
-from imm.extract import Row, UsageError, answer, input_format, model_options, open_sink
+from imm.extract import DEFAULT_ID_COLUMN, Row, UsageError, answer, input_format, model_options, open_sink
 
 # Rows per actor call: enough for the engine to fill its batches of like lengths (the call's rows
 # go shortest first), few enough to spread the work; all in flight at once within the engine's queue.
@@ -83,8 +84,6 @@ def run_on_ray(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
 
-    if not args.id_column:
-        raise UsageError("--ray needs --id-column: blocks are read in parallel, rows have no number")
     if not ray.is_initialized():
         ray.init(address=args.ray or None, log_to_driver=False)
     sink = open_sink(args.out, args.resume)
@@ -94,6 +93,13 @@ def run_on_ray(args: argparse.Namespace) -> dict[str, Any]:
     try:
         dataset = read_dataset(args.input)
         columns = dataset.columns()
+        if not args.id_column:
+            if DEFAULT_ID_COLUMN not in columns:
+                raise UsageError(
+                    f"--ray needs an id column (--id-column, or one called {DEFAULT_ID_COLUMN!r}): blocks are "
+                    "read in parallel, so rows have no number"
+                )
+            args.id_column = DEFAULT_ID_COLUMN
         for column in filter(None, [args.text_column, args.id_column, args.image_column]):
             if column not in columns:
                 raise UsageError(f"{args.input}: no {column!r} column (has: {', '.join(columns)[:200]})")

@@ -112,6 +112,28 @@ def test_bad_input_is_one_line(tmp_path, models, capsys):
     (tmp_path / "other.jsonl").write_text('{"body": "no text column"}\n')
     assert extract_main([str(tmp_path / "other.jsonl"), *argv]) == 2
     assert "no 'text' column" in capsys.readouterr().err
+    (tmp_path / "ids.jsonl").write_text('{"key": "a", "text": "fine"}\n{"text": "no key"}\n')
+    assert extract_main([str(tmp_path / "ids.jsonl"), *argv, "--id-column", "key"]) == 2
+    assert "row 1 has no 'key' column" in capsys.readouterr().err
+
+
+def test_an_id_column_is_used_without_being_named(tmp_path, models, capsys):
+    rows = write_posts(tmp_path / "posts.jsonl", 3)
+    assert (
+        extract_main(
+            [str(tmp_path / "posts.jsonl"), "--out", str(tmp_path / "a.jsonl"), "--models", str(models)]
+        )
+        == 0
+    )
+    assert [a["id"] for a in read_lines(tmp_path / "a.jsonl")] == [r["id"] for r in rows]  # "p0", ...
+    (tmp_path / "bare.jsonl").write_text('{"text": "alice in paris"}\n{"text": "bob"}\n')
+    assert (
+        extract_main(
+            [str(tmp_path / "bare.jsonl"), "--out", str(tmp_path / "b.jsonl"), "--models", str(models)]
+        )
+        == 0
+    )
+    assert [a["id"] for a in read_lines(tmp_path / "b.jsonl")] == ["0", "1"]  # the rows' numbers
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
