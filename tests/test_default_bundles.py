@@ -102,6 +102,10 @@ def test_the_torch_runtime_answers_like_onnx_runtime_on_the_default_bundles(task
     from service.runtimes.pytorch import TorchRuntime
 
     bundle = bundle_or_skip(task)
+    split = DATA_DIR / ("twitter2017" if task == "ner" else "mnre") / "valid.txt"
+    if not split.exists():
+        # The tolerance is a share of real tweets: a handful of invented ones repeated cannot test it.
+        pytest.skip(f"{split} not available: the stated tolerance is measured on the valid tweets")
     preprocessor = preprocessor_of(bundle)
     onnx = OnnxRuntime(bundle, preprocessor, ["CPUExecutionProvider"], session_options(1))
     torch_runtime = TorchRuntime(bundle, preprocessor, device="cpu", bucketed=True)
