@@ -176,21 +176,7 @@ def quantize_per_row(
     def integer_weight(weight: onnx.TensorProto, axis: int) -> dict[str, Any]:
         """``weight`` as int8 with one scale per output channel (``axis``), stored once."""
         if weight.name not in replaced:
-            values = numpy_helper.to_array(weight)
-            reduced = tuple(i for i in range(values.ndim) if i != axis)
-            scales = (np.abs(values).max(axis=reduced) / np.float32(limit)).astype(np.float32)
-            scales[scales == 0] = 1.0
-            shape = [1] * values.ndim
-            shape[axis] = -1
-            integers = np.clip(np.rint(values / scales.reshape(shape)), -limit, limit).astype(np.int8)
-            entry = {"tensor": f"{weight.name}_int8", "scale": f"{weight.name}_scale", "axis": axis}
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(integers, entry["tensor"]),
-                    numpy_helper.from_array(scales, entry["scale"]),
-                ]
-            )
-            replaced[weight.name] = entry
+            replaced[weight.name] = _add_per_channel_int8(graph, weight, axis, limit)
         return replaced[weight.name]
 
     def integer_product(source_name: str, weight_int8: str, scale: str, output: str, p: str) -> None:
@@ -365,6 +351,26 @@ def float_activation_twin(source: Path, target: Path, weight_bits: int = PER_ROW
     onnx.save(model, str(target))
 
 
+def _add_per_channel_int8(
+    graph: onnx.GraphProto, weight: onnx.TensorProto, axis: int, limit: int
+) -> dict[str, Any]:
+    """Adds ``weight`` to ``graph`` as int8 in [-limit, limit] with one symmetric scale per output
+    channel (``axis``; an all-zero channel gets scale 1). Returns ``{"tensor", "scale", "axis"}``,
+    the names of the two new initializers."""
+    values = numpy_helper.to_array(weight)
+    reduced = tuple(i for i in range(values.ndim) if i != axis)
+    scales = (np.abs(values).max(axis=reduced) / np.float32(limit)).astype(np.float32)
+    scales[scales == 0] = 1.0
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    integers = np.clip(np.rint(values / scales.reshape(shape)), -limit, limit).astype(np.int8)
+    entry = {"tensor": f"{weight.name}_int8", "scale": f"{weight.name}_scale", "axis": axis}
+    graph.initializer.extend(
+        [numpy_helper.from_array(integers, entry["tensor"]), numpy_helper.from_array(scales, entry["scale"])]
+    )
+    return entry
+
+
 def quantize_weights(
     model: onnx.ModelProto, skip: Collection[str] = (), weight_bits: int = 8
 ) -> dict[str, dict[str, Any]]:
@@ -387,21 +393,7 @@ def quantize_weights(
         if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:
             continue
         if name not in replaced:
-            values = numpy_helper.to_array(tensor)
-            reduced = tuple(i for i in range(values.ndim) if i != axis)
-            limit = 2 ** (weight_bits - 1) - 1
-            scales = (np.abs(values).max(axis=reduced) / np.float32(limit)).astype(np.float32)
-            scales[scales == 0] = 1.0
-            shape = [1] * values.ndim
-            shape[axis] = -1
-            quantized = np.clip(np.rint(values / scales.reshape(shape)), -limit, limit).astype(np.int8)
-            entry = {"tensor": f"{name}_int8", "scale": f"{name}_scale", "axis": axis}
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(quantized, entry["tensor"]),
-                    numpy_helper.from_array(scales, entry["scale"]),
-                ]
-            )
+            entry = _add_per_channel_int8(graph, tensor, axis, 2 ** (weight_bits - 1) - 1)
             dequantize_nodes.append(
                 helper.make_node(
                     "DequantizeLinear",

@@ -210,16 +210,17 @@ class IMM:
     def pipe(
         self, items: Iterable[Any], task: Task = "ner", *, batch_size: int = 32
     ) -> Iterator[NERResponse | REResponse | ExtractResponse]:
-        """The answers for many items, in order (see ``AsyncIMM.pipe``): ``batch_size`` at a time in
-        flight, batched together by the engine."""
-        call = {"ner": self._async.ner, "re": self._async.re, "extract": self._async.extract}[task]
-        iterator = iter(items)
-        while chunk := [_arguments(item) for item in itertools.islice(iterator, batch_size)]:
-            futures: list[Future] = [None] * len(chunk)  # type: ignore[list-item]
-            for index in shortest_first(self._async, [arguments["text"] for arguments in chunk]):
-                futures[index] = self._submit(call(**chunk[index]))
-            for future in futures:
-                yield future.result()
+        """The answers for many items, in order (see ``AsyncIMM.pipe``, which runs on the engine's
+        loop): ``batch_size`` at a time in flight, batched together by the engine."""
+        answers = self._async.pipe(items, task, batch_size=batch_size)
+        try:
+            while True:
+                try:
+                    yield self._wait(answers.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._wait(answers.aclose())
 
     def close(self) -> None:
         if self._loop.is_running():

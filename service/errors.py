@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from model.preprocessing import CorruptImage, ImageError, ImageTooLarge, NotAnImage
 from service.engine.errors import (
@@ -75,6 +76,29 @@ def image_error_status(error: ImageError) -> int:
 
 def json_error_body(detail: Any, request_id: str | None) -> bytes:
     return json.dumps({"detail": detail, "request_id": request_id}, ensure_ascii=False).encode()
+
+
+async def send_json_error(
+    send: Send,
+    status: int,
+    detail: Any,
+    request_id: str | None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """The API's JSON error, sent on the raw ASGI stream (for the layers under FastAPI's handlers)."""
+    body = json_error_body(detail, request_id)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _request_id(request: Request) -> str | None:

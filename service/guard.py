@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -39,6 +38,7 @@ from typing import Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine.errors import Overloaded
+from service.errors import send_json_error
 
 #: The header in which a client says how many seconds it will wait for its answer.
 TIMEOUT_HEADER = b"x-request-timeout"
@@ -99,20 +99,8 @@ class GuardMiddleware:
         keep_alive: bool = False,
     ) -> None:
         request_id = scope.get("state", {}).get("request_id")
-        body = json.dumps({"detail": detail, "request_id": request_id}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *([] if keep_alive else [(b"connection", b"close")]),
-                    *(headers or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        closing = [] if keep_alive else [(b"connection", b"close")]
+        await send_json_error(send, status, detail, request_id, [*closing, *(headers or [])])
 
     def _authorised(self, scope: Scope) -> bool:
         if self.api_key is None:
@@ -124,10 +112,7 @@ class GuardMiddleware:
     async def _refuse_unread(self, scope: Scope, receive: Receive, send: Send, error: Overloaded) -> None:
         """The 503 of a request refused before its body: the connection kept when a small body could
         be drained (see the module's docstring)."""
-        declared = _header(scope, b"content-length")
-        small = declared is not None and declared.isdigit() and int(declared) <= DRAIN_LIMIT
-        waits_for_continue = (_header(scope, b"expect") or b"").lower() == b"100-continue"
-        keep_alive = small and not waits_for_continue and await _drain(receive)
+        keep_alive = await drain_small_body(scope, receive)
         headers = [(b"retry-after", str(max(1, math.ceil(error.retry_after_s))).encode())]
         await self._refuse(scope, send, 503, f"{error}: retry later", headers, keep_alive)
 
@@ -262,6 +247,19 @@ async def _receive_by(receive: Receive, deadline: float) -> Message:
 
 
 _timeout_at = getattr(asyncio, "timeout_at", None)
+
+
+async def drain_small_body(scope: Scope, receive: Receive) -> bool:
+    """Reads a request's body to its end and throws it away, so that the connection can stay open
+    after an answer that does not need it: True once read; False (left unread) for a body larger
+    than ``DRAIN_LIMIT`` or without ``Content-Length``, one behind ``Expect: 100-continue`` (its
+    client waits for a ``100 Continue`` that never comes), or one not in within a second."""
+    declared = _header(scope, b"content-length")
+    if declared is None or not declared.isdigit() or int(declared) > DRAIN_LIMIT:
+        return False
+    if (_header(scope, b"expect") or b"").lower() == b"100-continue":
+        return False
+    return await _drain(receive)
 
 
 async def _drain(receive: Receive, timeout_s: float = 1.0) -> bool:

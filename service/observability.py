@@ -37,7 +37,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.logs import JsonFormatter
-from service.errors import json_error_body
+from service.errors import send_json_error
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.encode()
@@ -343,18 +343,7 @@ class RequestContextMiddleware:
             )
             status = 500
             if not response_started:
-                body = json_error_body("internal server error", request_id)
-                await send_with_id(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                await send_json_error(send_with_id, 500, "internal server error", request_id)
         finally:
             elapsed = time.perf_counter() - started
             endpoint = self._endpoint(scope["path"])

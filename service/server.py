@@ -31,7 +31,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -50,7 +49,8 @@ except ImportError:  # httptools is optional (uvicorn[standard])
     HttpToolsProtocol = None
 
 from service import observability
-from service.errors import json_error_body
+from service.errors import send_json_error
+from service.guard import drain_small_body
 from service.observability import MULTIPROCESS_ENV, logging_config
 from service.settings import Settings
 
@@ -60,9 +60,6 @@ log = logging.getLogger("service")
 #: ``PRESSURE_KEEP_ALIVE_S`` (instead of ``IMM_KEEP_ALIVE_S``).
 PRESSURE_SHARE = 0.8
 PRESSURE_KEEP_ALIVE_S = 5.0
-#: A refused request's declared body up to this size is read (and thrown away) before its 503, so
-#: that closing the connection does not reset it before the client has read the answer.
-DRAIN_LIMIT = 64 * 1024
 #: The connection limits' log line comes at most this often (the counts are in the metrics).
 LOG_EVERY_S = 10.0
 #: A metrics directory must have room for this many sets of a process's files (respawned workers).
@@ -230,43 +227,12 @@ async def _shutting_down_app(scope: Scope, receive: Receive, send: Send) -> None
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, detail: str) -> None:
-    """A JSON 503 with ``Retry-After`` and ``Connection: close``."""
-    await _drain_small_body(scope, receive)
-    body = json_error_body(detail, None)
+    """A JSON 503 with ``Retry-After`` and ``Connection: close``, a small body read first so that
+    closing the connection after the answer does not reset it before the client has read it."""
+    await drain_small_body(scope, receive)
     retry_after = str(max(1, _server_settings().retry_after_s)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", retry_after),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _drain_small_body(scope: Scope, receive: Receive, timeout_s: float = 1.0) -> None:
-    """Reads a small declared body to its end (at most ``timeout_s``), so that the connection's close
-    after the answer is a clean one; a large body, or one behind ``Expect: 100-continue``, is left."""
-    headers = dict(scope.get("headers", []))
-    declared = headers.get(b"content-length", b"")
-    if not declared.isdigit() or not 0 < int(declared) <= DRAIN_LIMIT:
-        return
-    if headers.get(b"expect", b"").lower() == b"100-continue":
-        return
-
-    async def drain() -> None:
-        while True:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-
-    with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-        await asyncio.wait_for(drain(), timeout_s)
+    headers = [(b"retry-after", retry_after), (b"connection", b"close")]
+    await send_json_error(send, 503, detail, None, headers)
 
 
 class _ConnectionLimits:

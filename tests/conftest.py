@@ -7,16 +7,24 @@ the same for them as for a real MiniLM/BERT-base or CLIP directory.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from tests.test_server import Server
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core CI machine shared with a
 # subprocess (torchrun, the server) oversubscribed threads slow everything down.
@@ -248,6 +256,70 @@ def bundles(tmp_path_factory, trained_ner_checkpoint, trained_re_checkpoint) -> 
         "ner": export_bundle(trained_ner_checkpoint, root / "ner", log=lambda _: None),
         "re": export_bundle(trained_re_checkpoint, root / "re", log=lambda _: None),
     }
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, bundles) -> Path:
+    """A weights-like directory of the test bundles (ner/ and re/), as ``imm.load`` and ``imm
+    extract --models`` take."""
+    root = tmp_path_factory.mktemp("models")
+    for task in ("ner", "re"):
+        (root / task).symlink_to(bundles[task], target_is_directory=True)
+    return root
+
+
+@pytest.fixture()
+def server_factory(bundles, tmp_path) -> Iterator[Callable[..., Server]]:
+    """Starts ``python -m service`` with the given environment (``tests.test_server.Server``, on the
+    requesting module's ``bundles``); stopped after the test."""
+    from tests.test_server import Server
+
+    started: list[Server] = []
+
+    def start(**settings: str | None) -> Server:
+        server = Server(bundles, tmp_path, **settings)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def read_http_answer(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer (framed by Content-Length) read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f"the connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        assert chunk, "the connection closed in the middle of an answer"
+        body += chunk
+    return int(status_line.split()[1]), headers, body[:length]
+
+
+def run_python_script(script: str, *args: str) -> dict:
+    """Runs ``script`` in a fresh Python process in the checkout (a process of its own: peak RSS is
+    per process) and returns the JSON object its last line of output prints."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture()

@@ -47,15 +47,6 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, bundles) -> Path:
-    """A weights-like directory: ner/ and re/ bundles."""
-    root = tmp_path_factory.mktemp("models")
-    for task in ("ner", "re"):
-        (root / task).symlink_to(bundles[task], target_is_directory=True)
-    return root
-
-
 def test_every_row_gets_the_apis_answer_or_its_own_error(tmp_path, models, capsys):
     pictures = tmp_path / "pictures"
     pictures.mkdir()

@@ -33,31 +33,16 @@ import uvicorn
 from service import server as server_module
 from service.server import ConnectionTable
 from service.settings import Settings
+from tests.conftest import read_http_answer
 from tests.test_server import Server, file_metric, metric
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
 @pytest.fixture()
-def start(bundles, tmp_path) -> Iterator[Callable[..., Server]]:
-    """Starts ``python -m service`` with the given environment; stopped after the test."""
-    started: list[Server] = []
-
-    def start(**settings: str | None) -> Server:
-        server = Server(bundles, tmp_path, **settings)
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture()
 def tmpfs(tmp_path) -> Iterator[Callable[..., Path]]:
     """Mounts small tmpfs file systems (a disk that fills up); unmounted after the test (and after
-    the servers it started: request this fixture before ``start``)."""
+    the servers it started: request this fixture before ``server_factory``)."""
     mounted: list[Path] = []
 
     def mount(name: str, size: str, *options: str) -> Path:
@@ -104,30 +89,9 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=30)
 
 
-def read_answer(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 answer (framed by Content-Length) read from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = connection.recv(65536)
-        assert chunk, f"the connection closed before an answer: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = connection.recv(65536)
-        assert chunk, "the connection closed in the middle of an answer"
-        body += chunk
-    return int(status_line.split()[1]), headers, body[:length]
-
-
 def get(connection: socket.socket, path: str) -> tuple[int, dict[str, str], bytes]:
     connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    return read_answer(connection)
+    return read_http_answer(connection)
 
 
 def closed_cleanly(connection: socket.socket) -> bool:
@@ -175,8 +139,8 @@ TEXT = "alice smith in paris"
 # --- 1. connection limits that idle clients cannot hold -------------------------------------------
 
 
-def test_silent_connections_are_closed_to_make_room(start):
-    server = start(IMM_MAX_CONNECTIONS="4", IMM_HEADER_TIMEOUT_S="60")
+def test_silent_connections_are_closed_to_make_room(server_factory):
+    server = server_factory(IMM_MAX_CONNECTIONS="4", IMM_HEADER_TIMEOUT_S="60")
     silent = [connect(server.port) for _ in range(4)]  # at the limit, and not one byte sent
     try:
         with connect(server.port) as fresh:
@@ -192,8 +156,8 @@ def test_silent_connections_are_closed_to_make_room(start):
             connection.close()
 
 
-def test_idle_keep_alive_connections_are_closed_to_make_room(start):
-    server = start(IMM_MAX_CONNECTIONS="4", IMM_HEADER_TIMEOUT_S="60")
+def test_idle_keep_alive_connections_are_closed_to_make_room(server_factory):
+    server = server_factory(IMM_MAX_CONNECTIONS="4", IMM_HEADER_TIMEOUT_S="60")
     kept = [connect(server.port) for _ in range(4)]
     try:
         for connection in kept:  # one request each, then idle (kept alive)
@@ -353,7 +317,7 @@ def test_protocols_make_room_and_refuse_only_when_all_are_busy(protocol, monkeyp
             assert status == 200 and headers["connection"] == "close"
         for connection in busy:
             connection.sendall(b"hello")
-            assert read_answer(connection)[0] == 200
+            assert read_http_answer(connection)[0] == 200
             connection.close()
 
 
@@ -373,7 +337,7 @@ def test_protocols_answer_503_on_kept_alive_connections_during_shutdown(protocol
         assert "shutting down" in json.loads(body)["detail"]
         assert closed_cleanly(idle)
         slow.sendall(b"hello")
-        assert read_answer(slow)[0] == 200
+        assert read_http_answer(slow)[0] == 200
         assert closed_cleanly(slow)  # answered, then closed (uvicorn's h11 says so in no header)
         assert closed_cleanly(quiet)  # no request left in flight: the idle ones are closed, not reset
         for connection in (idle, quiet, slow):
@@ -383,8 +347,8 @@ def test_protocols_answer_503_on_kept_alive_connections_during_shutdown(protocol
 # --- 4. SIGTERM on the real server ---------------------------------------------------------------
 
 
-def test_sigterm_answers_kept_alive_connections_with_503_and_closes_idle_ones_cleanly(start):
-    server = start(IMM_SHUTDOWN_GRACE_S="30")
+def test_sigterm_answers_kept_alive_connections_with_503_and_closes_idle_ones_cleanly(server_factory):
+    server = server_factory(IMM_SHUTDOWN_GRACE_S="30")
     idle, quiet, slow = connect(server.port), connect(server.port), connect(server.port)
     try:
         assert get(idle, "/health")[0] == 200
@@ -404,7 +368,7 @@ def test_sigterm_answers_kept_alive_connections_with_503_and_closes_idle_ones_cl
         }
         assert closed_cleanly(idle)
         slow.sendall(body)
-        status, headers, answer = read_answer(slow)
+        status, headers, answer = read_http_answer(slow)
         assert status == 200 and headers["connection"] == "close", answer
         assert closed_cleanly(quiet)
         assert server.process.wait(60) in (0, -signal.SIGTERM)  # uvicorn ends by its signal
@@ -417,13 +381,13 @@ def test_sigterm_answers_kept_alive_connections_with_503_and_closes_idle_ones_cl
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_a_metrics_directory_that_cannot_be_used_leaves_per_process_metrics(tmpfs, start, fault):
+def test_a_metrics_directory_that_cannot_be_used_leaves_per_process_metrics(tmpfs, server_factory, fault):
     if fault == "full":
         directory = tmpfs("metrics", "8m")
         fill(directory)
     else:
         directory = tmpfs("metrics", "8m", "ro")
-    server = start(IMM_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
+    server = server_factory(IMM_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
     for _ in range(8):  # new connections: both workers take some
         assert httpx.post(f"{server.url}/ner", data={"text": TEXT}, timeout=30).status_code == 200
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
@@ -435,9 +399,9 @@ def test_a_metrics_directory_that_cannot_be_used_leaves_per_process_metrics(tmpf
     assert "died" not in log and server.process.poll() is None
 
 
-def test_a_metrics_disk_that_fills_after_start_up_crashes_no_worker(tmpfs, start):
+def test_a_metrics_disk_that_fills_after_start_up_crashes_no_worker(tmpfs, server_factory):
     directory = tmpfs("metrics", "8m")
-    server = start(IMM_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
+    server = server_factory(IMM_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
     fill(directory)  # every worker's files were allocated at start: new series still fit
     files = {
         "/ner": {"text": TEXT},
@@ -458,9 +422,9 @@ def test_a_metrics_disk_that_fills_after_start_up_crashes_no_worker(tmpfs, start
     assert "died" not in log and "metrics: cannot" not in log, log[-3000:]
 
 
-def test_an_upload_on_a_full_temporary_disk_is_a_507(tmpfs, start):
+def test_an_upload_on_a_full_temporary_disk_is_a_507(tmpfs, server_factory):
     spool = tmpfs("spool", "1m")
-    server = start(TMPDIR=str(spool))
+    server = server_factory(TMPDIR=str(spool))
     picture = os.urandom(1_500_000)  # over 1 MB: spooled to the temporary directory
     answer = httpx.post(
         f"{server.url}/ner",
@@ -475,8 +439,8 @@ def test_an_upload_on_a_full_temporary_disk_is_a_507(tmpfs, start):
     assert httpx.post(f"{server.url}/ner", data={"text": TEXT}, timeout=30).status_code == 200
 
 
-def test_uploads_received_at_once_are_bounded(start):
-    server = start(IMM_MAX_UPLOADS_BYTES="1000000")
+def test_uploads_received_at_once_are_bounded(server_factory):
+    server = server_factory(IMM_MAX_UPLOADS_BYTES="1000000")
     _, content_type = multipart(("text", TEXT.encode(), None))
     filler = 600_000 - len(multipart(("text", TEXT.encode(), None), ("image", b"", "x.jpg"))[0])
     big, _ = multipart(("text", TEXT.encode(), None), ("image", bytes(filler), "x.jpg"))
@@ -485,27 +449,27 @@ def test_uploads_received_at_once_are_bounded(start):
         first.sendall(post_head("/ner", len(big), content_type))
         wait_continue(first)  # 600 kB of the 1 MB budget taken while its body is awaited
         second.sendall(post_head("/ner", len(big), content_type))
-        status, headers, answer = read_answer(second)
+        status, headers, answer = read_http_answer(second)
         assert status == 503, answer
         assert headers["content-type"] == "application/json" and int(headers["retry-after"]) >= 1
         assert "IMM_MAX_UPLOADS_BYTES" in json.loads(answer)["detail"]
         # A small one still fits beside the first.
         assert httpx.post(f"{server.url}/ner", data={"text": TEXT}, timeout=30).status_code == 200
         first.sendall(big)
-        status, _, answer = read_answer(first)
+        status, _, answer = read_http_answer(first)
         assert status in (415, 422), answer  # its zeros are no picture: but it was read
     with connect(server.port) as third:  # the budget is free again
         third.sendall(post_head("/ner", len(big), content_type))
         wait_continue(third)
         third.sendall(big)
-        assert read_answer(third)[0] in (415, 422)
+        assert read_http_answer(third)[0] in (415, 422)
 
 
 # --- 3. a killed worker's metrics ----------------------------------------------------------------
 
 
-def test_a_killed_workers_live_gauges_are_dropped(start):
-    server = start(IMM_WORKERS="2")
+def test_a_killed_workers_live_gauges_are_dropped(server_factory):
+    server = server_factory(IMM_WORKERS="2")
     directory = server.metrics_dir
     pids = sorted(int(path.stem.split("_")[1]) for path in directory.glob("counter_*.db"))
     assert len(pids) == 2

@@ -23,6 +23,7 @@ import pytest
 from service import create_app
 from service.engine import Engine, InvalidInput
 from service.engine.batcher import Batcher
+from tests.conftest import read_http_answer
 from tests.test_service import (  # noqa: F401 - server: the module's server fixture, for client
     ServerThread,
     assert_clean_error,
@@ -180,21 +181,8 @@ def _raw_request(
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any]]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed the connection without an answer: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    length = int(headers["content-length"])
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk
-        rest += chunk
-    return status, headers, json.loads(rest[:length])
+    status, headers, body = read_http_answer(sock)
+    return status, headers, json.loads(body)
 
 
 @contextmanager

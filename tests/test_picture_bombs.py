@@ -5,10 +5,7 @@ a separate process that runs four at once, as a server would."""
 from __future__ import annotations
 
 import io
-import json
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from PIL import Image
 
 from model.preprocessing import ImageProcessor, ImageTooLarge, NotAnImage
 from model.preprocessing.image import ACCEPTED_FORMATS, decode_cost, decoded_bytes, open_header
+from tests.conftest import run_python_script
 
 HUGE = 12_000  # 12000x12000: 144 Mpx, 576 MB as RGBA
 LIMIT = 25_000_000  # the service's default IMM_MAX_IMAGE_PIXELS
@@ -198,15 +196,7 @@ print(json.dumps({"growth": status("VmHWM") - before, "outcomes": outcomes}))
 def peak_growth(path: Path, stage: str) -> tuple[int, list]:
     """Peak RSS growth of a fresh process that runs four of ``path`` at once (``stage``: ``pixels``,
     the whole processor; ``header``, what a text-only model reads)."""
-    done = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(path), str(LIMIT), stage],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_python_script(MEMORY_SCRIPT, str(path), str(LIMIT), stage)
     return result["growth"], result["outcomes"]
 
 

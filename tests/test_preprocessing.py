@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from model.preprocessing import (
     load_tokenizer,
     open_image,
 )
-from tests.conftest import jpeg_bytes, minilm_path
+from tests.conftest import jpeg_bytes, minilm_path, run_python_script
 
 CONFIG = PreprocessingConfig()
 PROCESSOR = ImageProcessor(CONFIG.image_size, CONFIG.image_mean, CONFIG.image_std)
@@ -218,21 +217,11 @@ print(json.dumps({"growth": status("VmHWM") - before, "shapes": shapes}))
 def test_four_small_files_that_decode_huge_cost_less_than_100_mb_at_once(tmp_path):
     """A 60 KB 16-bit 4999x4999 PNG decodes to 50 MB: four at once must not cost four full-size
     float copies (they took a server from 750 MB to 1.6 GB). Peak RSS of a separate process."""
-    import json
-    import subprocess
 
     path = tmp_path / "grey16.png"
     Image.new("I;16", (4999, 4999), 40000).save(path)
     assert path.stat().st_size < 100_000
-    done = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_python_script(MEMORY_SCRIPT, str(path))
     assert result["shapes"] == [[3, 224, 224]] * 4
     assert result["growth"] < 100 * 1024 * 1024, f"peak RSS grew by {result['growth'] / 2**20:.0f} MB"
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from imm.extract import main as extract_main
+from tests.ray_cluster import local_ray_cluster
 from tests.test_corpus import read_lines, write_posts
 
 try:
-    import ray
-    from ray.cluster_utils import Cluster
+    import ray  # noqa: F401 - the ray extra, or the cluster fixture says it is missing
 except ImportError as error:  # collected by `make test` too, which deselects these tests
     MISSING_RAY: ImportError | None = error
 else:
@@ -26,7 +26,6 @@ else:
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
 ACTOR = "MapWorker(MapBatches(ExtractActor))"
 
 
@@ -35,37 +34,8 @@ def cluster() -> Iterator[None]:
     """A head and a worker node on this machine, one CPU each, this checkout on the workers' path."""
     if MISSING_RAY is not None:
         pytest.fail(f"the ray extra is not installed (pip install -e '.[ray]'): {MISSING_RAY}")
-    saved = dict(os.environ)
-    for name in [name for name in os.environ if name.startswith("IMM_")]:
-        del os.environ[name]
-    os.environ.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        IMM_INTRA_OP_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    Path("/tmp/ray").mkdir(exist_ok=True)
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        nodes.add_node(num_cpus=1)
-        nodes.wait_for_nodes()
-        ray.init(address=nodes.address, log_to_driver=False)
+    with local_ray_cluster(IMM_INTRA_OP_THREADS="1"):
         yield
-    finally:
-        try:
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            nodes.shutdown()
-            os.environ.clear()
-            os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, bundles) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    for task in ("ner", "re"):
-        (root / task).symlink_to(bundles[task], target_is_directory=True)
-    return root
 
 
 def extract(posts: Path, out: Path, models: Path, *more: str) -> int:

@@ -29,11 +29,11 @@ import pytest
 
 from service.settings import Settings
 from tests.conftest import jpeg_bytes
+from tests.ray_cluster import local_ray_cluster
 
 try:
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from service.ray_app import DEPLOYMENT_NAME, RaySettings, application
 except ImportError as error:  # collected by `make test` too, which deselects these tests
@@ -152,34 +152,13 @@ class RayServe:
 def ray_serve(service_values) -> Iterator[RayServe]:
     if MISSING_RAY is not None:
         pytest.fail(f"the ray extra is not installed (pip install -e '.[ray]'): {MISSING_RAY}")
-    # The raylets and every worker inherit this environment: no IMM_* of the caller's, no usage
-    # report, and this checkout's packages on the workers' path.
-    saved = dict(os.environ)
-    for name in [name for name in os.environ if name.startswith("IMM_")]:
-        del os.environ[name]
-    os.environ.update(
-        RAY_USAGE_STATS_ENABLED="0",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    # Cluster() writes /tmp/ray/ray_current_cluster whatever the temp dir, and fails without the folder.
-    Path("/tmp/ray").mkdir(exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with local_ray_cluster() as cluster:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield RayServe(cluster, f"http://127.0.0.1:{port}", Settings(**service_values))
-    finally:
         try:
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
+            yield RayServe(cluster, f"http://127.0.0.1:{port}", Settings(**service_values))
         finally:
-            cluster.shutdown()
-            os.environ.clear()
-            os.environ.update(saved)
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,21 +102,6 @@ class Server:
             self.process.wait(timeout=60)
         finally:
             self.log.close()
-
-
-@pytest.fixture()
-def server_factory(bundles, tmp_path) -> Iterator:
-    started: list[Server] = []
-
-    def start(**settings: str) -> Server:
-        server = Server(bundles, tmp_path, **settings)
-        started.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def metric(text: str, name: str, **labels: str) -> float:
