@@ -21,6 +21,7 @@ RUN /opt/imm/bin/pip install --require-hashes --only-binary :all: -r requirement
 COPY pyproject.toml README.md LICENSE ./
 COPY model ./model
 COPY export ./export
+COPY engine ./engine
 COPY service ./service
 COPY imm ./imm
 # The project itself, on the locked dependencies (--no-deps; pip check fails the build on a lock that

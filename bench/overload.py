@@ -288,7 +288,7 @@ def counter_deltas(before: str, after: str) -> dict[str, Any]:
     }
     means = {}
     for stage in STAGES:
-        labels = {"endpoint": "/ner", "stage": stage}
+        labels = {"task": "ner", "stage": stage}
         count = metric(after, "imm_stage_seconds_count", **labels) - metric(
             before, "imm_stage_seconds_count", **labels
         )

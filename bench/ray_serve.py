@@ -157,8 +157,8 @@ def serve_levels(
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from engine.settings import Settings
     from service.ray_app import RaySettings, application
-    from service.settings import Settings
 
     os.environ.update(
         RAY_USAGE_STATS_ENABLED="0",

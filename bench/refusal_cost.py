@@ -38,8 +38,8 @@ def main() -> int:
     import httpx
     import uvicorn
 
+    from engine.settings import Settings
     from service import create_app
-    from service.settings import Settings
 
     settings = Settings(
         ner_bundle=args.ner_bundle, re_bundle=None, max_queue=1, max_batch_size=1, inference_workers=1

@@ -266,7 +266,7 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 def stage_breakdown(before: dict, after: dict, endpoint: str) -> dict[str, dict[str, float | None]]:
     stages = {}
     for stage in STAGES:
-        h = histogram_delta(before, after, "imm_stage_seconds", endpoint=endpoint, stage=stage)
+        h = histogram_delta(before, after, "imm_stage_seconds", task=endpoint.strip("/"), stage=stage)
         if not h["count"]:
             continue
         p50, p90 = (histogram_quantile(q, h["buckets"]) for q in (0.5, 0.9))

@@ -1,5 +1,5 @@
 """The graph a bundle holds, as PyTorch modules: what is traced into ONNX (``export.onnx_export``)
-and what the PyTorch runtime runs (``service.runtimes``), and the model rebuilt from a bundle's
+and what the PyTorch runtime runs (``engine.runtimes``), and the model rebuilt from a bundle's
 own weights. Both import it from here, downward: neither imports the other.
 """
 

@@ -1,7 +1,7 @@
 """The model's weights inside a bundle's ONNX graph: where each parameter lives, and reading them back.
 
 A bundle has one copy of the weights, the graph's initializers, which both runtimes read: ONNX
-Runtime runs the graph, and the PyTorch runtime (``service.runtimes.pytorch``) rebuilds the model
+Runtime runs the graph, and the PyTorch runtime (``engine.runtimes.pytorch``) rebuilds the model
 from ``model/`` and loads these same tensors into it. The manifest's ``weights`` table says, for
 every parameter of the model's ``state_dict``, which initializer holds it and how:
 

@@ -1,6 +1,6 @@
 """IMM, Implicit Modality Mining: detector-free multimodal named entities and relations in tweets.
 
-The Python API, on the same engine as the server (``service.engine``)::
+The Python API, on the same engine as the server (``engine``)::
 
     import imm
 
@@ -18,9 +18,8 @@ gives the same calls as coroutines, on the caller's event loop. Commands: ``imm 
 
 from __future__ import annotations
 
-from imm.api import IMM, AsyncIMM, load, load_async
-from model.preprocessing import ImageError
-from service.engine.errors import (
+from engine.answers import EntityOut, ExtractResponse, NERResponse, RelationOut, REResponse
+from engine.errors import (
     DeadlineExceeded,
     EngineError,
     InputTooLarge,
@@ -29,7 +28,8 @@ from service.engine.errors import (
     Overloaded,
     ShuttingDown,
 )
-from service.schemas import EntityOut, ExtractResponse, NERResponse, RelationOut, REResponse
+from imm.api import IMM, AsyncIMM, load, load_async
+from model.preprocessing import ImageError
 
 __all__ = [
     "IMM",

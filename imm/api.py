@@ -1,6 +1,6 @@
 """``imm.load`` and ``imm.load_async``: the served models in a Python process, without HTTP.
 
-``AsyncIMM`` holds a ``service.engine.Engine`` on the caller's event loop; ``IMM`` runs one on an
+``AsyncIMM`` holds a ``engine.Engine`` on the caller's event loop; ``IMM`` runs one on an
 event loop of its own, in a background thread, and waits for each answer, so plain code calls it
 like any function (from several threads too: the engine batches their calls together). Both load
 the bundles at once and raise ``ModelUnavailable`` if a bundle they were given cannot serve.
@@ -18,10 +18,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
-from service.engine import Engine
-from service.engine.errors import ModelUnavailable
-from service.schemas import ExtractResponse, NERResponse, REResponse
-from service.settings import Settings
+from engine import Engine
+from engine.answers import ExtractResponse, NERResponse, REResponse
+from engine.errors import ModelUnavailable
+from engine.settings import Settings
 
 __all__ = ["IMM", "AsyncIMM", "load", "load_async"]
 
@@ -244,6 +244,6 @@ def load(
 ) -> IMM:
     """The models of ``path``: a directory holding ``ner/`` and ``re/`` bundles (``weights``, the
     default), or one bundle directory; ``ner=``/``re=`` name bundles one by one (``""``: none). ``options`` are the
-    server's settings (``service.settings.Settings``: ``max_batch_size``, ``runtime``, ...; the
+    server's settings (``engine.settings.Settings``: ``max_batch_size``, ``runtime``, ...; the
     ``IMM_*`` environment and a ``.env`` file fill the rest)."""
     return IMM(path, ner=ner, re=re, **options)

@@ -5,7 +5,7 @@
 ``start_transitions`` and ``end_transitions``: checkpoints (``head.crf.transitions``, ...) load
 as they are. It adds ``viterbi``, ``marginals`` and ``decode_batch`` (tags and per-word
 confidence), which stay on the device with no host synchronisation and no data-dependent shape,
-so the GPU runtime (``service.runtimes.pytorch``) captures the whole decode in the same CUDA
+so the GPU runtime (``engine.runtimes.pytorch``) captures the whole decode in the same CUDA
 graph as the model. Loops run over word positions only, never over examples.
 
 ``model.decoding``'s ``viterbi_decode`` and ``crf_marginals`` are the numpy twin (same CRF

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from engine.settings import Settings
     from service.app import create_app
-    from service.settings import Settings
 
 __all__ = ["Settings", "create_app"]
 
@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return create_app
     if name == "Settings":
-        from service.settings import Settings
+        from engine.settings import Settings
 
         return Settings
     raise AttributeError(f"module 'service' has no attribute {name!r}")

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from engine.settings import Settings
 from service.observability import logging_config
 from service.server import run
-from service.settings import Settings
 
 
 def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:

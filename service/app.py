@@ -4,7 +4,7 @@
 A request goes: request id and access log (``service.observability``) -> guard (API key, body size,
 the client's deadline, and the engine's admission, all before the body is read: ``service.guard``)
 -> multipart parsing (``service.forms``) -> the route (``service.routes``), which calls the app's
-``Engine`` (``service.engine``: preprocessing, the model's queue and batcher, the answer) until it
+``Engine`` (``engine``: preprocessing, the model's queue and batcher, the answer) until it
 answers or the client disconnects -> the JSON answer, or the engine's error mapped to its status
 (``service.errors``).
 """
@@ -20,13 +20,13 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from engine import Engine
+from engine.settings import Settings
 from service.docs import install_docs
-from service.engine import Engine
 from service.errors import install_error_handlers
 from service.guard import GuardMiddleware
 from service.observability import INFERENCE_ENDPOINTS, Metrics, RequestContextMiddleware
 from service.routes import MODELS_OF_PATH, STATIC_DIR, inference, operations
-from service.settings import Settings
 
 DESCRIPTION = """
 Multimodal named entity recognition and relation extraction on tweets (IMM), served on ONNX Runtime.

@@ -2,7 +2,7 @@
 
 Bodies follow FastAPI's convention: ``{"detail": "message"}``, or for 422 a list of
 ``{"loc": ["body", field], "msg", "type"}`` naming the field; every body also carries the
-request id. The engine's errors (``service.engine.errors``) map to their statuses here, the one
+request id. The engine's errors (``engine.errors``) map to their statuses here, the one
 place that knows both: invalid field 422, too large 413, model unavailable, overloaded or shutting
 down 503 (with Retry-After), deadline exceeded 504. Image errors from the shared preprocessing map
 to 415 (not an image), 422 (corrupt or truncated) and 413 (too many pixels). A request whose client
@@ -23,8 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from model.preprocessing import CorruptImage, ImageError, ImageTooLarge, NotAnImage
-from service.engine.errors import (
+from engine.errors import (
     DeadlineExceeded,
     InputTooLarge,
     InvalidInput,
@@ -32,6 +31,7 @@ from service.engine.errors import (
     Overloaded,
     ShuttingDown,
 )
+from model.preprocessing import CorruptImage, ImageError, ImageTooLarge, NotAnImage
 
 #: The status of a request whose client went away first (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499

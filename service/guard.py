@@ -37,7 +37,7 @@ from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.engine.errors import Overloaded
+from engine.errors import Overloaded
 from service.errors import send_json_error
 
 #: The header in which a client says how many seconds it will wait for its answer.

@@ -24,18 +24,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-    multiprocess,
-    values,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess, values
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.metrics import EngineMetrics
 from model.logs import JsonFormatter
 from service.errors import send_json_error
 
@@ -46,15 +38,8 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 access_log = logging.getLogger("service.access")
 error_log = logging.getLogger("service.errors")
 
-# The *_created series double the output and say nothing a scraper needs.
-disable_created_metrics()
-
-STAGES = ("decode", "tokenise", "queue_wait", "inference", "total")
-#: The endpoints that run a model (guarded by the API key; their stages are measured).
-INFERENCE_ENDPOINTS = ("/ner", "/re", "/extract")
-# Latency buckets from 1 ms to 10 s: the stages span decode (sub-ms) to a full request under load.
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+#: The endpoints that run a model (guarded by the API key; their stages are measured), by task.
+INFERENCE_ENDPOINTS = {"/ner": "ner", "/re": "re", "/extract": "extract"}
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The files one process writes in multiprocess mode (prometheus-client names them
@@ -63,73 +48,16 @@ MULTIPROCESS_FILES = ("counter", "histogram", "gauge_livesum", "gauge_livemax", 
 #: Bytes allocated up front for each of them: prometheus-client grows a file (sparse) beyond its
 #: size, so this is ample for the service's bounded label sets (the histograms take ~70 KB).
 MULTIPROCESS_FILE_BYTES = 256 * 1024
-#: Why the server closed or refused a client connection (``imm_connections_dropped_total``).
-DROP_REASONS = ("idle_evicted", "idle_pressure", "refused", "head_timeout")
 
 
-class Metrics:
-    """The service's Prometheus metrics, in their own registry."""
+class Metrics(EngineMetrics):
+    """The service's Prometheus metrics: the engine's, plus the HTTP server's own (requests by path,
+    connections), in one registry of their own."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.requests = Counter(
             "imm_requests", "HTTP requests answered", ["endpoint", "status"], registry=self.registry
-        )
-        self.stage_seconds = Histogram(
-            "imm_stage_seconds",
-            "Latency of each stage of a request (decode, tokenise, queue_wait, inference, total)",
-            ["endpoint", "stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "imm_batch_size",
-            "Requests per ONNX Runtime call",
-            ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
-        )
-        self.queue_depth = Gauge(
-            "imm_queue_depth",
-            "Requests waiting for a batch",
-            ["model"],
-            registry=self.registry,
-            multiprocess_mode="livesum",
-        )
-        self.rejected = Counter(
-            "imm_rejected",
-            "Requests refused at once: the model's queue was full, or would not answer them by their deadline",
-            ["model"],
-            registry=self.registry,
-        )
-        self.dropped = Counter(
-            "imm_dropped",
-            "Admitted requests that left before the model ran them: reason 'deadline' (their deadline "
-            "passed or would pass first) or 'cancelled' (the caller went away: an HTTP client disconnected)",
-            ["model", "reason"],
-            registry=self.registry,
-        )
-        self.computed_rows = Counter(
-            "imm_computed_rows", "Rows (examples) the model computed", ["model"], registry=self.registry
-        )
-        self.abandoned_rows = Counter(
-            "imm_abandoned_rows",
-            "Rows the model computed for callers that had gone when the batch ended",
-            ["model"],
-            registry=self.registry,
-        )
-        self.model_info = Gauge(
-            "imm_model_info",
-            "Loaded models (value 1), with their bundle name and execution provider",
-            ["model", "name", "provider"],
-            registry=self.registry,
-            multiprocess_mode="livemax",
-        )
-        self.ready = Gauge(
-            "imm_ready",
-            "1 when every available model is loaded and warmed up (in every worker process)",
-            registry=self.registry,
-            multiprocess_mode="livemin",
         )
         self.open_connections = Gauge(
             "imm_open_connections",
@@ -163,14 +91,6 @@ class Metrics:
         """Drops this process's live gauges from the multiprocess files (a clean worker exit)."""
         if os.environ.get(MULTIPROCESS_ENV):
             multiprocess.mark_process_dead(os.getpid())
-
-    def observe_batch(self, model: str, rows: int) -> None:
-        self.batch_size.labels(model).observe(rows)
-        self.computed_rows.labels(model).inc(rows)
-
-    def observe_stages(self, endpoint: str, stages: dict[str, float]) -> None:
-        for stage, seconds in stages.items():
-            self.stage_seconds.labels(endpoint, stage).observe(seconds)
 
 
 #: The last ``Metrics`` made in this process: the app's, where the server's connection events go.
@@ -349,7 +269,7 @@ class RequestContextMiddleware:
             endpoint = self._endpoint(scope["path"])
             self.metrics.requests.labels(endpoint, str(status)).inc()
             if endpoint in INFERENCE_ENDPOINTS:
-                self.metrics.stage_seconds.labels(endpoint, "total").observe(elapsed)
+                self.metrics.stage_seconds.labels(INFERENCE_ENDPOINTS[endpoint], "total").observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):  # the line's JSON costs more than the check
                 client = scope.get("client")
                 access_log.info(

@@ -50,8 +50,8 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.settings import Settings
 from service.app import create_app
-from service.settings import Settings
 
 log = logging.getLogger("service.ray")
 

@@ -1,6 +1,6 @@
 """The HTTP routes: module-level routers that read a request's fields, call the app's ``Engine`` and
 return its answer. No policy lives here: admission, deadlines, batching and the models are the
-engine's (``service.engine``), error statuses are ``service.errors``'.
+engine's (``engine``), error statuses are ``service.errors``'.
 
 Each inference call runs until the engine answers or the client disconnects: a client that goes
 away while its request waits (in the preprocessing pool or a model's queue) cancels it, so its rows
@@ -21,17 +21,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive
 
-from service.engine import Admission, Engine, Trace
+from engine import Admission, Engine, Trace
+from engine.answers import ExtractResponse, NERResponse, REResponse
 from service.errors import ClientDisconnected
 from service.forms import StrictFormRoute
-from service.schemas import (
-    ErrorResponse,
-    ExtractResponse,
-    HealthResponse,
-    NERResponse,
-    ReadyResponse,
-    REResponse,
-)
+from service.schemas import ErrorResponse, HealthResponse, ReadyResponse
 
 T = TypeVar("T")
 

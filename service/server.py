@@ -48,11 +48,11 @@ try:
 except ImportError:  # httptools is optional (uvicorn[standard])
     HttpToolsProtocol = None
 
+from engine.settings import Settings
 from service import observability
 from service.errors import send_json_error
 from service.guard import drain_small_body
 from service.observability import MULTIPROCESS_ENV, logging_config
-from service.settings import Settings
 
 log = logging.getLogger("service")
 
@@ -334,7 +334,7 @@ def worker_count(settings: Settings) -> int:
     """``IMM_WORKERS``, with 0 resolved: 1 on ONNX Runtime, 4 for the PyTorch runtime."""
     if settings.workers:
         return settings.workers
-    from service.runtimes import resolve_runtime
+    from engine.runtimes import resolve_runtime
 
     return 4 if resolve_runtime(settings.runtime) == "torch" else 1
 

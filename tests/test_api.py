@@ -116,7 +116,7 @@ def test_every_subcommand_has_help_and_starts_nothing(command, capsys):
 
 
 def test_serve_help_lists_every_setting():
-    from service.settings import Settings
+    from engine.settings import Settings
 
     result = subprocess.run(
         [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, timeout=60
@@ -126,7 +126,7 @@ def test_serve_help_lists_every_setting():
 
 
 def test_settings_come_from_a_dot_env_file_and_the_environment_wins(tmp_path, monkeypatch):
-    from service.settings import Settings
+    from engine.settings import Settings
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("IMM_MAX_BATCH_SIZE=7\nIMM_PORT=9001\n")

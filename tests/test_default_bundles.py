@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.runtimes import NEROutput, OnnxRuntime
 from export import load_bundle
 from export.bundle import session_options
 from model.data import read_mnre, read_twitter_conll
 from model.preprocessing import Preprocessor, load_tokenizer
-from service.runtimes import NEROutput, OnnxRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights"
@@ -99,7 +99,7 @@ def test_int8_re_labels_do_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("task", ["ner", "re"])
 def test_the_torch_runtime_answers_like_onnx_runtime_on_the_default_bundles(task):
-    from service.runtimes.pytorch import TorchRuntime
+    from engine.runtimes.pytorch import TorchRuntime
 
     bundle = bundle_or_skip(task)
     split = DATA_DIR / ("twitter2017" if task == "ner" else "mnre") / "valid.txt"

@@ -170,7 +170,7 @@ def test_the_picture_is_decoded_once_and_the_pairs_go_to_the_re_model_as_one_bat
     assert answer.headers["server-timing"].count("decode;") == 1
     metrics = client.get("/metrics").text
     for stage in ("decode", "tokenise", "queue_wait", "inference", "total"):
-        assert metric_value(metrics, "imm_stage_seconds_count", endpoint="/extract", stage=stage) >= 1
+        assert metric_value(metrics, "imm_stage_seconds_count", task="extract", stage=stage) >= 1
     assert metric_value(metrics, "imm_requests_total", endpoint="/extract", status="200") >= 1
 
 

@@ -30,9 +30,9 @@ import httpx
 import pytest
 import uvicorn
 
+from engine.settings import Settings
 from service import server as server_module
 from service.server import ConnectionTable
-from service.settings import Settings
 from tests.conftest import read_http_answer
 from tests.test_server import Server, file_metric, metric
 

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from engine import InvalidInput
 from service import create_app
-from service.engine import InvalidInput
 from tests.test_service import (
     ServerThread,
     assert_clean_error,

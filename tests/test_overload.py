@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from engine import Engine, InvalidInput
+from engine.batcher import Batcher
 from service import create_app
-from service.engine import Engine, InvalidInput
-from service.engine.batcher import Batcher
 from tests.conftest import read_http_answer
 from tests.test_service import (  # noqa: F401 - server: the module's server fixture, for client
     ServerThread,

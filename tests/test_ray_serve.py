@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import Settings
+from engine.settings import Settings
 from tests.conftest import jpeg_bytes
 from tests.ray_cluster import local_ray_cluster
 

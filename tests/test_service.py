@@ -258,7 +258,7 @@ def test_image_is_used_and_docs_health_ready_metrics_answer(server, client):
     assert "example" in json.dumps(schema["components"]["schemas"]["NERResponse"])
     metrics = client.get("/metrics").text
     for stage in ("decode", "tokenise", "queue_wait", "inference", "total"):
-        assert f'imm_stage_seconds_count{{endpoint="/ner",stage="{stage}"}}' in metrics
+        assert f'imm_stage_seconds_count{{stage="{stage}",task="ner"}}' in metrics
     assert 'imm_requests_total{endpoint="/ner",status="200"}' in metrics
 
 

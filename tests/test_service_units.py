@@ -11,15 +11,15 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
+from engine import DeadlineExceeded, Overloaded
+from engine.batcher import Batcher
+from engine.pipeline import entity_words
+from engine.runtimes import CPU, CUDA, ProviderError, select_providers
+from engine.settings import Settings
 from model.preprocessing import split_words
-from service.engine import DeadlineExceeded, Overloaded
-from service.engine.batcher import Batcher
-from service.engine.pipeline import entity_words
 from service.errors import install_error_handlers
 from service.guard import GuardMiddleware
 from service.observability import Metrics, RequestContextMiddleware
-from service.runtimes import CPU, CUDA, ProviderError, select_providers
-from service.settings import Settings
 
 
 async def _until(condition, timeout: float = 5.0) -> None:
@@ -500,7 +500,7 @@ def test_select_providers_prefers_cuda_when_the_build_has_it():
     ],
 )
 def test_entity_offsets_must_be_on_the_text_and_on_word_boundaries(start, end, field, message):
-    from service.engine import InvalidInput
+    from engine import InvalidInput
 
     text = "Alice  \u200b went to Paris"
     with pytest.raises(InvalidInput) as caught:

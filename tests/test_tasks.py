@@ -66,10 +66,10 @@ def test_the_registry_imports_neither_torch_nor_the_training_metrics():
 
 
 def test_every_layer_knows_every_task():
+    from engine.models import ENV_NAMES
+    from engine.pipeline import PIPELINES
     from export.graph import GRAPHS
     from model.imm import TASK_MODELS
-    from service.engine.models import ENV_NAMES
-    from service.engine.pipeline import PIPELINES
 
     for per_task in (TASK_MODELS, GRAPHS, PIPELINES, ENV_NAMES):
         assert list(per_task) == list(TASKS)

@@ -16,6 +16,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from engine.runtimes import OnnxRuntime, jpeg_header, resolve_runtime
+from engine.runtimes.pytorch import TorchRuntime
+from engine.settings import Settings
 from export import export_bundle, load_bundle
 from export.bundle import session_options
 from model.config import CLIP_MEAN, CLIP_STD
@@ -23,9 +26,6 @@ from model.crf import CRF
 from model.decoding import crf_marginals, viterbi_decode
 from model.preprocessing import ImageProcessor, Preprocessor, load_tokenizer, split_words
 from model.preprocessing.tensor_image import TOLERANCE, from_pil, resize_normalise
-from service.runtimes import OnnxRuntime, jpeg_header, resolve_runtime
-from service.runtimes.pytorch import TorchRuntime
-from service.settings import Settings
 from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_jpeg_header_leaves_other_pictures_to_the_cpu_path():
 def test_auto_picks_torch_only_with_an_nvidia_driver_and_a_cuda_device(monkeypatch):
     """``auto``: torch needs both a driver (checked without importing torch) and a CUDA device;
     each case set up here, so the test decides the same with or without a GPU."""
-    import service.runtimes as runtimes
+    import engine.runtimes as runtimes
 
     assert resolve_runtime("onnx") == "onnx" and resolve_runtime("torch") == "torch"
     for driver, device, expected in ((False, True, "onnx"), (True, False, "onnx"), (True, True, "torch")):

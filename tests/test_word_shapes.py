@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from engine.runtimes import OnnxRuntime
+from engine.runtimes.pytorch import TorchRuntime
 from export import export_bundle, load_bundle
 from export.bundle import session_options
 from model.checkpoint import create_model, save_checkpoint
 from model.preprocessing import WORD_SHAPES, Preprocessor, load_tokenizer, word_shape
-from service.runtimes import OnnxRuntime
-from service.runtimes.pytorch import TorchRuntime
 from tests.conftest import NER_LABELS
 
 

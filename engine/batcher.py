@@ -71,7 +71,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from service.engine.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from engine.errors import DeadlineExceeded, Overloaded, ShuttingDown
 
 log = logging.getLogger("service.batcher")
 

@@ -9,14 +9,14 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from engine.runtimes.base import ModelPicture, Runtime
 from export.bundle import Bundle
 from export.outputs import NEROutput, decode_outputs
 from model.preprocessing import EncodedText, Preprocessor
-from service.runtimes.base import ModelPicture, Runtime
 
 __all__ = ["CPU", "CUDA", "OnnxRuntime", "ProviderError", "select_providers"]
 
-log = logging.getLogger("service.runtimes")
+log = logging.getLogger("engine.runtimes")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

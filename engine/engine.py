@@ -4,7 +4,7 @@
 thread pool, each model's batcher and inference thread, and the metrics. Its calls are
 ``await engine.ner(text, image)``, ``re(text, head, tail, image)`` and ``extract(text, image)``,
 each returning the API's typed answer (``service.schemas``) and raising the engine's own errors
-(``service.engine.errors``, and ``model.preprocessing``'s picture errors); front ends (the HTTP app,
+(``engine.errors``, and ``model.preprocessing``'s picture errors); front ends (the HTTP app,
 Ray, the Python API, the corpus command) map those to what their callers see.
 
 A call goes: admission into the model's queue (refused at once when full or when the queue could
@@ -33,21 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from model.data.mnre import NO_RELATION
-from model.tasks import TASKS
-from service.engine.batcher import BatchTimings, Ticket
-from service.engine.errors import (
-    DeadlineExceeded,
-    InputTooLarge,
-    InvalidInput,
-    ModelUnavailable,
-    Overloaded,
-    ShuttingDown,
-)
-from service.engine.models import ModelSlot, load_model
-from service.engine.pipeline import Entity, NERPipeline, Prepared, Relation, REPipeline, RequestPicture
-from service.observability import Metrics
-from service.schemas import (
+from engine.answers import (
     EntityOut,
     ExtractModels,
     ExtractResponse,
@@ -56,7 +42,21 @@ from service.schemas import (
     RelationOut,
     REResponse,
 )
-from service.settings import Settings
+from engine.batcher import BatchTimings, Ticket
+from engine.errors import (
+    DeadlineExceeded,
+    InputTooLarge,
+    InvalidInput,
+    ModelUnavailable,
+    Overloaded,
+    ShuttingDown,
+)
+from engine.metrics import EngineMetrics
+from engine.models import ModelSlot, load_model
+from engine.pipeline import Entity, NERPipeline, Prepared, Relation, REPipeline, RequestPicture
+from engine.settings import Settings
+from model.data.mnre import NO_RELATION
+from model.tasks import TASKS
 
 log = logging.getLogger("service")
 
@@ -99,9 +99,9 @@ def deadline_in(seconds: float | None) -> float | None:
 class Engine:
     """The served models and their policies (see the module's docstring)."""
 
-    def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None):
+    def __init__(self, settings: Settings | None = None, metrics: EngineMetrics | None = None):
         self.settings = settings or Settings()
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or EngineMetrics()
         self.slots: dict[str, ModelSlot] = {task: ModelSlot(task) for task in TASKS}
         self.loaded = threading.Event()  # set when loading has finished (loaded, absent or failed)
         self._pool: ThreadPoolExecutor | None = None
@@ -269,7 +269,7 @@ class Engine:
             slot, deadline, admission, pipeline.prepare, text, photo
         )
         self._observe(
-            "/ner",
+            "ner",
             started,
             {**prepared.stages, **_batch_stages(timings)},
             trace,
@@ -310,7 +310,7 @@ class Engine:
         )
         assert isinstance(result, Relation)
         self._observe(
-            "/re",
+            "re",
             started,
             {**prepared.stages, **_batch_stages(timings)},
             trace,
@@ -382,7 +382,7 @@ class Engine:
                 stages[name] = stages.get(name, 0.0) + seconds
         image_used = ner_prepared.image_used or any(item.image_used for item in group)
         self._observe(
-            "/extract",
+            "extract",
             started,
             stages,
             trace,
@@ -469,13 +469,13 @@ class Engine:
 
     def _observe(
         self,
-        operation: str,
+        task: str,
         started: float,
         stages: dict[str, float],
         trace: Trace | None,
         **details: Any,
     ) -> None:
-        self.metrics.observe_stages(operation, stages)
+        self.metrics.observe_stages(task, stages)
         if trace is not None:
             trace.stages = {**stages, "total": time.perf_counter() - started}
             trace.details = details

@@ -4,12 +4,12 @@
 into model inputs through the project's one preprocessing path (``model.preprocessing``), decoding
 the picture at most once per image step, so that ``POST /extract`` decodes it once for both models
 when they share one (the same size, normalisation and runtime); ``run_batch`` (in the
-model's inference thread) hands the batch to the model's runtime (``service.runtimes``: ONNX
+model's inference thread) hands the batch to the model's runtime (``engine.runtimes``: ONNX
 Runtime, or PyTorch on a GPU), which pads it, runs the model once and decodes the CRF, and turns
 each row into its answer, so a request gets the same answer alone or in any batch.
 
 Torch-free: only numpy, tokenizers, Pillow and the torch-free project modules (the PyTorch
-runtime is imported by ``service.runtimes`` only when it is chosen).
+runtime is imported by ``engine.runtimes`` only when it is chosen).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import InvalidInput
+from engine.runtimes import ModelPicture, NEROutput, Runtime, jpeg_header
 from export.bundle import Bundle
 from model.data.mnre import NO_RELATION
 from model.decoding import bio_spans, char_spans
 from model.preprocessing import EncodedText, ImageProcessor, Preprocessor, split_words
-from service.engine.errors import InvalidInput
-from service.runtimes import ModelPicture, NEROutput, Runtime, jpeg_header
 
 log = logging.getLogger("service.pipeline")
 

@@ -3,12 +3,12 @@ implementations, one factory (``create_runtime``).
 
 ``Runtime.infer(texts, images)`` takes a batch of encoded texts and their pictures and returns the
 task's decoded output: for NER each word's CRF tag and confidence (``NEROutput``), for RE each
-example's relation probabilities. The pipeline (``service.engine.pipeline``) turns those into answers,
+example's relation probabilities. The pipeline (``engine.pipeline``) turns those into answers,
 whichever runtime computed them.
 
 - ``OnnxRuntime``: the bundle's ONNX graph on ONNX Runtime, CRF decoding in numpy. Torch-free:
   the CPU server. (CUDA too, where onnxruntime-gpu is installed: ``IMM_PROVIDERS``.)
-- ``service.runtimes.pytorch.TorchRuntime``: the same model rebuilt in PyTorch from the bundle's own
+- ``engine.runtimes.pytorch.TorchRuntime``: the same model rebuilt in PyTorch from the bundle's own
   weights, fp16 CUDA graphs, CRF decoding and JPEG decoding on the GPU. Imported only when chosen.
 
 ``IMM_RUNTIME=auto`` picks PyTorch when it is installed and sees a CUDA device, else ONNX Runtime;
@@ -21,15 +21,15 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.runtimes.base import ModelPicture, Runtime, UndecodedJpeg, jpeg_header
+from engine.runtimes.onnx import CPU, CUDA, OnnxRuntime, ProviderError, select_providers
+from engine.settings import available_cores
 from export.bundle import Bundle, session_options
 from export.outputs import NEROutput
 from model.preprocessing import Preprocessor
-from service.runtimes.base import ModelPicture, Runtime, UndecodedJpeg, jpeg_header
-from service.runtimes.onnx import CPU, CUDA, OnnxRuntime, ProviderError, select_providers
-from service.settings import available_cores
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from engine.settings import Settings
 
 __all__ = [
     "CPU",
@@ -97,7 +97,7 @@ def create_runtime(bundle: Bundle, preprocessor: Preprocessor, settings: Setting
             raise ProviderError(
                 "IMM_RUNTIME=torch needs PyTorch: install the gpu extra (pip install 'imm[gpu]')"
             )
-        from service.runtimes.pytorch import TorchRuntime
+        from engine.runtimes.pytorch import TorchRuntime
 
         return TorchRuntime(
             bundle,

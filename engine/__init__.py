@@ -1,7 +1,7 @@
 """The serving engine: models, admission, deadlines, cancellation and batching, with no HTTP in it.
 
 Front ends (``service.app``'s HTTP routes, Ray Serve, the Python API, the corpus command) call one
-``Engine`` and map its errors to what their callers see. See ``service.engine.engine``.
+``Engine`` and map its errors to what their callers see. See ``engine.engine``.
 
 ``Engine``, ``Admission``, ``Trace`` and ``deadline_in`` are imported on first use, so that importing the errors
 (as the HTTP layer's error mapping does) loads nothing else.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.engine.errors import (
+from engine.errors import (
     DeadlineExceeded,
     EngineError,
     InputTooLarge,
@@ -22,7 +22,7 @@ from service.engine.errors import (
 )
 
 if TYPE_CHECKING:
-    from service.engine.engine import Admission, Engine, Trace, deadline_in
+    from engine.engine import Admission, Engine, Trace, deadline_in
 
 __all__ = [
     "Admission",
@@ -41,7 +41,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("Admission", "Engine", "Trace", "deadline_in"):
-        from service.engine import engine
+        from engine import engine
 
         return getattr(engine, name)
-    raise AttributeError(f"module 'service.engine' has no attribute {name!r}")
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

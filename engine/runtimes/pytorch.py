@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.runtimes.base import ModelPicture, Runtime, UndecodedJpeg
 from export.bundle import CRF_KEYS, Bundle
 from export.graph import graph_module, rebuild_model
 from export.outputs import NEROutput
@@ -36,11 +37,10 @@ from model.crf import CRF
 from model.preprocessing import EncodedText, Preprocessor
 from model.preprocessing.tensor_image import decode_jpegs, nvjpeg_available, resize_normalise
 from model.tasks import task_spec
-from service.runtimes.base import ModelPicture, Runtime, UndecodedJpeg
 
 __all__ = ["TorchRuntime"]
 
-log = logging.getLogger("service.runtimes")
+log = logging.getLogger("engine.runtimes")
 
 SEQUENCE_BUCKETS = (16, 32, 64, 128)
 

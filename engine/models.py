@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.batcher import Batcher
+from engine.metrics import EngineMetrics
+from engine.pipeline import PIPELINES, Pipeline
+from engine.runtimes import create_runtime, inference_workers
+from engine.settings import Settings
 from export.bundle import load_bundle
 from model.preprocessing import Preprocessor, load_tokenizer
-from service.engine.batcher import Batcher
-from service.engine.pipeline import PIPELINES, Pipeline
-from service.observability import Metrics
-from service.runtimes import create_runtime, inference_workers
-from service.settings import Settings
 
 log = logging.getLogger("service")
 
@@ -70,7 +70,7 @@ def build_pipeline(task: str, path: Path, settings: Settings) -> Pipeline:
     return PIPELINES[task](bundle, preprocessor, runtime)
 
 
-def load_model(slot: ModelSlot, settings: Settings, metrics: Metrics) -> float | None:
+def load_model(slot: ModelSlot, settings: Settings, metrics: EngineMetrics) -> float | None:
     """Loads (and warms up) ``slot``'s bundle into it, in the calling thread; the seconds loading took,
     or None when the slot ends absent or failed (it then says why)."""
     task = slot.task
