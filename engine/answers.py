@@ -5,7 +5,15 @@ the Python API and ``imm extract`` as objects and records. Plain pydantic models
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+#: A character span of the text: (start, end), end exclusive.
+Span = tuple[int, int]
+#: Which entity pairs ``extract`` classifies: those some relation of the RE model can join by their
+#: types ("typed"), or every ordered pair of distinct entities ("all").
+Pairs = Literal["all", "typed"]
 
 # The entities of the /ner and /extract examples that /docs shows.
 _EXAMPLE_ENTITIES = [

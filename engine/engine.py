@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from engine.answers import (
     EntityOut,
@@ -39,8 +40,10 @@ from engine.answers import (
     ExtractResponse,
     ModelStatus,
     NERResponse,
+    Pairs,
     RelationOut,
     REResponse,
+    Span,
 )
 from engine.batcher import BatchTimings, Ticket
 from engine.errors import (
@@ -61,8 +64,6 @@ from model.tasks import TASKS
 log = logging.getLogger("service")
 
 T = TypeVar("T")
-Pairs = Literal["all", "typed"]
-Span = tuple[int, int]
 
 
 @dataclass
@@ -241,76 +242,50 @@ class Engine:
         cap = time.monotonic() + self.settings.request_timeout_s
         return cap if deadline is None else min(deadline, cap)
 
-    def _check_text(self, text: str) -> None:
+    def _begin(
+        self, text: str, image: bytes | None, deadline: float | None
+    ) -> tuple[float, RequestPicture | None]:
+        """What every call checks first: its deadline (capped) and the text's length; its picture."""
         if len(text) > self.settings.max_text_chars:
             raise InputTooLarge(
                 f"text is {len(text)} characters long, more than the limit of {self.settings.max_text_chars}"
             )
+        return self._deadline(deadline), RequestPicture(image) if image is not None else None
 
     # -- calls -----------------------------------------------------------------------------
-    async def ner(
-        self,
-        text: str,
-        image: bytes | None = None,
-        *,
-        deadline: float | None = None,
-        trace: Trace | None = None,
-        admission: Admission | None = None,
-    ) -> NERResponse:
-        """The named entities of ``text`` (with the picture ``image``, encoded bytes, when given)."""
-        started = time.perf_counter()
-        deadline = self._deadline(deadline)
-        (slot,) = self.available("ner")
-        pipeline = slot.pipeline
-        assert isinstance(pipeline, NERPipeline)
-        self._check_text(text)
-        photo = RequestPicture(image) if image is not None else None
-        prepared, entities, timings = await self._infer(
-            slot, deadline, admission, pipeline.prepare, text, photo
-        )
-        self._observe(
-            "ner",
-            started,
-            {**prepared.stages, **_batch_stages(timings)},
-            trace,
-            model=pipeline.name,
-            batch=timings.batch_size,
-            image=prepared.image_used,
-            words=len(prepared.words),
-        )
-        return NERResponse(
-            entities=[EntityOut(**vars(e)) for e in entities],
-            image_used=prepared.image_used,
-            truncated=prepared.truncated,
-            model=pipeline.name,
-            notes=prepared.notes,
-        )
+    async def ner(self, text: str, image: bytes | None = None, **call: Any) -> NERResponse:
+        """The named entities of ``text`` (with the picture ``image``, encoded bytes, when given).
+        ``call``: ``deadline``, ``trace``, ``admission`` (see ``run``)."""
+        return await self.run("ner", text, image, **call)
 
     async def re(
+        self, text: str, head: Span, tail: Span, image: bytes | None = None, **call: Any
+    ) -> REResponse:
+        """The relation between the entities at character spans ``head`` and ``tail`` of ``text``."""
+        return await self.run("re", text, image, inputs={"head": tuple(head), "tail": tuple(tail)}, **call)
+
+    async def run(
         self,
+        task: str,
         text: str,
-        head: Span,
-        tail: Span,
         image: bytes | None = None,
         *,
+        inputs: dict[str, Any] | None = None,
         deadline: float | None = None,
         trace: Trace | None = None,
         admission: Admission | None = None,
-    ) -> REResponse:
-        """The relation between the entities at character spans ``head`` and ``tail`` of ``text``."""
+    ) -> Any:
+        """The answer of ``task``'s model (its ``TaskSpec.answer``) for ``text``, the picture ``image``
+        and the task's own ``inputs`` (RE: ``head``, ``tail``), which its pipeline's ``prepare`` takes:
+        the one path of every single-model call."""
         started = time.perf_counter()
-        deadline = self._deadline(deadline)
-        (slot,) = self.available("re")
+        (slot,) = self.available(task)
+        deadline, picture = self._begin(text, image, deadline)
         pipeline = slot.pipeline
-        assert isinstance(pipeline, REPipeline)
-        self._check_text(text)
-        photo = RequestPicture(image) if image is not None else None
-        prepared, result, timings = await self._infer(
-            slot, deadline, admission, pipeline.prepare, text, photo, tuple(head), tuple(tail)
-        )
-        assert isinstance(result, Relation)
+        prepare = functools.partial(pipeline.prepare, **(inputs or {}))
+        prepared, result, timings = await self._infer(slot, deadline, admission, prepare, text, picture)
         self._observe(
-            "re",
+            task,
             started,
             {**prepared.stages, **_batch_stages(timings)},
             trace,
@@ -319,15 +294,7 @@ class Engine:
             image=prepared.image_used,
             words=len(prepared.words),
         )
-        return REResponse(
-            relation=result.relation,
-            score=result.score,
-            scores=result.scores,
-            image_used=prepared.image_used,
-            truncated=prepared.truncated,
-            model=pipeline.name,
-            notes=prepared.notes,
-        )
+        return pipeline.answer(prepared, result)
 
     async def extract(
         self,
@@ -347,39 +314,19 @@ class Engine:
         'None' are left out unless ``include_none``. The picture is decoded once for both models.
         """
         started = time.perf_counter()
-        deadline = self._deadline(deadline)
         ner_slot, re_slot = self.available("ner", "re")
+        deadline, picture = self._begin(text, image, deadline)
         ner, relation_model = ner_slot.pipeline, re_slot.pipeline
         assert isinstance(ner, NERPipeline) and isinstance(relation_model, REPipeline)
-        self._check_text(text)
-        if pairs not in ("all", "typed"):
-            raise InvalidInput("pairs", f"pairs must be 'all' or 'typed', not {pairs!r}")
-        if pairs == "typed" and relation_model.relation_types is None:
-            raise InvalidInput(
-                "pairs",
-                f"pairs=typed needs relation labels that name entity types (/head/tail/name); the RE model "
-                f"{relation_model.name} has {relation_model.labels[:3]}...: use pairs=all",
-            )
-        photo = RequestPicture(image) if image is not None else None
+        self._check_pairs(pairs, relation_model)
         ner_prepared, entities, ner_timings = await self._infer(
-            ner_slot, deadline, admission, ner.prepare, text, photo
+            ner_slot, deadline, admission, ner.prepare, text, picture
         )
         chosen = self.entity_pairs(entities, pairs, relation_model)
         stages = {**ner_prepared.stages, **_batch_stages(ner_timings)}
-        group: list[Prepared] = []
-        results: list[Relation] = []
-        re_batch = 0
-        if chosen:
-            spans = [
-                ((entities[h].start, entities[h].end), (entities[t].start, entities[t].end))
-                for h, t in chosen
-            ]
-            group, results, re_timings = await self._infer(
-                re_slot, deadline, admission, relation_model.prepare_pairs, text, photo, spans
-            )
-            re_batch = re_timings.batch_size
-            for name, seconds in [*group[0].stages.items(), *_batch_stages(re_timings).items()]:
-                stages[name] = stages.get(name, 0.0) + seconds
+        group, results, re_batch = await self._classify_pairs(
+            re_slot, deadline, admission, text, picture, entities, chosen, stages
+        )
         image_used = ner_prepared.image_used or any(item.image_used for item in group)
         self._observe(
             "extract",
@@ -406,6 +353,44 @@ class Engine:
             # Each model's own notes (a model that ignored the picture names itself), once each.
             notes=list(dict.fromkeys([*ner_prepared.notes, *(group[0].notes if group else [])])),
         )
+
+    @staticmethod
+    def _check_pairs(pairs: Pairs, relation_model: REPipeline) -> None:
+        if pairs not in ("all", "typed"):
+            raise InvalidInput("pairs", f"pairs must be 'all' or 'typed', not {pairs!r}")
+        if pairs == "typed" and relation_model.relation_types is None:
+            raise InvalidInput(
+                "pairs",
+                f"pairs=typed needs relation labels that name entity types (/head/tail/name); the RE model "
+                f"{relation_model.name} has {relation_model.labels[:3]}...: use pairs=all",
+            )
+
+    async def _classify_pairs(
+        self,
+        re_slot: ModelSlot,
+        deadline: float,
+        admission: Admission | None,
+        text: str,
+        picture: RequestPicture | None,
+        entities: Sequence[Entity],
+        chosen: list[tuple[int, int]],
+        stages: dict[str, float],
+    ) -> tuple[list[Prepared], list[Relation], int]:
+        """The RE model's answers for the ``chosen`` entity pairs, as one group (one batch); its stage
+        times are added to ``stages``. Returns the group, the relations and the RE batch's size."""
+        if not chosen:
+            return [], [], 0
+        spans = [
+            ((entities[h].start, entities[h].end), (entities[t].start, entities[t].end)) for h, t in chosen
+        ]
+        relation_model = re_slot.pipeline
+        assert isinstance(relation_model, REPipeline)
+        group, results, timings = await self._infer(
+            re_slot, deadline, admission, relation_model.prepare_pairs, text, picture, spans
+        )
+        for name, seconds in [*group[0].stages.items(), *_batch_stages(timings).items()]:
+            stages[name] = stages.get(name, 0.0) + seconds
+        return group, results, timings.batch_size
 
     def entity_pairs(
         self, entities: Sequence[Entity], pairs: Pairs, relation_model: REPipeline

@@ -15,15 +15,14 @@ from pathlib import Path
 
 from engine.batcher import Batcher
 from engine.metrics import EngineMetrics
-from engine.pipeline import PIPELINES, Pipeline
+from engine.pipeline import Pipeline
 from engine.runtimes import create_runtime, inference_workers
 from engine.settings import Settings
 from export.bundle import load_bundle
 from model.preprocessing import Preprocessor, load_tokenizer
+from model.tasks import task_spec
 
 log = logging.getLogger("service")
-
-ENV_NAMES = {"ner": "IMM_NER_BUNDLE", "re": "IMM_RE_BUNDLE"}
 
 
 @dataclass
@@ -67,7 +66,7 @@ def build_pipeline(task: str, path: Path, settings: Settings) -> Pipeline:
         bundle.preprocessing, load_tokenizer(bundle.tokenizer_path), max_pixels=settings.max_image_pixels
     )
     runtime = create_runtime(bundle, preprocessor, settings)
-    return PIPELINES[task](bundle, preprocessor, runtime)
+    return task_spec(task).load("pipeline")(bundle, preprocessor, runtime)
 
 
 def load_model(slot: ModelSlot, settings: Settings, metrics: EngineMetrics) -> float | None:
@@ -76,11 +75,13 @@ def load_model(slot: ModelSlot, settings: Settings, metrics: EngineMetrics) -> f
     task = slot.task
     path = settings.bundle_path(task)
     if path is None:
-        slot.absent(f"no {task.upper()} model configured ({ENV_NAMES[task]} is empty)", configured=False)
+        slot.absent(
+            f"no {task.upper()} model configured ({task_spec(task).env_name} is empty)", configured=False
+        )
         log.info("%s: its requests are refused", slot.detail)  # switched off on purpose
         return None
     if not path.exists():
-        slot.absent(f"{ENV_NAMES[task]}={path} does not exist")
+        slot.absent(f"{task_spec(task).env_name}={path} does not exist")
         log.warning("%s: its requests are refused until restarted with a bundle there", slot.detail)
         return None
     started = time.perf_counter()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.answers import EntityOut, NERResponse, REResponse, Span
 from engine.errors import InvalidInput
 from engine.runtimes import ModelPicture, NEROutput, Runtime, jpeg_header
 from export.bundle import Bundle
@@ -155,6 +156,11 @@ class Pipeline:
         output = self.runtime.infer([p.encoded for p in batch], [p.picture for p in batch])
         return self.decode(batch, output)
 
+    def answer(self, prepared: Prepared, result: Any) -> Any:
+        """The task's answer (its ``TaskSpec.answer`` type) to the request ``prepared``, whose row the
+        model computed as ``result`` (an item of ``decode``'s list)."""
+        raise NotImplementedError
+
     def decode(self, batch: Sequence[Prepared], output: Any) -> list[Any]:
         raise NotImplementedError
 
@@ -193,6 +199,15 @@ class NERPipeline(Pipeline):
         pixels = self._image(image, stages, notes)
         truncated = encoded.truncated or len(words) > fits
         return Prepared(text, words[: encoded.num_words], encoded, pixels, truncated, stages, notes)
+
+    def answer(self, prepared: Prepared, entities: list[Entity]) -> NERResponse:
+        return NERResponse(
+            entities=[EntityOut(**vars(e)) for e in entities],
+            image_used=prepared.image_used,
+            truncated=prepared.truncated,
+            model=self.name,
+            notes=prepared.notes,
+        )
 
     def decode(self, batch: Sequence[Prepared], output: NEROutput) -> list[list[Entity]]:
         results = []
@@ -249,8 +264,6 @@ def entity_words(
 
 #: A relation label that names its entity types, MNRE's way: /head type/tail type/name.
 _TYPED_RELATION = re.compile(r"^/([^/]+)/([^/]+)/[^/]+$")
-
-Span = tuple[int, int]
 
 
 def check_pair(head_words: Span, tail_words: Span, head: Span, tail: Span) -> None:
@@ -324,6 +337,17 @@ class REPipeline(Pipeline):
             for n, item in enumerate(encoded)
         ]
 
+    def answer(self, prepared: Prepared, result: Relation) -> REResponse:
+        return REResponse(
+            relation=result.relation,
+            score=result.score,
+            scores=result.scores,
+            image_used=prepared.image_used,
+            truncated=prepared.truncated,
+            model=self.name,
+            notes=prepared.notes,
+        )
+
     def decode(self, batch: Sequence[Prepared], output: np.ndarray) -> list[Relation]:
         results = []
         for row in output:
@@ -337,6 +361,3 @@ class REPipeline(Pipeline):
         tail = (WARMUP_TEXT.index("Paris"), WARMUP_TEXT.index("Paris") + len("Paris"))
         long_text = " ".join([WARMUP_TEXT] * 20)
         return [self.prepare(WARMUP_TEXT, None, head, tail), self.prepare(long_text, None, head, tail)]
-
-
-PIPELINES: dict[str, type[Pipeline]] = {"ner": NERPipeline, "re": REPipeline}

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.tasks import task_spec
+
 #: Values of a bundle variable that switch that model off (its endpoint then answers 503).
 DISABLED = {"", "none", "off", "disabled"}
 
@@ -189,4 +191,5 @@ class Settings(BaseSettings):
         return self.preprocess_threads or min(4, available_cores())
 
     def bundle_path(self, task: str) -> Path | None:
-        return {"ner": self.ner_bundle, "re": self.re_bundle}[task]
+        """The bundle directory of ``task`` (its ``TaskSpec.bundle_setting``), None when switched off."""
+        return getattr(self, task_spec(task).bundle_setting)

@@ -13,9 +13,9 @@ from torch import nn
 
 from model.config import IMMConfig
 from model.imm import IMMPreTrainedModel, build_task_model
-from model.tasks import TASKS
+from model.tasks import TASKS, task_spec
 
-__all__ = ["GRAPHS", "INPUT_NAMES", "OUTPUT_NAMES", "NERGraph", "REGraph", "graph_module", "rebuild_model"]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "NERGraph", "REGraph", "graph_module", "rebuild_model"]
 
 # Each task's graph signature, as its description (model.tasks) gives it.
 INPUT_NAMES: dict[str, tuple[str, ...]] = {name: spec.graph_inputs for name, spec in TASKS.items()}
@@ -55,12 +55,9 @@ class REGraph(_Graph):
         return self.model.head(self.encode(input_ids, attention_mask, pixel_values, has_image), marker_index)
 
 
-GRAPHS: dict[str, type[_Graph]] = {"ner": NERGraph, "re": REGraph}
-
-
 def graph_module(model: IMMPreTrainedModel, visual: bool = True) -> nn.Module:
     """The eval-mode wrapper that is traced into the graph (and that the PyTorch runtime runs)."""
-    return GRAPHS[model.config.task](model, visual).eval()
+    return task_spec(model.config.task).load("graph_wrapper")(model, visual).eval()
 
 
 def rebuild_model(

@@ -29,6 +29,7 @@ from model.heads import NERHead, REHead, gather_positions
 from model.ia import IALayer, rows_of_pictures
 from model.isa import ISALayer, attention_bias
 from model.sw_loss import SWLossOutput, sw_loss, teacher_targets
+from model.tasks import task_spec
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -348,15 +349,11 @@ class IMMForRE(IMMPreTrainedModel):
         return [self.config.labels[i] for i in logits.argmax(dim=-1).tolist()]
 
 
-# The PyTorch half of each task's description (model.tasks, which must stay torch-free).
-TASK_MODELS: dict[str, type[IMMPreTrainedModel]] = {"ner": IMMForNER, "re": IMMForRE}
-
-
 def build_task_model(config: IMMConfig, backbone_dir: str | Path | None = None) -> IMMPreTrainedModel:
     """The model of ``config.task``, its encoder started from the BERT weights in ``backbone_dir``
     when given (freshly initialised otherwise). Training, checkpoints and bundles build their
     models here."""
-    model_class = TASK_MODELS[config.task]
+    model_class = task_spec(config.task).load("model_class")
     if backbone_dir is None:
         return model_class(config)
     return model_class.from_backbone(config, backbone_dir)

@@ -1,13 +1,16 @@
 """One description per task: what NER and RE each read, predict, score and export.
 
 Code that differs by task asks the task's ``TaskSpec`` (``task_spec(config.task)``) what to do
-instead of comparing task names: a new task is described here once. Torch-free (the server
-imports it): the PyTorch model class of each task stays in the torch layer, ``model.imm``
-(``TASK_MODELS``, built by ``build_task_model``).
+instead of comparing task names or keeping tables of its own: a new task is one ``TaskSpec``
+(``register_task``) plus its model and pipeline classes (docs/architecture.md, "Adding a task").
+Torch-free (every layer imports it, the CPU server included): the classes each layer needs are named
+as ``"module:Class"`` and imported only by that layer, when it asks (``TaskSpec.load``), so that
+this module imports nothing above it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 from model.data import MNRE_RELATIONS, NER_LABELS, NERExample, REExample, read_mnre, read_twitter_conll
 
-__all__ = ["NER", "RE", "TASKS", "TaskSpec", "task_spec"]
+__all__ = ["NER", "RE", "TASKS", "TaskSpec", "register_task", "task_spec"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,28 @@ class TaskSpec:
     uses_word_shapes: bool
     graph_inputs: tuple[str, ...]
     graph_outputs: tuple[str, ...]
+    # The classes of the layers above, as "module:Class": the PyTorch model (model layer, torch),
+    # the wrapper traced into the ONNX graph (export), the serving pipeline (engine: prepares a
+    # request, runs a batch, makes the answer) and the answer type (engine.answers).
+    model_class: str
+    graph_wrapper: str
+    pipeline: str
+    answer: str
+    # The field of the engine's settings naming the task's bundle (environment: IMM_<FIELD>), and
+    # the HTTP path that serves it.
+    bundle_setting: str
+    route: str
+
+    def load(self, part: str) -> Any:
+        """The class ``part`` names (``"model_class"``, ``"graph_wrapper"``, ``"pipeline"``, ``"answer"``),
+        imported now: only the layer that uses it pays for (and may import) its module."""
+        module, _, name = getattr(self, part).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def env_name(self) -> str:
+        """The environment variable of the task's bundle, e.g. ``IMM_NER_BUNDLE``."""
+        return f"IMM_{self.bundle_setting.upper()}"
 
 
 # The scorers import seqeval through model.metrics only when called: it is a training dependency,
@@ -71,6 +96,12 @@ NER = TaskSpec(
     uses_word_shapes=True,
     graph_inputs=("input_ids", "attention_mask", "word_index", "word_shape", "pixel_values", "has_image"),
     graph_outputs=("emissions",),
+    model_class="model.imm:IMMForNER",
+    graph_wrapper="export.graph:NERGraph",
+    pipeline="engine.pipeline:NERPipeline",
+    answer="engine.answers:NERResponse",
+    bundle_setting="ner_bundle",
+    route="/ner",
 )
 
 RE = TaskSpec(
@@ -85,9 +116,23 @@ RE = TaskSpec(
     uses_word_shapes=False,
     graph_inputs=("input_ids", "attention_mask", "pixel_values", "has_image", "marker_index"),
     graph_outputs=("logits",),
+    model_class="model.imm:IMMForRE",
+    graph_wrapper="export.graph:REGraph",
+    pipeline="engine.pipeline:REPipeline",
+    answer="engine.answers:REResponse",
+    bundle_setting="re_bundle",
+    route="/re",
 )
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (NER, RE)}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Adds ``spec`` to ``TASKS`` (every layer then knows it); ValueError if its name is taken."""
+    if spec.name in TASKS:
+        raise ValueError(f"a task called {spec.name!r} is already registered")
+    TASKS[spec.name] = spec
+    return spec
 
 
 def task_spec(name: str) -> TaskSpec:

@@ -10,7 +10,7 @@ import pytest
 
 from model.config import IMMConfig
 from model.data import NERExample, REExample
-from model.tasks import TASKS, task_spec
+from model.tasks import TASKS, register_task, task_spec
 
 CONLL = "IMGID:7\nAnna\tB-PER\nSmith\tI-PER\nvisits\tO\nParis\tB-LOC\n\n"
 MNRE = repr(
@@ -65,15 +65,30 @@ def test_the_registry_imports_neither_torch_nor_the_training_metrics():
     assert result.stdout.strip() == "[]"
 
 
-def test_every_layer_knows_every_task():
-    from engine.models import ENV_NAMES
-    from engine.pipeline import PIPELINES
-    from export.graph import GRAPHS
-    from model.imm import TASK_MODELS
+def test_every_layer_finds_each_tasks_classes_in_its_description():
+    from engine.answers import NERResponse, REResponse
+    from engine.pipeline import NERPipeline, REPipeline
+    from engine.settings import Settings
+    from export.graph import NERGraph, REGraph
+    from model.imm import IMMForNER, IMMForRE
 
-    for per_task in (TASK_MODELS, GRAPHS, PIPELINES, ENV_NAMES):
-        assert list(per_task) == list(TASKS)
+    expected = {
+        "ner": (IMMForNER, NERGraph, NERPipeline, NERResponse, "/ner"),
+        "re": (IMMForRE, REGraph, REPipeline, REResponse, "/re"),
+    }
+    assert list(expected) == list(TASKS)
     for name, spec in TASKS.items():
         assert spec.name == name
+        parts = tuple(spec.load(part) for part in ("model_class", "graph_wrapper", "pipeline", "answer"))
+        assert (*parts, spec.route) == expected[name]
+        assert spec.env_name == f"IMM_{name.upper()}_BUNDLE"
+        assert spec.bundle_setting in Settings.model_fields
         # The graph takes its inputs in the order the description gives them.
-        assert tuple(inspect.signature(GRAPHS[name].forward).parameters)[1:] == spec.graph_inputs
+        assert (
+            tuple(inspect.signature(spec.load("graph_wrapper").forward).parameters)[1:] == spec.graph_inputs
+        )
+
+
+def test_a_task_name_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(TASKS["ner"])
