@@ -5,6 +5,7 @@ own weights. Both import it from here, downward: neither imports the other.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,27 @@ from model.tasks import TASKS, task_spec
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "NERGraph", "REGraph", "graph_module", "rebuild_model"]
 
+
 # Each task's graph signature, as its description (model.tasks) gives it.
-INPUT_NAMES: dict[str, tuple[str, ...]] = {name: spec.graph_inputs for name, spec in TASKS.items()}
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {name: spec.graph_outputs for name, spec in TASKS.items()}
+class _GraphSignature(Mapping[str, tuple[str, ...]]):
+    """Each task's graph input (or output) names, read from its ``TaskSpec`` at each lookup, so that
+    a task registered later is known too."""
+
+    def __init__(self, field: str):
+        self._field = field
+
+    def __getitem__(self, task: str) -> tuple[str, ...]:
+        return getattr(task_spec(task), self._field)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TASKS)
+
+    def __len__(self) -> int:
+        return len(TASKS)
+
+
+INPUT_NAMES = _GraphSignature("graph_inputs")
+OUTPUT_NAMES = _GraphSignature("graph_outputs")
 
 
 class _Graph(nn.Module):
