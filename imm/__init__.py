@@ -13,10 +13,13 @@ The Python API, on the same engine as the server (``service.engine``)::
 Answers are the API's typed objects (``imm.NERResponse``, ``REResponse``, ``ExtractResponse``);
 errors are the engine's (``imm.InvalidInput``, ``InputTooLarge``, ``ModelUnavailable``, ...) and
 the picture errors of the shared preprocessing (``imm.ImageError``). ``await imm.load_async(...)``
-gives the same calls as coroutines, on the caller's event loop. Commands: ``imm --help``.
+gives the same calls as coroutines, on the caller's event loop. Commands: ``imm --help`` (or
+``python -m imm --help``).
 """
 
 from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
 
 from imm.api import IMM, AsyncIMM, load, load_async
 from model.preprocessing import ImageError
@@ -32,6 +35,7 @@ from service.engine.errors import (
 from service.schemas import EntityOut, ExtractResponse, NERResponse, RelationOut, REResponse
 
 __all__ = [
+    "DISTRIBUTION",
     "IMM",
     "AsyncIMM",
     "DeadlineExceeded",
@@ -47,6 +51,15 @@ __all__ = [
     "REResponse",
     "RelationOut",
     "ShuttingDown",
+    "__version__",
     "load",
     "load_async",
 ]
+
+#: The name it is installed by (``pip install implicit-modality-mining``); on the registry, ``imm``
+#: is another project's.
+DISTRIBUTION = "implicit-modality-mining"
+try:
+    __version__ = version(DISTRIBUTION)
+except PackageNotFoundError:  # imported from a checkout that was never installed (pip install -e .)
+    __version__ = "0+unknown"
