@@ -13,7 +13,7 @@ import logging
 import logging.config
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 
 from pydantic import ValidationError
 
@@ -78,19 +78,25 @@ def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
     return parser
 
 
+def apply_options(args: argparse.Namespace, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """The options given become their ``IMM_*`` variables in ``environ``: above the environment and
+    ``.env`` for ``Settings()``, and read again by each of uvicorn's worker processes
+    (``service.server``), which inherit this environment. Returns {setting: option} of those given."""
+    given = {}
+    for option, value in vars(args).items():
+        if value is not None:
+            environ[f"IMM_{OPTIONS[option].upper()}"] = str(value)
+            given[OPTIONS[option]] = f"--{option}"
+    return given
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m service") -> int:
-    args = build_parser(prog).parse_args(argv)
-    # Options become the environment's variables: above the environment and .env, and read again by
-    # each of uvicorn's worker processes (service.server), which inherit this environment.
-    given = {option: value for option, value in vars(args).items() if value is not None}
-    for option, value in given.items():
-        os.environ[f"IMM_{OPTIONS[option].upper()}"] = str(value)
+    given = apply_options(build_parser(prog).parse_args(argv))
     try:
         settings = Settings()
     except ValidationError as error:
-        names = {setting: f"--{option}" for option, setting in OPTIONS.items() if option in given}
         problems = "; ".join(
-            f"{names.get(str(problem['loc'][0])) or 'IMM_' + '_'.join(map(str, problem['loc'])).upper()}: "
+            f"{given.get(str(problem['loc'][0])) or 'IMM_' + '_'.join(map(str, problem['loc'])).upper()}: "
             f"{problem['msg']}"
             for problem in error.errors()
         )
