@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: 2.13.0 is the CPU build available offline here; other versions pull GBs.
 	$(PY) -m pip install -q torch==2.13.0
-	# the plain install (API, commands, CPU server) + training + tests + the spaCy component's extra
-	$(PY) -m pip install -q -e ".[train,dev,spacy]"
+	# the plain install (API, commands, CPU server) + training + tests + the spaCy component's extra.
+	# compat: the checkout on sys.path (a .pth line), so that a script run from the checkout's parent
+	# folder imports the package, not the checkout's folder as a namespace package (the default
+	# editable finder comes after the folders of sys.path; `strict` would do too, but each new file
+	# would need a reinstall).
+	$(PY) -m pip install -q -e ".[train,dev,spacy]" --config-settings editable_mode=compat
 	# Debian's Chromium for the demo page's end-to-end test (tests/test_demo_page.py), when missing
 	# and root (CI); elsewhere that test says how to install it and skips, unless CI is set.
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium)

@@ -4,7 +4,7 @@ The Python API, on the same engine as the server (``service.engine``)::
 
     import imm
 
-    nlp = imm.load("weights")                    # weights/ner and weights/re, or one bundle directory
+    nlp = imm.load()                             # the packaged bundles; or a directory with ner/ and re/, or one bundle
     nlp.ner("Alice Smith is in Paris", image="photo.jpg").entities
     nlp.re("Alice Smith moved to Paris", head=(0, 11), tail=(21, 26)).relation
     nlp.extract("Kevin Durant joins the Warriors").relations

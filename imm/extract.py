@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imm import DISTRIBUTION
 from model.cli_help import HelpFormatter
 from model.tasks import TASKS
 from service.settings import DEFAULT_WEIGHTS
@@ -70,7 +71,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError("Parquet needs pyarrow: pip install 'imm[corpus]'") from None
+        raise UsageError(f"Parquet needs pyarrow: pip install '{DISTRIBUTION}[corpus]'") from None
     return pq
 
 
