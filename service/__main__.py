@@ -26,12 +26,6 @@ from service.settings import Settings, unknown_variables
 OPTIONS = {"host": "host", "port": "port", "workers": "workers", "ner": "ner_bundle", "re": "re_bundle"}
 
 
-def _version() -> str:
-    from imm import __version__
-
-    return __version__
-
-
 def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
     """The options above, and every ``IMM_*`` setting with its default in the epilog."""
     fields = Settings.model_fields
@@ -47,7 +41,6 @@ def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
         epilog="settings (IMM_* variables):\n" + "\n".join(lines),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
 
     def variable(option: str) -> str:
         return f"IMM_{OPTIONS[option].upper()}"

@@ -115,8 +115,11 @@ def test_a_training_command_without_torch_says_which_extra_in_one_line():
 
 
 def test_serve_options_win_over_the_environment_which_wins_over_dot_env(tmp_path, monkeypatch):
-    from service.__main__ import apply_options, build_parser
+    from service.__main__ import OPTIONS, apply_options, build_parser
 
+    for setting in OPTIONS.values():  # apply_options writes them: monkeypatch restores them after
+        monkeypatch.setenv(f"IMM_{setting.upper()}", "")
+        monkeypatch.delenv(f"IMM_{setting.upper()}")
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("IMM_PORT=9001\nIMM_HOST=10.0.0.1\nIMM_WORKERS=3\n")
     environ = {"IMM_PORT": "9002", "IMM_HOST": "10.0.0.2"}

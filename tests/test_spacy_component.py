@@ -15,7 +15,6 @@ spacy = pytest.importorskip("spacy", reason="the spacy extra is not installed: p
 
 import imm  # noqa: E402
 from imm.spacy_component import make_imm_ner  # noqa: E402
-from service.schemas import EntityOut, ExtractResponse  # noqa: E402
 from service.settings import DEFAULT_WEIGHTS  # noqa: E402
 from tests.conftest import jpeg_bytes  # noqa: E402
 
@@ -62,9 +61,9 @@ def test_an_entity_ending_inside_a_token_expands_to_the_whole_token(nlp):
     """IMM reads words its own way: an entity that ends inside a spaCy token takes the whole token."""
     component = nlp.get_pipe("imm_ner")
     doc = nlp.make_doc("Parisians love Paris")
-    entities = [EntityOut(text="Paris", type="LOC", start=0, end=5, score=0.9)]
+    entities = [imm.EntityOut(text="Paris", type="LOC", start=0, end=5, score=0.9)]
     models = {"ner": "m", "re": "m"}
-    answer = ExtractResponse(
+    answer = imm.ExtractResponse(
         entities=entities, relations=[], image_used=False, truncated=False, models=models
     )
     component._annotate(doc, answer)
