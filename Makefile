@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
 
-.PHONY: install test test-docker test-ray lint format clean serve serve-ray lock bench bench-model bench-ray \
+.PHONY: install test test-wheel test-docker test-ray lint format clean serve serve-ray lock bench bench-model bench-ray \
 	weights weights-ner weights-re
 
 $(STAMP): pyproject.toml
@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: 2.13.0 is the CPU build available offline here; other versions pull GBs.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[train,serve,dev]"
+	# the plain install (API, commands, CPU server) + training + tests + the spaCy component's extra.
+	# compat: the checkout on sys.path (a .pth line), so that a script run from the checkout's parent
+	# folder imports the package, not the checkout's folder as a namespace package (the default
+	# editable finder comes after the folders of sys.path; `strict` would do too, but each new file
+	# would need a reinstall).
+	$(PY) -m pip install -q -e ".[train,dev,spacy]" --config-settings editable_mode=compat
 	# Debian's Chromium for the demo page's end-to-end test (tests/test_demo_page.py), when missing
 	# and root (CI); elsewhere that test says how to install it and skips, unless CI is set.
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium)
@@ -36,6 +41,12 @@ format: $(STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+# The wheel as a user gets it (tests/test_wheel.py): built from a copy of the checkout, installed with its
+# dependencies from the registry into a fresh venv outside the checkout, then its commands, imm.load, the
+# server and the spaCy component tried there (a few minutes: pip installs onnxruntime, fastapi, spaCy, ...).
+test-wheel: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m wheel tests/test_wheel.py
 
 # `docker compose up` for real: its own Docker engine, a locally built base image, the compose file's
 # image, then checks as a client (tests/docker/run.sh; as root, a few minutes; .ci/run runs it).
@@ -62,13 +73,14 @@ $(SERVE_STAMP): $(SERVE_LOCK) pyproject.toml
 serve: $(SERVE_STAMP)
 	$(SERVE_VENV)/bin/python -m service
 
-# The locks of the serving install (uv, from pyproject.toml's extras; pins already there are kept unless
-# pyproject.toml rules them out: `make lock LOCK_ARGS=--upgrade` moves everything to the newest releases).
-# serve.txt: any platform, Python >= 3.11. gpu.txt: the GPU image's platform, on serve.txt's versions.
+# The locks of the serving install (uv, from pyproject.toml's dependencies and extras; pins already there
+# are kept unless pyproject.toml rules them out: `make lock LOCK_ARGS=--upgrade` moves everything to the
+# newest releases). serve.txt: the plain install, any platform, Python >= 3.11. gpu.txt: plus the gpu
+# extra, the GPU image's platform, on serve.txt's versions.
 lock: $(STAMP)
-	$(VENV)/bin/uv pip compile pyproject.toml --extra serve --universal --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
 		--generate-hashes $(LOCK_ARGS) -o requirements/serve.txt
-	$(VENV)/bin/uv pip compile pyproject.toml --extra serve --extra gpu -c requirements/serve.txt \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra gpu -c requirements/serve.txt \
 		--python-platform x86_64-manylinux_2_28 --python-version 3.11 --generate-hashes $(LOCK_ARGS) \
 		-o requirements/gpu.txt
 

@@ -3,7 +3,7 @@
 ``Engine(settings)`` holds the NER and RE models of the settings' bundles, the preprocessing
 thread pool, each model's batcher and inference thread, and the metrics. Its calls are
 ``await engine.ner(text, image)``, ``re(text, head, tail, image)`` and ``extract(text, image)``,
-each returning the API's typed answer (``service.schemas``) and raising the engine's own errors
+each returning the API's typed answer (``engine.answers``) and raising the engine's own errors
 (``engine.errors``, and ``model.preprocessing``'s picture errors); front ends (the HTTP app,
 Ray, the Python API, the corpus command) map those to what their callers see.
 

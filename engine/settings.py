@@ -1,16 +1,20 @@
 """Service configuration, read from ``IMM_*`` environment variables and a ``.env`` file in the working
 directory (pydantic-settings; the environment wins).
 
-Every knob has a safe default so that ``python -m service`` works on the default bundles in
-``weights/``. docs/service.md holds the table of variables; keep it in step with this file.
+Every knob has a safe default so that ``python -m service`` works on the default bundles, which ship
+inside the package (``DEFAULT_WEIGHTS``). docs/service.md holds the table of variables; keep it in
+step with this file.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,6 +22,16 @@ from model.tasks import task_spec
 
 #: Values of a bundle variable that switch that model off (its endpoint then answers 503).
 DISABLED = {"", "none", "off", "disabled"}
+#: The default bundles (``ner/``, ``re/``), package data of ``imm``: in a checkout ``imm/weights`` is a
+#: link to ``weights/``, in an installed wheel a copy (docs/service.md, "The default models").
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "imm" / "weights"
+#: The file of ``KEY=VALUE`` lines read after the environment (relative: the working directory).
+ENV_FILE = ".env"
+#: ``IMM_*`` variables that are not settings of this class but are read elsewhere: ``IMM_RAY_*``
+#: (``service.ray_app.RaySettings``, which refuses unknown ones itself), the Docker health check's
+#: timeout, docker-compose.yml's published port, and the test suite's.
+OTHER_VARIABLES = {"IMM_HEALTHCHECK_TIMEOUT", "IMM_PUBLISHED_PORT", "IMM_DATA_DIR", "IMM_BASE_IMAGE"}
+OTHER_PREFIXES = ("IMM_RAY_", "IMM_DOCKER_")
 
 
 def available_cores() -> int:
@@ -31,14 +45,16 @@ class Settings(BaseSettings):
     """All the service's settings; ``Settings()`` reads the environment."""
 
     # IMM_* variables first, then a .env file in the working directory (KEY=VALUE lines, IMM_ names)
-    model_config = SettingsConfigDict(env_prefix="IMM_", env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="IMM_", env_file=ENV_FILE, extra="ignore", frozen=True)
 
     ner_bundle: Path | None = Field(
-        Path("weights/ner"), description="NER bundle directory ('' disables /ner)"
+        DEFAULT_WEIGHTS / "ner", description="NER bundle directory ('' disables /ner)"
     )
-    re_bundle: Path | None = Field(Path("weights/re"), description="RE bundle directory ('' disables /re)")
+    re_bundle: Path | None = Field(
+        DEFAULT_WEIGHTS / "re", description="RE bundle directory ('' disables /re)"
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     runtime: Literal["auto", "onnx", "torch"] = Field(
         "auto",
         description="what runs the models: 'onnx' (ONNX Runtime), 'torch' (PyTorch, the gpu extra: fp16 CUDA "
@@ -164,7 +180,7 @@ class Settings(BaseSettings):
         description="/ready only when every configured model is ready (default: at least one is; a "
         "model switched off with an empty bundle variable never counts)",
     )
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="debug, info, warning or error (JSON lines on stderr)")
 
     @field_validator("ner_bundle", "re_bundle", mode="before")
     @classmethod
@@ -193,3 +209,28 @@ class Settings(BaseSettings):
     def bundle_path(self, task: str) -> Path | None:
         """The bundle directory of ``task`` (its ``TaskSpec.bundle_setting``), None when switched off."""
         return getattr(self, task_spec(task).bundle_setting)
+
+
+def unknown_variables(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ENV_FILE
+) -> list[str]:
+    """One warning per ``IMM_*`` name of the environment or of ``env_file`` that no part of IMM reads
+    (pydantic-settings ignores them: a misspelt ``IMM_MAX_BATCH_SZE`` would go unnoticed), naming the
+    closest setting when one is close."""
+    environ = os.environ if environ is None else environ
+    sources = {name: "environment" for name in environ}
+    if env_file is not None and Path(env_file).is_file():
+        for name in dotenv_values(env_file):
+            sources.setdefault(name, str(env_file))
+    known = [f"IMM_{name.upper()}" for name in Settings.model_fields]
+    warnings = []
+    for name, source in sorted(sources.items()):
+        upper = name.upper()  # pydantic-settings matches names regardless of case
+        if not upper.startswith("IMM_") or upper in known or upper in OTHER_VARIABLES:
+            continue
+        if upper.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "python -m service --help lists the settings"
+        warnings.append(f"{name} ({source}) is not a setting and is ignored: {hint}")
+    return warnings

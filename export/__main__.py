@@ -17,6 +17,7 @@ from typing import NoReturn
 from export.bundle import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PRECISIONS, BundleError
 from export.checks import ExportError, check_export_arguments, safe_model_name
 from export.triton import TritonRepositoryError, check_repository_target
+from model.cli_help import HelpFormatter
 
 USAGE_ERROR = 2
 INTERNAL_ERROR = 1
@@ -29,7 +30,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Export an IMM checkpoint to an ONNX serving bundle.")
+    parser = _Parser(
+        prog=prog,
+        description="Export an IMM checkpoint to an ONNX serving bundle.",
+        formatter_class=HelpFormatter,
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (written by model.train)")
     source.add_argument(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from export.bundle import Bundle, BundleError, load_bundle, session_options
 from export.outputs import decode_outputs
+from model.cli_help import HelpFormatter, paragraph
 from model.data import DataFormatError
 from model.data.dataset import Example
 from model.data.images import ImageStore
@@ -50,7 +51,7 @@ def predict_bundle(
 
 
 def build_parser(prog: str = "python -m export.evaluate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=paragraph(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--bundle", required=True, help="serving bundle written by python -m export")
     add_data_arguments(parser)
     return parser

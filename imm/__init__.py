@@ -4,7 +4,7 @@ The Python API, on the same engine as the server (``engine``)::
 
     import imm
 
-    nlp = imm.load("weights")                    # weights/ner and weights/re, or one bundle directory
+    nlp = imm.load()                             # the packaged bundles; or a directory with ner/ and re/, or one bundle
     nlp.ner("Alice Smith is in Paris", image="photo.jpg").entities
     nlp.re("Alice Smith moved to Paris", head=(0, 11), tail=(21, 26)).relation
     nlp.extract("Kevin Durant joins the Warriors").relations
@@ -13,10 +13,13 @@ The Python API, on the same engine as the server (``engine``)::
 Answers are the API's typed objects (``imm.NERResponse``, ``REResponse``, ``ExtractResponse``);
 errors are the engine's (``imm.InvalidInput``, ``InputTooLarge``, ``ModelUnavailable``, ...) and
 the picture errors of the shared preprocessing (``imm.ImageError``). ``await imm.load_async(...)``
-gives the same calls as coroutines, on the caller's event loop. Commands: ``imm --help``.
+gives the same calls as coroutines, on the caller's event loop. Commands: ``imm --help`` (or
+``python -m imm --help``).
 """
 
 from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
 
 from engine.answers import EntityOut, ExtractResponse, NERResponse, RelationOut, REResponse
 from engine.errors import (
@@ -32,6 +35,7 @@ from imm.api import IMM, AsyncIMM, load, load_async
 from model.preprocessing import ImageError
 
 __all__ = [
+    "DISTRIBUTION",
     "IMM",
     "AsyncIMM",
     "DeadlineExceeded",
@@ -47,6 +51,15 @@ __all__ = [
     "REResponse",
     "RelationOut",
     "ShuttingDown",
+    "__version__",
     "load",
     "load_async",
 ]
+
+#: The name it is installed by (``pip install implicit-modality-mining``); on the registry, ``imm``
+#: is another project's.
+DISTRIBUTION = "implicit-modality-mining"
+try:
+    __version__ = version(DISTRIBUTION)
+except PackageNotFoundError:  # imported from a checkout that was never installed (pip install -e .)
+    __version__ = "0+unknown"

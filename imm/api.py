@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 from engine import Engine
 from engine.answers import ExtractResponse, NERResponse, REResponse
 from engine.errors import ModelUnavailable
-from engine.settings import Settings
+from engine.settings import DEFAULT_WEIGHTS, Settings
 
 __all__ = ["IMM", "AsyncIMM", "load", "load_async"]
 
@@ -146,7 +146,7 @@ def _arguments(item: Any) -> dict[str, Any]:
 
 
 async def load_async(
-    path: str | os.PathLike | None = "weights", *, ner: Any = None, re: Any = None, **options: Any
+    path: str | os.PathLike | None = DEFAULT_WEIGHTS, *, ner: Any = None, re: Any = None, **options: Any
 ) -> AsyncIMM:
     """The models of ``path`` (see ``IMM``), loaded on the running event loop."""
     engine = Engine(_settings(path, ner, re, options))
@@ -163,7 +163,12 @@ class IMM:
     answers (see ``imm``). ``close()`` (or ``with``) stops the engine's thread."""
 
     def __init__(
-        self, path: str | os.PathLike | None = "weights", *, ner: Any = None, re: Any = None, **options: Any
+        self,
+        path: str | os.PathLike | None = DEFAULT_WEIGHTS,
+        *,
+        ner: Any = None,
+        re: Any = None,
+        **options: Any,
     ):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="imm-engine", daemon=True)
@@ -240,10 +245,10 @@ class IMM:
 
 
 def load(
-    path: str | os.PathLike | None = "weights", *, ner: Any = None, re: Any = None, **options: Any
+    path: str | os.PathLike | None = DEFAULT_WEIGHTS, *, ner: Any = None, re: Any = None, **options: Any
 ) -> IMM:
-    """The models of ``path``: a directory holding ``ner/`` and ``re/`` bundles (``weights``, the
-    default), or one bundle directory; ``ner=``/``re=`` name bundles one by one (``""``: none). ``options`` are the
+    """The models of ``path``: a directory holding ``ner/`` and ``re/`` bundles (default: the packaged
+    bundles, ``DEFAULT_WEIGHTS``: weights/ in a checkout), or one bundle directory; ``ner=``/``re=`` name bundles one by one (``""``: none). ``options`` are the
     server's settings (``engine.settings.Settings``: ``max_batch_size``, ``runtime``, ...; the
     ``IMM_*`` environment and a ``.env`` file fill the rest)."""
     return IMM(path, ner=ner, re=re, **options)

@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.settings import DEFAULT_WEIGHTS
+from imm import DISTRIBUTION
+from model.cli_help import HelpFormatter
 from model.tasks import TASKS
 
 __all__ = ["main"]
@@ -68,7 +71,7 @@ def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError("Parquet needs pyarrow: pip install 'imm[corpus]'") from None
+        raise UsageError(f"Parquet needs pyarrow: pip install '{DISTRIBUTION}[corpus]'") from None
     return pq
 
 
@@ -381,15 +384,24 @@ def build_parser(prog: str = "imm extract") -> argparse.ArgumentParser:
         prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("input", type=Path, help="JSON lines, CSV or Parquet file")
     parser.add_argument("--out", type=Path, required=True, help="a .jsonl file or a .parquet directory")
-    parser.add_argument("--task", choices=(*TASKS, "extract"), default="ner")
     parser.add_argument(
-        "--models", default="weights", help="bundle directory (with ner/ and re/), as imm.load takes"
+        "--task",
+        choices=(*TASKS, "extract"),
+        default="ner",
+        help="what each row is answered (as the API's endpoints)",
     )
-    parser.add_argument("--text-column", default="text")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=DEFAULT_WEIGHTS,
+        help="bundle directory (with ner/ and re/), as imm.load takes (default: the packaged bundles, "
+        "weights/ in a checkout)",
+    )
+    parser.add_argument("--text-column", default="text", help="the column of the rows' texts")
     parser.add_argument("--image-column", help="the column naming each row's picture")
     parser.add_argument("--images", type=Path, help="the directory the picture column's paths are in")
     parser.add_argument(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from model.cli_help import HelpFormatter, paragraph
 from model.data import DataFormatError, NERExample, REExample
 from model.data.dataset import Example, encode_example
 from model.data.images import ImageStore
@@ -148,19 +149,36 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--images", help="directory of the tweet images")
     images.add_argument("--no-images", action="store_true", help="evaluate as if no example had an image")
     parser.add_argument("--predictions", help="write per-example predictions to this JSONL file")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per model call")
 
 
-def build_parser(prog: str = "python -m model.evaluate") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m model.evaluate", *, bundles: bool = False) -> argparse.ArgumentParser:
+    """The options of a checkpoint's evaluation; with ``bundles`` (``imm evaluate``) ``--bundle`` too, as
+    the alternative to ``--checkpoint`` (export's layer scores it: ``export.evaluate``)."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=__doc__.splitlines()[0],
-        epilog="A serving bundle, scored exactly as served: imm evaluate --bundle DIR --data FILE "
+        description=paragraph(__doc__),
+        formatter_class=HelpFormatter,
+        epilog=None
+        if bundles
+        else "A serving bundle, scored exactly as served: imm evaluate --bundle DIR --data FILE "
         "(python -m export.evaluate), with the same options but --device.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by model.train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory written by model.train")
+    if bundles:
+        source.add_argument(
+            "--bundle",
+            help="serving bundle written by imm export, scored exactly as served: its ONNX graph on "
+            "ONNX Runtime (CPU) with the served decoding",
+        )
     add_data_arguments(parser)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the checkpoint runs (not with --bundle)",
+    )
     return parser
 
 

@@ -43,6 +43,7 @@ from model.checkpoint import (
     sw_status,
     write_checkpoint,
 )
+from model.cli_help import HelpFormatter, paragraph
 from model.data import DataFormatError
 from model.data.dataset import Collator, IMMDataset
 from model.data.images import ImageStore
@@ -120,7 +121,7 @@ class TrainingArguments:
 
 
 def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=paragraph(__doc__), formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--task", required=True, choices=list(TASKS))
     add("--train", required=True, nargs="+", help="training file(s): Twitter CoNLL (ner) or MNRE (re)")
@@ -137,9 +138,9 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
         f"(default: {DEFAULT_IMAGE_DROPOUT} with --images, 0 without)",
     )
     add("--backbone", help="local BERT-family directory (default: the packaged all-MiniLM-L6-v2)")
-    add("--epochs", type=int, default=10)
+    add("--epochs", type=int, default=10, help="passes over the training data")
     add("--batch-size", type=int, default=16, help="examples per step (per process under torchrun)")
-    add("--eval-batch-size", type=int, default=64)
+    add("--eval-batch-size", type=int, default=64, help="examples per step when scoring the dev set(s)")
     add("--lr", type=float, default=5e-5, help="learning rate of the pretrained backbone")
     add(
         "--new-module-lr",
@@ -148,11 +149,11 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
         help="patch projection and IA projections",
     )
     add("--head-lr", type=float, default=5e-3, help="classifier and CRF")
-    add("--weight-decay", type=float, default=0.01)
-    add("--warmup-ratio", type=float, default=0.1)
-    add("--grad-clip", type=float, default=1.0)
+    add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
+    add("--warmup-ratio", type=float, default=0.1, help="share of the steps with a linear warmup")
+    add("--grad-clip", type=float, default=1.0, help="largest gradient norm (clipped beyond)")
     add("--max-seq-len", type=int, default=128, help="word pieces per example (also with --init-from)")
-    add("--seed", type=int, default=42)
+    add("--seed", type=int, default=42, help="seed of the initialisation, the shuffling and the dropout")
     add(
         "--log-format",
         choices=("text", "json"),
@@ -200,7 +201,7 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
     )
     add("--init-from", help="start the encoder from another task's checkpoint, with a fresh head")
     add("--resume", action="store_true", help="continue the interrupted run in --out")
-    add("--device", choices=["cpu", "cuda"], default="cpu")
+    add("--device", choices=["cpu", "cuda"], default="cpu", help="where the model trains")
     add("--num-workers", type=int, default=0, help="data loader processes (image decoding)")
     add("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
     add(

@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = {"serve": ROOT / "requirements" / "serve.txt", "gpu": ROOT / "requirements" / "gpu.txt"}
 #: The extras each lock is compiled from (Makefile, `lock`).
-LOCK_EXTRAS = {"serve": ("serve",), "gpu": ("serve", "gpu")}
+LOCK_EXTRAS = {"serve": (), "gpu": ("gpu",)}
 #: The images' platform (Dockerfile, Dockerfile.gpu): Python 3.11 on x86-64 Linux.
 IMAGE_ENVIRONMENT = {
     **default_environment(),

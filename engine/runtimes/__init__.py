@@ -95,7 +95,7 @@ def create_runtime(bundle: Bundle, preprocessor: Preprocessor, settings: Setting
     if kind == "torch":
         if importlib.util.find_spec("torch") is None:
             raise ProviderError(
-                "IMM_RUNTIME=torch needs PyTorch: install the gpu extra (pip install 'imm[gpu]')"
+                "IMM_RUNTIME=torch needs PyTorch: install the gpu extra (pip install 'implicit-modality-mining[gpu]')"
             )
         from engine.runtimes.pytorch import TorchRuntime
 
