@@ -7,7 +7,7 @@ The end-to-end benchmark is ``bench/run.py`` (``make bench``); the model-only on
 
 from __future__ import annotations
 
-import io
+import functools
 import math
 import os
 import platform
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the project's packages
+    sys.path.insert(0, str(ROOT))
+
+from model.preprocessing.synthetic import synthetic_jpeg  # noqa: E402
 
 TWEETS = [
     "RT @NBA: LeBron James scores 40 as the Lakers beat the Celtics in Boston #NBAFinals",
@@ -35,15 +38,9 @@ TWEETS = [
 ]
 
 
-def photo_jpeg(width: int, height: int, quality: int = 85, seed: int = 0) -> bytes:
-    """A photo-like JPEG (gradients plus noise) of the given size."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
-    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+#: The benchmarks' photo: a synthetic JPEG of the given size (quality 85, mild noise), the same bytes in
+#: every run (``photo_jpeg(1200, 900)``).
+photo_jpeg = functools.partial(synthetic_jpeg, quality=85, noise=12.0)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -90,7 +90,7 @@ def build_model(size: str):
     import torch
 
     from model.config import BackboneConfig, IMMConfig, default_layer_split
-    from model.imm import IMMForNER
+    from model.modeling import IMMForNER
 
     dims = {
         "bert-base": dict(

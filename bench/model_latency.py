@@ -120,7 +120,7 @@ def random_checkpoint(kind: str, directory: Path) -> Path:
 
     from model.checkpoint import backbone_tokenizer, save_checkpoint
     from model.config import BackboneConfig, IMMConfig, default_layer_split
-    from model.imm import IMMForNER
+    from model.modeling import IMMForNER
     from model.preprocessing import Preprocessor
 
     torch.manual_seed(0)

@@ -16,15 +16,17 @@ the first two found).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the project's packages
+    sys.path.insert(0, str(ROOT))
+
+from model.preprocessing.synthetic import synthetic_jpeg  # noqa: E402
 
 #: Chromium flags for a machine with no display, no sandbox (containers) and no network access.
 CHROMIUM_ARGS = [
@@ -46,17 +48,6 @@ def chromium_executable() -> str | None:
 
 def launch(playwright: Any, executable: str) -> Any:
     return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-
-
-def sample_jpeg(width: int = 480, height: int = 320) -> bytes:
-    """A photo-like JPEG (gradients and noise), for when no picture is given."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def entity_mark(page: Any, text: str | None, index: int) -> Any:
@@ -82,7 +73,7 @@ def take(
     if executable is None:
         raise SystemExit("Chromium not found: apt-get install chromium (or set CHROMIUM=/path/to/it)")
     picture = {"name": image.name, "mimeType": "image/jpeg", "buffer": image.read_bytes()} if image else None
-    picture = picture or {"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": sample_jpeg()}
+    picture = picture or {"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": synthetic_jpeg(480, 320)}
     with sync_playwright() as playwright:
         browser = launch(playwright, executable)
         page = browser.new_page(viewport={"width": width, "height": 900})

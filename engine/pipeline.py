@@ -2,7 +2,7 @@
 
 ``prepare`` (in the preprocessing thread pool) turns raw text and a request's picture (``RequestPicture``)
 into model inputs through the project's one preprocessing path (``model.preprocessing``), decoding
-the picture at most once per image step, so that ``POST /extract`` decodes it once for both models
+the picture at most once per picture recipe, so that ``POST /extract`` decodes it once for both models
 when they share one (the same size, normalisation and runtime); ``run_batch`` (in the
 model's inference thread) hands the batch to the model's runtime (``engine.runtimes``: ONNX
 Runtime, or PyTorch on a GPU), which pads it, runs the model once and decodes the CRF, and turns
@@ -38,20 +38,20 @@ WARMUP_TEXT = "RT @imm_ai : Alice Smith visits Paris with the Lakers today ! #wa
 
 @dataclass
 class RequestPicture:
-    """A request's picture as sent (its bytes), and the ``ModelPicture`` each image step made of it.
+    """A request's picture as sent (its bytes), and the ``ModelPicture`` each picture recipe made of it.
 
-    A step (``Pipeline.image_step``: image size, normalisation, pixel limit, and whether the runtime
+    A step (``Pipeline.picture_recipe``: image size, normalisation, pixel limit, and whether the runtime
     decodes JPEGs itself) decodes it at most once: models that share a step get the same ``ModelPicture``
     object, so ``POST /extract`` decodes the picture once for its NER and RE models.
     """
 
     data: bytes
-    pictures: dict[ImageStep, ModelPicture] = field(default_factory=dict)
+    pictures: dict[PictureRecipe, ModelPicture] = field(default_factory=dict)
     headers_checked: set[ImageProcessor] = field(default_factory=set)  # processors that read its header
 
 
 @dataclass(frozen=True)
-class ImageStep:
+class PictureRecipe:
     """What turns a request's picture into a model's ``ModelPicture``: whether the runtime decodes
     JPEGs itself, and the image processor (size, normalisation, pixel limit: a frozen dataclass,
     equal when its settings are). Models with equal steps share one decoded picture."""
@@ -113,7 +113,7 @@ class Pipeline:
             f"the picture was not used: this {self.task.upper()} model was trained without pictures"
         )
         # What decides the picture a model gets; equal steps share one decoded picture.
-        self.image_step = ImageStep(runtime.decodes_jpeg, preprocessor.image)
+        self.picture_recipe = PictureRecipe(runtime.decodes_jpeg, preprocessor.image)
 
     def words(self, text: str, limit: int | None = None) -> list[tuple[str, int, int]]:
         """The text's words as the model reads them (``split_words``, then words longer than the
@@ -123,34 +123,34 @@ class Pipeline:
             raise InvalidInput("text", "text is empty or only whitespace")
         return self.preprocessor.text.split_long_words(words[:limit])
 
-    def _image(
-        self, photo: RequestPicture | None, stages: dict[str, float], notes: list[str]
+    def _model_picture(
+        self, picture: RequestPicture | None, stages: dict[str, float], notes: list[str]
     ) -> ModelPicture | None:
         """The picture for the model: decoded pixels (JPEG in draft mode: never a full-size decode of
-        a large photo), JPEG bytes for a runtime that decodes them on its device, or None (no
-        picture, or a model that ignores them: then only its header is read). A photo already decoded
-        by another model with the same image step is not decoded again."""
-        if photo is None:
+        a large picture), JPEG bytes for a runtime that decodes them on its device, or None (no
+        picture, or a model that ignores them: then only its header is read). A picture already decoded
+        by another model with the same picture recipe is not decoded again."""
+        if picture is None:
             return None
         if not self.visual:
             # Not decoded, but its header is still checked (format, pixel limit: no pixel is read),
             # so that a file that is no picture gets the same 415 / 413 whichever model is served.
-            if self.preprocessor.image not in photo.headers_checked:
-                self.preprocessor.image.header(photo.data)
-                photo.headers_checked.add(self.preprocessor.image)
+            if self.preprocessor.image not in picture.headers_checked:
+                self.preprocessor.image.header(picture.data)
+                picture.headers_checked.add(self.preprocessor.image)
             notes.append(self.ignored_picture_note)
             return None
-        if self.image_step in photo.pictures:
-            return photo.pictures[self.image_step]
+        if self.picture_recipe in picture.pictures:
+            return picture.pictures[self.picture_recipe]
         started = time.perf_counter()
-        pixels: ModelPicture | None = None
+        model_picture: ModelPicture | None = None
         if self.runtime.decodes_jpeg:
-            pixels = jpeg_header(photo.data, self.preprocessor.image.max_pixels)
-        if pixels is None:
-            pixels = self.preprocessor.image(photo.data)
+            model_picture = jpeg_header(picture.data, self.preprocessor.image.max_pixels)
+        if model_picture is None:
+            model_picture = self.preprocessor.image(picture.data)
         stages["decode"] = time.perf_counter() - started
-        photo.pictures[self.image_step] = pixels
-        return pixels
+        picture.pictures[self.picture_recipe] = model_picture
+        return model_picture
 
     def run_batch(self, batch: Sequence[Prepared]) -> list[Any]:
         output = self.runtime.infer([p.encoded for p in batch], [p.picture for p in batch])
@@ -186,7 +186,7 @@ class NERPipeline(Pipeline):
 
     task = "ner"
 
-    def prepare(self, text: str, image: RequestPicture | None) -> Prepared:
+    def prepare(self, text: str, picture: RequestPicture | None) -> Prepared:
         stages: dict[str, float] = {}
         started = time.perf_counter()
         # Each word takes at least one piece, so words past the budget can never fit: leaving them
@@ -196,9 +196,9 @@ class NERPipeline(Pipeline):
         encoded = self.preprocessor.text.encode([w for w, _, _ in words[:fits]])
         stages["tokenise"] = time.perf_counter() - started
         notes: list[str] = []
-        pixels = self._image(image, stages, notes)
+        model_picture = self._model_picture(picture, stages, notes)
         truncated = encoded.truncated or len(words) > fits
-        return Prepared(text, words[: encoded.num_words], encoded, pixels, truncated, stages, notes)
+        return Prepared(text, words[: encoded.num_words], encoded, model_picture, truncated, stages, notes)
 
     def answer(self, prepared: Prepared, entities: list[Entity]) -> NERResponse:
         return NERResponse(
@@ -310,11 +310,11 @@ class REPipeline(Pipeline):
             else None
         )
 
-    def prepare(self, text: str, image: RequestPicture | None, head: Span, tail: Span) -> Prepared:
-        return self.prepare_pairs(text, image, [(head, tail)])[0]
+    def prepare(self, text: str, picture: RequestPicture | None, head: Span, tail: Span) -> Prepared:
+        return self.prepare_pairs(text, picture, [(head, tail)])[0]
 
     def prepare_pairs(
-        self, text: str, image: RequestPicture | None, pairs: Sequence[tuple[Span, Span]]
+        self, text: str, picture: RequestPicture | None, pairs: Sequence[tuple[Span, Span]]
     ) -> list[Prepared]:
         """One ``Prepared`` per (head, tail) pair of character spans of ``text``: the words are split
         and the picture read once for all of them."""
@@ -330,10 +330,10 @@ class REPipeline(Pipeline):
             encoded.append(self.preprocessor.text.encode_relation(plain, head_words, tail_words))
         stages["tokenise"] = time.perf_counter() - started
         notes: list[str] = []
-        pixels = self._image(image, stages, notes)
+        model_picture = self._model_picture(picture, stages, notes)
         # The stages are the group's, counted once (on its first item).
         return [
-            Prepared(text, words, item, pixels, item.truncated, stages if n == 0 else {}, list(notes))
+            Prepared(text, words, item, model_picture, item.truncated, stages if n == 0 else {}, list(notes))
             for n, item in enumerate(encoded)
         ]
 

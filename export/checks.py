@@ -10,7 +10,7 @@ from model.run_directory import CheckpointError, resolve_checkpoint
 
 __all__ = ["CHECKPOINT_FILES", "ExportError", "check_export_arguments", "safe_model_name"]
 
-# model.imm.WEIGHTS_FILE, model.imm.CONFIG_FILE and the tokenizer: what load_checkpoint needs.
+# model.modeling.WEIGHTS_FILE, model.modeling.CONFIG_FILE and the tokenizer: what load_checkpoint needs.
 CHECKPOINT_FILES = ("model.safetensors", "config.json", TOKENIZER_FILE)
 
 

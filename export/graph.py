@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from model.config import IMMConfig
-from model.imm import IMMPreTrainedModel, build_task_model
+from model.modeling import IMMPreTrainedModel, build_task_model
 from model.tasks import TASKS, task_spec
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "NERGraph", "REGraph", "graph_module", "rebuild_model"]

@@ -50,7 +50,7 @@ from export.graph import INPUT_NAMES, OUTPUT_NAMES, NERGraph, REGraph, graph_mod
 from export.outputs import decode_tags
 from model.checkpoint import SCORES_FILE, load_checkpoint, read_json, resolve_checkpoint, visual_training
 from model.config import IMMConfig
-from model.imm import IMMForNER, IMMPreTrainedModel
+from model.modeling import IMMForNER, IMMPreTrainedModel
 from model.preprocessing import Preprocessor
 from model.tasks import task_spec
 

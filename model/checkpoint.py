@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from model.config import IMMConfig, Task
-from model.imm import CONFIG_FILE, WEIGHTS_FILE, IMMPreTrainedModel, build_task_model
+from model.modeling import CONFIG_FILE, WEIGHTS_FILE, IMMPreTrainedModel, build_task_model
 from model.preprocessing import TOKENIZER_FILE, Preprocessor, add_entity_markers, load_tokenizer
 from model.run_directory import (
     CHECKPOINT_DIR,

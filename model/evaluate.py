@@ -25,7 +25,7 @@ from model.data import DataFormatError, NERExample, REExample
 from model.data.dataset import Example, encode_example
 from model.data.images import ImageStore
 from model.decoding import bio_spans
-from model.imm import IMMPreTrainedModel
+from model.modeling import IMMPreTrainedModel
 from model.preprocessing import Preprocessor
 from model.tasks import task_spec
 

@@ -49,8 +49,8 @@ from model.data.dataset import Collator, IMMDataset
 from model.data.images import ImageStore
 from model.embeddings import PatchEmbeddings
 from model.evaluate import evaluate, read_examples
-from model.imm import IMMPreTrainedModel
 from model.logs import configure as configure_logs
+from model.modeling import IMMPreTrainedModel
 from model.preprocessing import Preprocessor
 from model.tasks import TASKS, task_spec
 from model.teacher import CLIPTeacher, TeacherLoadError

@@ -6,7 +6,6 @@ the same for them as for a real MiniLM/BERT-base or CLIP directory.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+
+from model.preprocessing.synthetic import synthetic_jpeg as jpeg_bytes  # the tests' pictures
 
 if TYPE_CHECKING:
     from tests.test_server import Server
@@ -111,17 +111,6 @@ def tiny_clip(tmp_path_factory) -> Path:
         directory
     )
     return directory
-
-
-def jpeg_bytes(width: int = 320, height: int = 240, seed: int = 0, quality: int = 90) -> bytes:
-    """A photo-like JPEG: smooth gradients plus noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 # --- small trained checkpoints, for export and serving tests --------------------------------

@@ -138,7 +138,7 @@ def test_the_picture_is_decoded_once_and_the_pairs_go_to_the_re_model_as_one_bat
     batch: one run_batch call of n(n-1) rows, not n(n-1) requests."""
     state = server[1].state.engine
     ner, relation = state.slots["ner"].pipeline, state.slots["re"].pipeline
-    assert ner.image_step == relation.image_step  # the same image size and normalisation
+    assert ner.picture_recipe == relation.picture_recipe  # the same image size and normalisation
     decodes: list[int] = []
     batches: dict[str, list[list[Any]]] = {"ner": [], "re": []}
     saved = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.checkpoint import create_model, load_checkpoint, read_json, save_checkpoint
-from model.imm import IMMForNER
+from model.modeling import IMMForNER
 from tests.conftest import NER_LABELS, jpeg_bytes
 
 SENTENCES = [

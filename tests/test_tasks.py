@@ -70,7 +70,7 @@ def test_every_layer_finds_each_tasks_classes_in_its_description():
     from engine.pipeline import NERPipeline, REPipeline
     from engine.settings import Settings
     from export.graph import NERGraph, REGraph
-    from model.imm import IMMForNER, IMMForRE
+    from model.modeling import IMMForNER, IMMForRE
 
     expected = {
         "ner": (IMMForNER, NERGraph, NERPipeline, NERResponse, "/ner"),

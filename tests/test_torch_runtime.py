@@ -260,7 +260,7 @@ def test_the_other_reading_of_eq_21_exports_and_serves_alike(trained_ner_checkpo
     import onnxruntime as ort
 
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.imm import IMMForNER
+    from model.modeling import IMMForNER
 
     default, preprocessor = load_checkpoint(trained_ner_checkpoint)
     other = "all" if default.config.ia_slots == "token" else "token"
