@@ -241,11 +241,23 @@ class Engine:
         cap = time.monotonic() + self.settings.request_timeout_s
         return cap if deadline is None else min(deadline, cap)
 
-    def _check_text(self, text: str) -> None:
+    def check_text(self, text: str) -> None:
+        """A text the tokenizer can take: a string, within ``max_text_chars`` (checked on characters,
+        before anything reads it whole), and Unicode (a lone surrogate, as a truncated emoji's
+        ``"\\ud83d"`` escape leaves, is refused, not handed to the tokenizer)."""
+        if not isinstance(text, str):
+            raise InvalidInput("text", f"text must be a string, not {type(text).__name__}")
         if len(text) > self.settings.max_text_chars:
             raise InputTooLarge(
                 f"text is {len(text)} characters long, more than the limit of {self.settings.max_text_chars}"
             )
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise InvalidInput(
+                    "text", f"text holds a lone surrogate at character {error.start} (not Unicode text)"
+                ) from None
 
     # -- calls -----------------------------------------------------------------------------
     async def ner(
@@ -263,7 +275,7 @@ class Engine:
         (slot,) = self.available("ner")
         pipeline = slot.pipeline
         assert isinstance(pipeline, NERPipeline)
-        self._check_text(text)
+        self.check_text(text)
         photo = RequestPicture(image) if image is not None else None
         prepared, entities, timings = await self._infer(
             slot, deadline, admission, pipeline.prepare, text, photo
@@ -303,7 +315,7 @@ class Engine:
         (slot,) = self.available("re")
         pipeline = slot.pipeline
         assert isinstance(pipeline, REPipeline)
-        self._check_text(text)
+        self.check_text(text)
         photo = RequestPicture(image) if image is not None else None
         prepared, result, timings = await self._infer(
             slot, deadline, admission, pipeline.prepare, text, photo, tuple(head), tuple(tail)
@@ -351,7 +363,7 @@ class Engine:
         ner_slot, re_slot = self.available("ner", "re")
         ner, relation_model = ner_slot.pipeline, re_slot.pipeline
         assert isinstance(ner, NERPipeline) and isinstance(relation_model, REPipeline)
-        self._check_text(text)
+        self.check_text(text)
         if pairs not in ("all", "typed"):
             raise InvalidInput("pairs", f"pairs must be 'all' or 'typed', not {pairs!r}")
         if pairs == "typed" and relation_model.relation_types is None:
