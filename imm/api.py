@@ -71,9 +71,10 @@ def read_picture_file(path: str | os.PathLike, max_bytes: int) -> bytes:
     directory is refused: ``ValueError``, without waiting on it) of at most ``max_bytes``
     (``InputTooLarge``; at most ``max_bytes + 1`` bytes are read)."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open does not wait for a writer
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ValueError(f"{os.fspath(path)} is not a regular file")
     with open(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise ValueError(f"{os.fspath(path)} is not a regular file")
         return _capped(handle, max_bytes)
 
 

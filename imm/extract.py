@@ -53,6 +53,8 @@ DEFAULT_IMAGE_COLUMN = "image"
 #: The longest CSV field read (characters): a longer one stops the run. A field longer than the text
 #: limit but within this one is that row's error.
 CSV_FIELD_LIMIT = 1 << 26
+#: Rows per Parquet part file (each written whole, then renamed into place).
+PARQUET_ROWS_PER_PART = 1000
 #: What a run's output depends on: ``--resume`` refuses an output whose run record differs in any.
 RUN_RECORD_KEYS = ("input_sha256", "task", "pairs", "models", "columns")
 INPUT_FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -97,6 +99,7 @@ class BadRow:
 
     kind: str
     message: str
+    record: dict[str, Any] | None = None  # what was read of it (a CSV row: its id, when that is fine)
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
@@ -150,7 +153,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
             for number, record in enumerate(reader, 1):  # noqa: B007 - read in the except
                 line = reader.line_num + 1
                 if not all(_is_unicode(value) for value in record.values()):
-                    yield number, BadRow("invalid_row", f"row {number} is not UTF-8")
+                    yield number, BadRow("invalid_row", f"row {number} is not UTF-8", record)
                     continue
                 yield number, record
         except csv.Error as error:
@@ -261,23 +264,25 @@ def resolve_columns(args: argparse.Namespace) -> Columns:
     return Columns(text=args.text_column, id=id_column, image=image_column, notes=notes)
 
 
+def _row_id(record: dict[str, Any], column: str | None, number: int) -> tuple[str | None, BadRow | None]:
+    """The row's id (its number without an id column), and the problem with it, if any."""
+    if column is None:
+        return str(number), None
+    if record.get(column) is None:
+        return None, BadRow("invalid_id", f"row {number} has no {column!r}")
+    row_id = str(record[column])
+    if not _is_unicode(row_id):
+        return _printable(row_id), BadRow("invalid_id", f"row {number}'s id is not Unicode")
+    return row_id, None
+
+
 def rows(args: argparse.Namespace, columns: Columns) -> Iterator[Row]:
     for number, record in read_records(args.input):
         if isinstance(record, BadRow):
-            yield Row(id=None, text=None, number=number, problem=record)
+            row_id, _ = _row_id(record.record or {}, columns.id, number)
+            yield Row(id=row_id, text=None, number=number, problem=record)
             continue
-        problem = None
-        if columns.id is None:
-            row_id: str | None = str(number)
-        elif columns.id not in record or record[columns.id] is None:
-            row_id, problem = None, BadRow("invalid_id", f"row {number} has no {columns.id!r}")
-        else:
-            row_id = str(record[columns.id])
-            if not _is_unicode(row_id):
-                row_id, problem = (
-                    _printable(row_id),
-                    BadRow("invalid_id", f"row {number}'s id is not Unicode"),
-                )
+        row_id, problem = _row_id(record, columns.id, number)
         if problem is None and columns.text not in record:
             problem = BadRow("invalid_text", f"row {number} has no {columns.text!r} column")
         yield Row(
@@ -387,9 +392,9 @@ class ParquetSink:
 
     SCHEMA_FIELDS = ("id", "row", "answer", "error", "message")
 
-    def __init__(self, path: Path, resume: bool, run: dict[str, Any], rows_per_part: int = 1000):
+    def __init__(self, path: Path, resume: bool, run: dict[str, Any]):
         pq = _pyarrow_parquet()
-        self.path, self.rows_per_part = path, rows_per_part
+        self.path, self.rows_per_part = path, PARQUET_ROWS_PER_PART
         self.pending: list[dict[str, Any]] = []
         self.done: set[str] = set()
         self.done_rows: set[int] = set()
