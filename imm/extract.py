@@ -1,27 +1,46 @@
 """``imm extract``: the entities and relations of every row of a corpus, without a server.
 
     imm extract posts.jsonl --out answers.jsonl                      # NER on the "text" column
-    imm extract posts.csv --images pics/ --image-column image --task extract --out answers.parquet
+    imm extract posts.csv --images pics/ --task extract --out answers.parquet   # + the "image" column
     imm extract posts.jsonl --out answers.jsonl --resume             # after a kill: the rows left
     imm extract posts.parquet --out answers.parquet --ray auto       # on a Ray cluster (Ray Data)
 
-Input: JSON lines, CSV or Parquet (by the file's suffix) with a text column, optionally a picture
-column (a path relative to ``--images``) and an id column (``--id-column``; default: the column
-``id`` where there is one, else the row's number). ``--task re``
-also needs the entity pair: ``head`` and ``tail`` columns of ``[start, end]`` character offsets.
-Output, by ``--out``'s suffix: JSON lines (``.jsonl``), one object per row, ``{"id", ...the API's
-answer...}`` or ``{"id", "error": {"kind", "message"}}``; or Parquet (``.parquet``: a directory of
-part files) with the columns ``id``, ``answer`` (the API's answer as JSON text), ``error``,
-``message``. A row whose picture is missing or broken, or whose text is refused, gets its error;
-the run goes on.
+Input: JSON lines, CSV (UTF-8, with or without Excel's BOM) or Parquet, by the file's suffix, with a
+text column; optionally an id column (``--id-column``; default: ``id`` where there is one, else
+the row's number) and a picture column (``--image-column``; default: ``image`` where there is one
+and ``--images`` is given; without ``--images`` it is ignored, with a note). The first row's columns
+(a CSV's header) are the file's. ``--task re`` also needs ``head`` and ``tail`` columns of
+``[start, end]`` character offsets. Pictures are read only inside ``--images``: a relative path
+there, a regular file of at most IMM_MAX_UPLOAD_BYTES (an absolute path, ``..``, a link out of it,
+a FIFO or a device is that row's error, and is not read).
+
+Output, by ``--out``'s suffix: JSON lines (``.jsonl``), one object per input row, in input order,
+``{"id", "row", ...the API's answer...}`` or ``{"id", "row", "error": {"kind", "message"}}``
+(``row``: 1-based, a JSON line's line number, a CSV or Parquet row's number); or Parquet
+(``.parquet``: a directory of part files) with the columns ``id``, ``row``, ``answer`` (the API's
+answer as JSON text), ``error``, ``message``. Beside it: ``OUT.run.json``, the run record (the
+input's sha256, the task, the models, the columns), and ``OUT.lock``.
+
+What does not stop a run: a bad row gets its own error and the run goes on (a line that is not
+UTF-8 or not a JSON object, a row without the text or id column, a text that is not a string, is
+blank, holds a lone surrogate or is longer than IMM_MAX_TEXT_CHARS, an id that is not Unicode, a
+picture that is refused, missing, too large or broken). What stops it, in one line on stderr with
+exit status 2 and before any row is written: a bad argument, a missing file or column, a CSV that
+does not parse (an unbalanced quote, a field past 64 Mi characters: the file and row are named), a
+file that is not Parquet, models that cannot load, an ``--out`` that holds rows without
+``--resume``, whose run record differs from this run's (another input, task or models), or that
+another ``imm extract`` is writing (a lock). Mid-run, only these stop it: a kill or a full disk
+(what is written stays whole; ``--resume`` goes on) and a Parquet input broken inside, past its
+footer (one line naming the row; the rows before it are kept).
 
 Every row is answered by the same engine as the server's (``imm.load_async``), up to
 ``--concurrency`` rows in flight, which the engine batches. Rows are read ``--sort-window`` at a
 time and sent shortest first (batches of like lengths pad little); each window is written in input
-order once it is answered. ``--resume`` reads what ``--out`` already holds and answers only the rest: a
-partial last line (a kill in mid-write) is cut off, every complete row is kept, none is written
-twice. A progress bar (rows/s) goes to stderr; a JSON summary (rows, written, skipped, errors by
-kind, seconds of loading and of extraction, rows/s) to stdout.
+order once it is answered. ``--resume`` reads what ``--out`` already holds and answers only the
+rows whose numbers it lacks (duplicate ids are fine): a partial last line (a kill in mid-write) is
+cut off, every complete row is kept, none is written twice. A progress bar (rows/s) goes to
+stderr; a JSON summary (rows, written, skipped, errors by kind, seconds of loading and of
+extraction, rows/s, notes) to stdout.
 """
 
 from __future__ import annotations
