@@ -242,14 +242,29 @@ class Engine:
         cap = time.monotonic() + self.settings.request_timeout_s
         return cap if deadline is None else min(deadline, cap)
 
-    def _begin(
-        self, text: str, image: bytes | None, deadline: float | None
-    ) -> tuple[float, RequestPicture | None]:
-        """What every call checks first: its deadline (capped) and the text's length; its picture."""
+    def check_text(self, text: str) -> None:
+        """A text the tokenizer can take: a string, within ``max_text_chars`` (checked on characters,
+        before anything reads it whole), and Unicode (a lone surrogate, as a truncated emoji's
+        ``"\\ud83d"`` escape leaves, is refused, not handed to the tokenizer)."""
+        if not isinstance(text, str):
+            raise InvalidInput("text", f"text must be a string, not {type(text).__name__}")
         if len(text) > self.settings.max_text_chars:
             raise InputTooLarge(
                 f"text is {len(text)} characters long, more than the limit of {self.settings.max_text_chars}"
             )
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise InvalidInput(
+                    "text", f"text holds a lone surrogate at character {error.start} (not Unicode text)"
+                ) from None
+
+    def _begin(
+        self, text: str, image: bytes | None, deadline: float | None
+    ) -> tuple[float, RequestPicture | None]:
+        """What every call checks first: its text (``check_text``) and deadline (capped); its picture."""
+        self.check_text(text)
         return self._deadline(deadline), RequestPicture(image) if image is not None else None
 
     # -- calls -----------------------------------------------------------------------------

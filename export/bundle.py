@@ -43,6 +43,7 @@ __all__ = [
     "BundleError",
     "load_bundle",
     "manifest_checksum",
+    "read_manifest",
     "session_options",
     "sha256_file",
     "write_manifest",
@@ -208,6 +209,24 @@ class Bundle:
         return self.manifest.get("scores", {})
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The JSON object of a ``manifest.json``, or ``BundleError`` naming the file (empty, not JSON,
+    not an object, unreadable)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path} cannot be read: {error}") from None
+    if not text.strip():
+        raise BundleError(f"{path} is empty: re-export the bundle")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path} must hold a JSON object")
+    return manifest
+
+
 def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
     """Reads and checks a bundle; ``verify`` (the default) also checks every file's sha256.
 
@@ -219,12 +238,7 @@ def load_bundle(directory: str | Path, *, verify: bool = True) -> Bundle:
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
         raise BundleError(f"{directory} is not a bundle: it has no {MANIFEST_FILE}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BundleError(f"{manifest_path} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path} must hold a JSON object")
+    manifest = read_manifest(manifest_path)
     _check_manifest(manifest, manifest_path)
     files = manifest["files"]
     for name, entry in files.items():

@@ -4,31 +4,36 @@
 event loop of its own, in a background thread, and waits for each answer, so plain code calls it
 like any function (from several threads too: the engine batches their calls together). Both load
 the bundles at once and raise ``ModelUnavailable`` if a bundle they were given cannot serve.
+
+Calls beyond what the engine's queue holds (``max_queue``, from 300 threads or a large ``pipe``
+batch) wait their turn instead of being refused. A call after ``close()`` raises ``ShuttingDown``;
+an ``IMM`` left open is closed when the process exits (or the object is collected).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
+import stat
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
 from engine import Engine
-from engine.answers import ExtractResponse, NERResponse, REResponse
-from engine.errors import ModelUnavailable
+from engine.answers import ExtractResponse, NERResponse, Pairs, REResponse, Span
+from engine.errors import InputTooLarge, InvalidInput, ModelUnavailable, ShuttingDown
 from engine.settings import DEFAULT_WEIGHTS, Settings
+from export.bundle import BundleError, read_manifest
 
 __all__ = ["IMM", "AsyncIMM", "load", "load_async"]
 
 T = TypeVar("T")
 #: A picture: its encoded bytes, a path to it, or an open binary file.
 Image = bytes | str | os.PathLike | BinaryIO | None
-Span = tuple[int, int]
 Task = Literal["ner", "re", "extract"]
 
 
@@ -43,7 +48,10 @@ def _bundles(path: str | os.PathLike | None, ner: Any, re: Any) -> dict[str, Pat
         return chosen
     path = Path(path)
     if (path / "manifest.json").is_file():
-        task = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("task")
+        try:
+            task = read_manifest(path / "manifest.json").get("task")
+        except BundleError as error:
+            raise ModelUnavailable(str(error)) from None
         if task not in chosen:
             raise ModelUnavailable(f"{path} is not a NER or RE bundle (its manifest says task {task!r})")
         if task in open_tasks:
@@ -57,12 +65,25 @@ def _bundles(path: str | os.PathLike | None, ner: Any, re: Any) -> dict[str, Pat
     return chosen | found
 
 
-def _image_bytes(image: Image) -> bytes | None:
-    if image is None or isinstance(image, bytes):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image).read_bytes()
-    return image.read()
+def read_picture_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the picture file ``path``: a regular file (a FIFO, a device such as /dev/zero, a
+    directory is refused: ``ValueError``, without waiting on it) of at most ``max_bytes``
+    (``InputTooLarge``; at most ``max_bytes + 1`` bytes are read)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open does not wait for a writer
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise ValueError(f"{os.fspath(path)} is not a regular file")
+    with open(descriptor, "rb") as handle:
+        return _capped(handle, max_bytes)
+
+
+def _capped(handle: BinaryIO, max_bytes: int) -> bytes:
+    data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputTooLarge(
+            f"the picture is larger than the limit of {max_bytes} bytes (IMM_MAX_UPLOAD_BYTES)"
+        )
+    return data
 
 
 def _settings(path: Any, ner: Any, re: Any, options: dict[str, Any]) -> Settings:
@@ -75,6 +96,23 @@ class AsyncIMM:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        # Calls in flight, at most what a model's queue admits: more wait here rather than be refused.
+        self._room = asyncio.Semaphore(engine.settings.max_queue)
+        self._closed = False
+
+    def _image_bytes(self, image: Image) -> bytes | None:
+        limit = self.engine.settings.max_upload_bytes
+        if image is None or isinstance(image, bytes):
+            return image
+        if isinstance(image, (str, os.PathLike)):
+            return read_picture_file(image, limit)
+        return _capped(image, limit)
+
+    async def _call(self, method: Any, text: str, image: Image, *args: Any, **options: Any) -> Any:
+        if self._closed:
+            raise ShuttingDown("the models are closed (close() was called)")
+        async with self._room:
+            return await method(text, *args, self._image_bytes(image), **options)
 
     @property
     def tasks(self) -> list[str]:
@@ -87,37 +125,46 @@ class AsyncIMM:
         return self.engine.piece_counts(texts)
 
     async def ner(self, text: str, image: Image = None) -> NERResponse:
-        return await self.engine.ner(text, _image_bytes(image))
+        return await self._call(self.engine.ner, text, image)
 
     async def re(self, text: str, head: Span, tail: Span, image: Image = None) -> REResponse:
-        return await self.engine.re(text, tuple(head), tuple(tail), _image_bytes(image))
+        return await self._call(self.engine.re, text, image, tuple(head), tuple(tail))
 
     async def extract(
         self,
         text: str,
         image: Image = None,
         *,
-        pairs: Literal["typed", "all"] = "typed",
+        pairs: Pairs = "typed",
         include_none: bool = False,
     ) -> ExtractResponse:
-        return await self.engine.extract(text, _image_bytes(image), pairs=pairs, include_none=include_none)
+        return await self._call(self.engine.extract, text, image, pairs=pairs, include_none=include_none)
 
-    async def pipe(
+    def pipe(
         self, items: Iterable[Any], task: Task = "ner", *, batch_size: int = 32
     ) -> AsyncIterator[NERResponse | REResponse | ExtractResponse]:
         """The answers for ``items``, in order, up to ``batch_size`` in flight (the engine batches them;
         each chunk is sent shortest first, so that a batch's rows pad little). An item is a text, or a
-        dict of the call's arguments (``{"text": ..., "image": ...}``; RE: ``head``, ``tail``)."""
-        call = {"ner": self.ner, "re": self.re, "extract": self.extract}[task]
-        iterator = iter(items)
-        while chunk := [_arguments(item) for item in itertools.islice(iterator, batch_size)]:
-            answers: list[asyncio.Task] = [None] * len(chunk)  # type: ignore[list-item]
-            for index in shortest_first(self, [arguments["text"] for arguments in chunk]):
-                answers[index] = asyncio.ensure_future(call(**chunk[index]))
-            for answer in await asyncio.gather(*answers):
+        dict of the call's arguments (``{"text": ..., "image": ...}``; RE: ``head``, ``tail``).
+        ``ValueError`` at once for a ``batch_size`` below 1 or an unknown ``task``."""
+        _check_pipe(task, batch_size)
+        return self._pipe(items, task, batch_size)
+
+    async def _pipe(self, items: Iterable[Any], task: Task, batch_size: int) -> AsyncIterator[Any]:
+        for chunk in _chunks(items, batch_size):
+            for answer in await self.answer_chunk(chunk, task):
                 yield answer
 
+    async def answer_chunk(self, chunk: list[dict[str, Any]], task: Task) -> list[Any]:
+        """The answers to one chunk of ``pipe`` (the calls' arguments), sent shortest first."""
+        call = {"ner": self.ner, "re": self.re, "extract": self.extract}[task]
+        answers: list[asyncio.Task] = [None] * len(chunk)  # type: ignore[list-item]
+        for index in shortest_first(self, [arguments.get("text") for arguments in chunk]):
+            answers[index] = asyncio.ensure_future(call(**chunk[index]))
+        return await asyncio.gather(*answers)
+
     async def close(self) -> None:
+        self._closed = True
         await self.engine.close()
 
     async def __aenter__(self) -> AsyncIMM:
@@ -128,11 +175,34 @@ class AsyncIMM:
 
 
 def shortest_first(nlp: AsyncIMM, texts: Sequence[Any]) -> list[int]:
-    """The indices of ``texts``, fewest word pieces first (a text that is not a string, which the call
-    will refuse, first of all)."""
-    valid = [index for index, text in enumerate(texts) if isinstance(text, str)]
+    """The indices of ``texts``, fewest word pieces first; a text the call will refuse (not a string,
+    past the text limit, not Unicode: the engine's ``check_text``) first of all, never tokenised (a
+    50 MB line would take its size many times over)."""
+    valid = [index for index, text in enumerate(texts) if _acceptable(nlp.engine, text)]
     counts = dict(zip(valid, nlp.piece_counts([texts[index] for index in valid]))) if valid else {}
     return sorted(range(len(texts)), key=lambda index: counts.get(index, -1))
+
+
+def _acceptable(engine: Engine, text: Any) -> bool:
+    try:
+        engine.check_text(text)
+    except (InvalidInput, InputTooLarge):
+        return False
+    return True
+
+
+def _check_pipe(task: str, batch_size: int) -> None:
+    if task not in ("ner", "re", "extract"):
+        raise ValueError(f"task must be 'ner', 're' or 'extract', not {task!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+
+
+def _chunks(items: Iterable[Any], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """``items`` as lists of ``batch_size`` calls' arguments, pulled on the thread that iterates."""
+    iterator = iter(items)
+    while chunk := [_arguments(item) for item in itertools.islice(iterator, batch_size)]:
+        yield chunk
 
 
 def _arguments(item: Any) -> dict[str, Any]:
@@ -173,13 +243,23 @@ class IMM:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="imm-engine", daemon=True)
         self._thread.start()
+        self._async: AsyncIMM | None = None
         try:
-            self._async: AsyncIMM = self._wait(load_async(path, ner=ner, re=re, **options))
-        except BaseException:
-            self._stop()
-            raise
+            self._async = self._wait(load_async(path, ner=ner, re=re, **options))
+        finally:
+            # Closes the engine and stops its thread on close(), when this object is collected, or at
+            # the process's exit (else its pending tasks die with the loop: "Task was destroyed").
+            self._close = weakref.finalize(self, _shut_down, self._loop, self._thread, self._async)
+            if self._async is None:
+                self._close()
 
     def _submit(self, coroutine: Any) -> Future:
+        if self._async is not None and not self._close.alive:
+            coroutine.close()
+            raise ShuttingDown("the models are closed (close() was called)")
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("an IMM call from the engine's own thread would wait for itself")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def _wait(self, coroutine: Any) -> Any:
@@ -206,7 +286,7 @@ class IMM:
         text: str,
         image: Image = None,
         *,
-        pairs: Literal["typed", "all"] = "typed",
+        pairs: Pairs = "typed",
         include_none: bool = False,
     ) -> ExtractResponse:
         """The entities of ``text`` and the relations between them, in one call."""
@@ -215,33 +295,37 @@ class IMM:
     def pipe(
         self, items: Iterable[Any], task: Task = "ner", *, batch_size: int = 32
     ) -> Iterator[NERResponse | REResponse | ExtractResponse]:
-        """The answers for many items, in order (see ``AsyncIMM.pipe``, which runs on the engine's
-        loop): ``batch_size`` at a time in flight, batched together by the engine."""
-        answers = self._async.pipe(items, task, batch_size=batch_size)
-        try:
-            while True:
-                try:
-                    yield self._wait(answers.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._wait(answers.aclose())
+        """The answers for many items, in order (see ``AsyncIMM.pipe``): ``batch_size`` at a time in
+        flight, batched together by the engine. ``items`` is iterated on the caller's thread, so a
+        generator may itself call this object."""
+        _check_pipe(task, batch_size)
+        return self._pipe(items, task, batch_size)
+
+    def _pipe(self, items: Iterable[Any], task: Task, batch_size: int) -> Iterator[Any]:
+        for chunk in _chunks(items, batch_size):
+            yield from self._wait(self._async.answer_chunk(chunk, task))
 
     def close(self) -> None:
-        if self._loop.is_running():
-            self._wait(self._async.close())
-        self._stop()
-
-    def _stop(self) -> None:
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
+        """Closes the engine and stops its thread; later calls raise ``ShuttingDown``."""
+        self._close()
 
     def __enter__(self) -> IMM:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread, nlp: AsyncIMM | None) -> None:
+    if loop.is_running():
+        try:
+            if nlp is not None:
+                asyncio.run_coroutine_threadsafe(nlp.close(), loop).result(30)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(30)
+    if not loop.is_running():
+        loop.close()
 
 
 def load(

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from imm.api import shortest_first
-from imm.extract import DEFAULT_ID_COLUMN, Row, UsageError, answer, input_format, model_options, open_sink
+from imm.extract import (
+    DEFAULT_ID_COLUMN,
+    Row,
+    UsageError,
+    answer,
+    input_format,
+    model_options,
+    open_output,
+    resolve_columns,
+)
 
 # Rows per actor call: enough for the engine to fill its batches of like lengths (the call's rows
 # go shortest first), few enough to spread the work; all in flight at once within the engine's queue.
@@ -86,23 +95,19 @@ def run_on_ray(args: argparse.Namespace) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(address=args.ray or None, log_to_driver=False)
-    sink = open_sink(args.out, args.resume)
+    chosen = resolve_columns(args)  # the same columns, notes and refusals as the one-machine run
+    if chosen.id is None:
+        raise UsageError(
+            f"--ray needs an id column (--id-column, or one called {DEFAULT_ID_COLUMN!r}): blocks are "
+            "read in parallel, so rows have no number"
+        )
+    args.id_column, args.image_column = chosen.id, chosen.image
+    sink = open_output(args, chosen)
     started = time.perf_counter()
     errors: collections.Counter[str] = collections.Counter()
     written = 0
     try:
         dataset = read_dataset(args.input)
-        columns = dataset.columns()
-        if not args.id_column:
-            if DEFAULT_ID_COLUMN not in columns:
-                raise UsageError(
-                    f"--ray needs an id column (--id-column, or one called {DEFAULT_ID_COLUMN!r}): blocks are "
-                    "read in parallel, so rows have no number"
-                )
-            args.id_column = DEFAULT_ID_COLUMN
-        for column in filter(None, [args.text_column, args.id_column, args.image_column]):
-            if column not in columns:
-                raise UsageError(f"{args.input}: no {column!r} column (has: {', '.join(columns)[:200]})")
         total = dataset.count()
         done = set(sink.done)
         id_column = args.id_column

@@ -67,6 +67,15 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def authorised(scope: Scope, api_key: bytes | None) -> bool:
+    """Whether the request carries ``Authorization: Bearer <api_key>`` (always, when no key is set)."""
+    if api_key is None:
+        return True
+    value = _header(scope, b"authorization") or b""
+    scheme, _, token = value.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key)
+
+
 class GuardMiddleware:
     """401 without the right bearer token, 413 for a body over ``max_body_bytes``, on ``paths`` only."""
 
@@ -103,11 +112,7 @@ class GuardMiddleware:
         await send_json_error(send, status, detail, request_id, [*closing, *(headers or [])])
 
     def _authorised(self, scope: Scope) -> bool:
-        if self.api_key is None:
-            return True
-        value = _header(scope, b"authorization") or b""
-        scheme, _, token = value.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        return authorised(scope, self.api_key)
 
     async def _refuse_unread(self, scope: Scope, receive: Receive, send: Send, error: Overloaded) -> None:
         """The 503 of a request refused before its body: the connection kept when a small body could

@@ -219,8 +219,14 @@ def new_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
+#: The headers ``RequestContextMiddleware`` sets on every answer (a route's own copy is replaced).
+_SET_HEADERS = frozenset({b"x-request-id", b"x-content-type-options"})
+
+
 class RequestContextMiddleware:
-    """Outermost ASGI layer: request id, total latency, request counter, access log, last-resort 500.
+    """Outermost ASGI layer: request id, ``X-Content-Type-Options: nosniff`` on every answer (JSON,
+    metrics, static files, errors: no browser guesses a script out of one), total latency, request
+    counter, access log, last-resort 500.
 
     An exception that escapes the app is logged with its traceback (server side only) and answered
     with a generic JSON 500 naming the request id: no answer ever carries a stack trace.
@@ -250,8 +256,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _SET_HEADERS]
+                headers += [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
                 message = {**message, "headers": headers}
             await send(message)
 

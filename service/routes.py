@@ -25,6 +25,7 @@ from engine import Admission, Engine, Trace
 from engine.answers import ExtractResponse, NERResponse, REResponse
 from service.errors import ClientDisconnected
 from service.forms import StrictFormRoute
+from service.guard import authorised
 from service.schemas import ErrorResponse, HealthResponse, ReadyResponse
 
 T = TypeVar("T")
@@ -258,10 +259,16 @@ async def health() -> HealthResponse:
 
 
 @operations.get("/ready", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
-async def ready(engine: EngineDep) -> JSONResponse:
+async def ready(engine: EngineDep, request: Request) -> JSONResponse:
     """Ready: loading is over and at least one model is loaded and warmed up (with IMM_READY_STRICT:
-    every configured model); 503 otherwise."""
+    every configured model); 503 otherwise. Why a model is not ready (its ``detail``, which may name
+    the server's files) is told only to a caller with the API key; others read which model it is."""
     body = ReadyResponse(ready=engine.is_ready, models=engine.status())
+    key = engine.settings.api_key
+    if not authorised(request.scope, key.get_secret_value().encode() if key else None):
+        for task, model in body.models.items():
+            if model.detail is not None:
+                model.detail = f"the {task.upper()} model is {model.status} (the server's log says why)"
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
