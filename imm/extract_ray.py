@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from imm.api import shortest_first
-from imm.extract import (
+from imm.corpus import (
     DEFAULT_ID_COLUMN,
     Row,
     UsageError,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import imm
-from imm import extract
-from imm.extract import lock_output
+from imm import corpus
+from imm.corpus import lock_output
 from imm.extract import main as extract_main
 from tests.conftest import jpeg_bytes
 from tests.test_corpus import read_lines, write_posts
@@ -291,7 +291,7 @@ def test_a_removed_parquet_part_is_answered_again_and_no_part_overwritten(
     tmp_path, models, capsys, monkeypatch
 ):
     pq = pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setattr(extract, "PARQUET_ROWS_PER_PART", 4)
+    monkeypatch.setattr(corpus, "PARQUET_ROWS_PER_PART", 4)
     posts = tmp_path / "posts.jsonl"
     rows = write_posts(posts, 12)
     out = tmp_path / "a.parquet"

@@ -83,3 +83,30 @@ def test_the_python_api_answers_without_loading_the_http_stack():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_no_module_imports_another_that_imports_it_back():
+    """No circle among the project's modules (imports anywhere in a module, lazy ones included)."""
+    modules = {}
+    for layer in LAYERS:
+        for path in (ROOT / layer).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+        # A package's __init__ is the package: "from imm import X" reaches imm/__init__.py only.
+        edges[name] = {t for t in targets if t in modules and t != name}
+    circles = [
+        f"{a} <-> {b}"
+        for a, targets in edges.items()
+        for b in targets
+        if a in edges.get(b, set()) and a < b and not (a.startswith(b + ".") or b.startswith(a + "."))
+    ]
+    assert not circles, circles
