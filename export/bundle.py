@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -350,3 +352,17 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1, allow_
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3  # errors only: callers report what matters
     return options
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Moves the finished directory ``source`` to ``target``, replacing an existing ``target`` by two
+    renames (the old one moved aside, then removed): a reader finds the old directory or the new one
+    whole, never a mix (bundles, Triton models)."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(source, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(source, target)

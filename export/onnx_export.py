@@ -42,6 +42,7 @@ from export.bundle import (
     MIN_OPSET,
     MODEL_FILE,
     TOKENIZER_FILE,
+    replace_directory,
     session_options,
     write_manifest,
 )
@@ -441,7 +442,7 @@ def export_bundle(
             from export.triton import write_triton_model
 
             triton_model = write_triton_model(staging, Path(triton_dir), model_name)
-        _replace_directory(staging, out_dir)
+        replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -627,15 +628,3 @@ def _int8_parity(
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
-
-
-def _replace_directory(source: Path, target: Path) -> None:
-    """Moves ``source`` to ``target``; an existing ``target`` (checked to be a bundle) is replaced."""
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(target, retired)
-        os.replace(source, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(source, target)

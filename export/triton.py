@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from export.bundle import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+from export.bundle import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, replace_directory
 
 __all__ = [
     "CONFIG_FILE",
@@ -117,14 +117,7 @@ def write_triton_model(bundle_dir: Path, repository: Path, name: str) -> Path:
         (staging / CONFIG_FILE).write_text(config_pbtxt(manifest, name), encoding="utf-8")
         os.chmod(staging, 0o755)  # mkdtemp makes it private; Triton may run as another user
         target = repository / name
-        if target.exists():
-            retired = repository / f".{name}.old"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
