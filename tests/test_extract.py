@@ -199,7 +199,13 @@ def test_concurrent_extracts_share_batches_and_equal_sequential_answers(server, 
             {**e, "score": pytest.approx(e["score"], abs=1e-6)} for e in want["entities"]
         ]
         assert got["relations"] == [
-            {**r, "score": pytest.approx(r["score"], abs=1e-6)} for r in want["relations"]
+            {
+                **r,
+                "score": pytest.approx(r["score"], abs=1e-6),
+                "head_entity": got["entities"][r["head"]],
+                "tail_entity": got["entities"][r["tail"]],
+            }
+            for r in want["relations"]
         ]
     groups = sum(len(w["relations"]) > 0 for w in sequential) * 3
     assert len(sizes) < groups, "no two /extract requests ever shared an RE batch"
