@@ -335,6 +335,11 @@ def text_only_re_bundle(tmp_path_factory, trained_re_checkpoint) -> Path:
     return export_bundle(checkpoint, root / "bundle", log=lambda _: None)
 
 
+def relation_alone(relation: dict) -> dict:
+    """What the RE model answered of a relation, without the copies of its entities (the NER model's)."""
+    return {key: relation[key] for key in ("head", "tail", "relation", "score")}
+
+
 def test_a_model_that_ignores_the_picture_is_named_in_the_notes(bundles, text_only_re_bundle):
     async def scenario() -> None:
         app = create_app(make_settings({**bundles, "re": text_only_re_bundle}, warmup=False))
@@ -346,7 +351,9 @@ def test_a_model_that_ignores_the_picture_is_named_in_the_notes(bundles, text_on
             assert body["relations"]
             # The RE model answers as without the picture; the NER model as /ner with it.
             plain = (await http.post("/extract", data={"text": TEXTS[0]})).json()
-            assert body["relations"] == plain["relations"]
+            assert [relation_alone(r) for r in body["relations"]] == [
+                relation_alone(r) for r in plain["relations"]
+            ]
             alone = (await http.post("/ner", data={"text": TEXTS[0]}, files=photo)).json()
             assert body["entities"] == alone["entities"]
 
