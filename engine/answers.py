@@ -1,11 +1,12 @@
 """The engine's answers: the typed results of ``Engine.ner``, ``re`` and ``extract``, and a model's status.
 
 Every front end returns them as they are: the HTTP routes as JSON (with the examples /docs shows),
-the Python API and ``imm extract`` as objects and records. Plain pydantic models, no HTTP."""
+the Python API and ``imm extract`` as objects and records. Plain pydantic models, no HTTP; each is an
+``Answer``, whose ``to_dict()`` and ``to_json()`` give the HTTP API's JSON."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +33,18 @@ _NOTES_FIELD = Field(
 )
 
 
-class EntityOut(BaseModel):
+class Answer(BaseModel):
+    """An answer, or a part of one, as the HTTP API's JSON: ``to_dict()`` for ``json.dumps`` (plain
+    dicts, lists, strings, numbers), ``to_json()`` for the text itself."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self, indent: int | None = None) -> str:
+        return self.model_dump_json(indent=indent)
+
+
+class EntityOut(Answer):
     text: str = Field(description="The entity as it stands in the input: text[start:end]")
     type: str = Field(description="Entity type (PER, LOC, ORG, MISC for the Twitter datasets)")
     start: int = Field(description="Offset of its first character in the input (Unicode code points)")
@@ -40,7 +52,7 @@ class EntityOut(BaseModel):
     score: float = Field(description="Mean CRF marginal probability of the entity's tags (0-1)")
 
 
-class NERResponse(BaseModel):
+class NERResponse(Answer):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -61,7 +73,7 @@ class NERResponse(BaseModel):
     notes: list[str] = _NOTES_FIELD
 
 
-class REResponse(BaseModel):
+class REResponse(Answer):
     model_config = ConfigDict(
         protected_namespaces=(),
         json_schema_extra={
@@ -91,27 +103,44 @@ class REResponse(BaseModel):
     notes: list[str] = _NOTES_FIELD
 
 
-class RelationOut(BaseModel):
+class RelationOut(Answer):
     head: int = Field(description="Index of the head entity in `entities`")
     tail: int = Field(description="Index of the tail entity in `entities`")
     relation: str = Field(description="The most probable relation from head to tail")
     score: float = Field(description="Its probability (softmax of the logits)")
+    # The entities themselves too, so that a relation reads on its own (a copy of entities[head]).
+    head_entity: EntityOut = Field(description="The head entity: `entities[head]`")
+    tail_entity: EntityOut = Field(description="The tail entity: `entities[tail]`")
 
 
-class ExtractModels(BaseModel):
+class ExtractModels(Answer):
     ner: str = Field(description="The NER bundle that found the entities: '<model>@<sha12>'")
     re: str = Field(description="The RE bundle that classified the pairs: '<model>@<sha12>'")
 
 
-class ExtractResponse(BaseModel):
+class ExtractResponse(Answer):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
                     "entities": _EXAMPLE_ENTITIES,
                     "relations": [
-                        {"head": 0, "tail": 1, "relation": "/per/loc/place_of_residence", "score": 0.912},
-                        {"head": 0, "tail": 2, "relation": "/per/org/member_of", "score": 0.887},
+                        {
+                            "head": 0,
+                            "tail": 1,
+                            "relation": "/per/loc/place_of_residence",
+                            "score": 0.912,
+                            "head_entity": _EXAMPLE_ENTITIES[0],
+                            "tail_entity": _EXAMPLE_ENTITIES[1],
+                        },
+                        {
+                            "head": 0,
+                            "tail": 2,
+                            "relation": "/per/org/member_of",
+                            "score": 0.887,
+                            "head_entity": _EXAMPLE_ENTITIES[0],
+                            "tail_entity": _EXAMPLE_ENTITIES[2],
+                        },
                     ],
                     "image_used": True,
                     "truncated": False,
@@ -124,8 +153,8 @@ class ExtractResponse(BaseModel):
 
     entities: list[EntityOut] = Field(description="The entities, as /ner answers them (in text order)")
     relations: list[RelationOut] = Field(
-        description="The relation of each pair asked (see `pairs`), by entity index, in the order of "
-        "the pairs (head, then tail, in text order); a pair whose best relation is 'None' only with "
+        description="The relation of each pair asked (see `pairs`), by entity index and with the "
+        "entities themselves, in the order of the pairs (head, then tail, in text order); a pair whose best relation is 'None' only with "
         "include_none=true"
     )
     image_used: bool = Field(
@@ -138,7 +167,7 @@ class ExtractResponse(BaseModel):
     notes: list[str] = _NOTES_FIELD
 
 
-class ModelStatus(BaseModel):
+class ModelStatus(Answer):
     model_config = ConfigDict(protected_namespaces=())
 
     status: str = Field(description="'ready', 'loading', 'absent' (not configured or not found) or 'failed'")

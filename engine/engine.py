@@ -355,10 +355,18 @@ class Engine:
             words=len(ner_prepared.words),
             pairs=len(chosen),
         )
+        found = [EntityOut(**vars(e)) for e in entities]
         return ExtractResponse(
-            entities=[EntityOut(**vars(e)) for e in entities],
+            entities=found,
             relations=[
-                RelationOut(head=h, tail=t, relation=r.relation, score=r.score)
+                RelationOut(
+                    head=h,
+                    tail=t,
+                    relation=r.relation,
+                    score=r.score,
+                    head_entity=found[h],
+                    tail_entity=found[t],
+                )
                 for (h, t), r in zip(chosen, results)
                 if include_none or r.relation != NO_RELATION
             ],

@@ -5,6 +5,11 @@ event loop of its own, in a background thread, and waits for each answer, so pla
 like any function (from several threads too: the engine batches their calls together). Both load
 the bundles at once and raise ``ModelUnavailable`` if a bundle they were given cannot serve.
 
+``nlp(text, image)`` answers what the loaded models can: ``extract`` with NER and RE, ``ner`` with
+NER alone (an RE model alone needs the head and tail entities: ``nlp.re``); ``pipe`` likewise by
+default. A ``pipe`` item that fails is named by its index (``PipeError``), or, with
+``errors="return"``, answered by that error while the others go on.
+
 Calls beyond what the engine's queue holds (``max_queue``, from 300 threads or a large ``pipe``
 batch) wait their turn instead of being refused. A call after ``close()`` raises ``ShuttingDown``;
 an ``IMM`` left open is closed when the process exits (or the object is collected).
@@ -24,17 +29,30 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
 from engine import Engine
-from engine.answers import ExtractResponse, NERResponse, Pairs, REResponse, Span
+from engine.answers import Answer, ExtractResponse, NERResponse, Pairs, REResponse, Span
 from engine.errors import InputTooLarge, InvalidInput, ModelUnavailable, ShuttingDown
 from engine.settings import DEFAULT_WEIGHTS, Settings
 from export.bundle import BundleError, read_manifest
 
-__all__ = ["IMM", "AsyncIMM", "load", "load_async"]
+__all__ = ["IMM", "AsyncIMM", "PipeError", "load", "load_async"]
 
 T = TypeVar("T")
 #: A picture: its encoded bytes, a path to it, or an open binary file.
 Image = bytes | str | os.PathLike | BinaryIO | None
 Task = Literal["ner", "re", "extract"]
+#: What ``pipe`` does with an item that fails: raise its ``PipeError``, or yield it in the item's place.
+Errors = Literal["raise", "return"]
+
+
+class PipeError(Exception):
+    """The item of ``pipe`` at ``index`` (counted from 0 in the items given) failed with ``error``
+    (also its ``__cause__``): ``"item 17: text is empty or only whitespace"``."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(f"item {index}: {error}")
+        self.index = index
+        self.error = error
+        self.__cause__ = error
 
 
 def _bundles(path: str | os.PathLike | None, ner: Any, re: Any) -> dict[str, Path | None]:
@@ -119,6 +137,24 @@ class AsyncIMM:
         """The tasks whose models are loaded: "ner", "re"."""
         return [task for task, slot in self.engine.slots.items() if slot.ready]
 
+    @property
+    def default_task(self) -> Task:
+        """What ``pipe`` answers unless told: "extract" with NER and RE loaded, "ner" with NER alone,
+        "re" with RE alone."""
+        loaded = set(self.tasks)
+        if {"ner", "re"} <= loaded:
+            return "extract"
+        return "ner" if "ner" in loaded else "re"
+
+    async def __call__(self, text: str, image: Image = None) -> NERResponse | ExtractResponse:
+        """What the loaded models can answer from ``text`` alone: ``extract`` with NER and RE, ``ner``
+        with NER alone."""
+        if self.default_task == "extract":
+            return await self.extract(text, image)
+        if self.default_task == "ner":
+            return await self.ner(text, image)
+        raise TypeError(_ONLY_RE)
+
     def piece_counts(self, texts: Sequence[str]) -> list[int]:
         """Each text's length in word pieces (the models' tokenizer, no truncation): ``pipe`` and
         ``imm extract`` send many texts shortest first, so that the rows of a batch pad little."""
@@ -141,27 +177,50 @@ class AsyncIMM:
         return await self._call(self.engine.extract, text, image, pairs=pairs, include_none=include_none)
 
     def pipe(
-        self, items: Iterable[Any], task: Task = "ner", *, batch_size: int = 32
-    ) -> AsyncIterator[NERResponse | REResponse | ExtractResponse]:
+        self,
+        items: Iterable[Any],
+        task: Task | None = None,
+        *,
+        batch_size: int = 32,
+        errors: Errors = "raise",
+    ) -> AsyncIterator[Answer | PipeError]:
         """The answers for ``items``, in order, up to ``batch_size`` in flight (the engine batches them;
         each chunk is sent shortest first, so that a batch's rows pad little). An item is a text, or a
         dict of the call's arguments (``{"text": ..., "image": ...}``; RE: ``head``, ``tail``).
-        ``ValueError`` at once for a ``batch_size`` below 1 or an unknown ``task``."""
-        _check_pipe(task, batch_size)
-        return self._pipe(items, task, batch_size)
+        ``task``: by default ``default_task`` (what the loaded models answer). An item that fails
+        raises ``PipeError`` naming its index (after the answers before it), or with
+        ``errors="return"`` is answered by its ``PipeError`` and the items after it go on.
+        ``ValueError`` at once for a ``batch_size`` below 1, an unknown ``task`` or ``errors``."""
+        task = task or self.default_task
+        _check_pipe(task, batch_size, errors)
+        return self._pipe(items, task, batch_size, errors)
 
-    async def _pipe(self, items: Iterable[Any], task: Task, batch_size: int) -> AsyncIterator[Any]:
+    async def _pipe(
+        self, items: Iterable[Any], task: Task, batch_size: int, errors: Errors
+    ) -> AsyncIterator[Any]:
         for chunk in _chunks(items, batch_size):
-            for answer in await self.answer_chunk(chunk, task):
+            for answer in _delivered(await self.answer_chunk(chunk, task), errors):
                 yield answer
 
-    async def answer_chunk(self, chunk: list[dict[str, Any]], task: Task) -> list[Any]:
-        """The answers to one chunk of ``pipe`` (the calls' arguments), sent shortest first."""
+    async def answer_chunk(self, chunk: list[tuple[int, Any]], task: Task) -> list[Answer | PipeError]:
+        """The answers to one chunk of ``pipe`` (each item with its index), sent shortest first; an
+        item that failed is answered by its ``PipeError``. Errors of the whole API (closed, a model
+        not loaded) are raised as they are."""
         call = {"ner": self.ner, "re": self.re, "extract": self.extract}[task]
+        arguments = [_arguments(item) for _, item in chunk]
+        texts = [given.get("text") if isinstance(given, dict) else None for given in arguments]
         answers: list[asyncio.Task] = [None] * len(chunk)  # type: ignore[list-item]
-        for index in shortest_first(self, [arguments.get("text") for arguments in chunk]):
-            answers[index] = asyncio.ensure_future(call(**chunk[index]))
-        return await asyncio.gather(*answers)
+        for position in shortest_first(self, texts):
+            answers[position] = asyncio.ensure_future(_attempt(call, arguments[position]))
+        results = await asyncio.gather(*answers, return_exceptions=True)
+        for result in results:
+            whole = isinstance(result, (ShuttingDown, ModelUnavailable)) or not isinstance(result, Exception)
+            if whole and isinstance(result, BaseException):  # e.g. a cancellation: not this item's
+                raise result
+        return [
+            PipeError(index, result) if isinstance(result, Exception) else result
+            for (index, _), result in zip(chunk, results)
+        ]
 
     async def close(self) -> None:
         self._closed = True
@@ -191,28 +250,52 @@ def _acceptable(engine: Engine, text: Any) -> bool:
     return True
 
 
-def _check_pipe(task: str, batch_size: int) -> None:
+_ONLY_RE = (
+    "nlp(text) answers with the NER model, and only an RE model is loaded: RE needs the head and "
+    "tail entities, call nlp.re(text, head=(start, end), tail=(start, end))"
+)
+
+
+def _check_pipe(task: str, batch_size: int, errors: str) -> None:
     if task not in ("ner", "re", "extract"):
         raise ValueError(f"task must be 'ner', 're' or 'extract', not {task!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
 
 
-def _chunks(items: Iterable[Any], batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """``items`` as lists of ``batch_size`` calls' arguments, pulled on the thread that iterates."""
-    iterator = iter(items)
-    while chunk := [_arguments(item) for item in itertools.islice(iterator, batch_size)]:
+def _chunks(items: Iterable[Any], batch_size: int) -> Iterator[list[tuple[int, Any]]]:
+    """``items`` with their indices, ``batch_size`` at a time, pulled on the thread that iterates."""
+    numbered = enumerate(items)
+    while chunk := list(itertools.islice(numbered, batch_size)):
         yield chunk
 
 
-def _arguments(item: Any) -> dict[str, Any]:
+def _arguments(item: Any) -> dict[str, Any] | TypeError:
+    """The call's arguments for an item of ``pipe``, or the error that is its answer."""
     if isinstance(item, str):
         return {"text": item}
     if isinstance(item, dict):
         return item
-    raise TypeError(
+    return TypeError(
         f"an item of pipe() is a text or a dict of the call's arguments, not {type(item).__name__}"
     )
+
+
+async def _attempt(call: Any, arguments: dict[str, Any] | Exception) -> Any:
+    if isinstance(arguments, Exception):
+        raise arguments
+    return await call(**arguments)
+
+
+def _delivered(answers: list[Answer | PipeError], errors: Errors) -> Iterator[Answer | PipeError]:
+    """A chunk's answers in order; with ``errors="raise"``, up to its first failed item, whose
+    ``PipeError`` is then raised."""
+    for answer in answers:
+        if isinstance(answer, PipeError) and errors == "raise":
+            raise answer
+        yield answer
 
 
 async def load_async(
@@ -267,7 +350,19 @@ class IMM:
 
     @property
     def tasks(self) -> list[str]:
+        """The tasks whose models are loaded: "ner", "re"."""
         return self._async.tasks
+
+    @property
+    def default_task(self) -> Task:
+        """What ``nlp(text)`` and ``pipe`` answer unless told (see ``AsyncIMM.default_task``)."""
+        return self._async.default_task
+
+    def __call__(self, text: str, image: Image = None) -> NERResponse | ExtractResponse:
+        """What the loaded models can answer from ``text`` (and its picture) alone: its entities and
+        the relations between them with NER and RE loaded (``extract``), its entities with NER alone
+        (``ner``); ``TypeError`` with RE alone (it needs the head and tail: ``re``)."""
+        return self._wait(self._async(text, image))
 
     def piece_counts(self, texts: Sequence[str]) -> list[int]:
         """Each text's length in word pieces (see ``AsyncIMM.piece_counts``)."""
@@ -293,17 +388,25 @@ class IMM:
         return self._wait(self._async.extract(text, image, pairs=pairs, include_none=include_none))
 
     def pipe(
-        self, items: Iterable[Any], task: Task = "ner", *, batch_size: int = 32
-    ) -> Iterator[NERResponse | REResponse | ExtractResponse]:
+        self,
+        items: Iterable[Any],
+        task: Task | None = None,
+        *,
+        batch_size: int = 32,
+        errors: Errors = "raise",
+    ) -> Iterator[Answer | PipeError]:
         """The answers for many items, in order (see ``AsyncIMM.pipe``): ``batch_size`` at a time in
-        flight, batched together by the engine. ``items`` is iterated on the caller's thread, so a
+        flight, batched together by the engine; ``task`` by default what the loaded models answer
+        (``default_task``). An item that fails raises ``PipeError`` naming its index, or with
+        ``errors="return"`` is answered by it. ``items`` is iterated on the caller's thread, so a
         generator may itself call this object."""
-        _check_pipe(task, batch_size)
-        return self._pipe(items, task, batch_size)
+        task = task or self.default_task
+        _check_pipe(task, batch_size, errors)
+        return self._pipe(items, task, batch_size, errors)
 
-    def _pipe(self, items: Iterable[Any], task: Task, batch_size: int) -> Iterator[Any]:
+    def _pipe(self, items: Iterable[Any], task: Task, batch_size: int, errors: Errors) -> Iterator[Any]:
         for chunk in _chunks(items, batch_size):
-            yield from self._wait(self._async.answer_chunk(chunk, task))
+            yield from _delivered(self._wait(self._async.answer_chunk(chunk, task)), errors)
 
     def close(self) -> None:
         """Closes the engine and stops its thread; later calls raise ``ShuttingDown``."""

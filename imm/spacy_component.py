@@ -55,7 +55,11 @@ class IMMEntityRecognizer:
             # The engine refuses an empty text; a doc of spaces simply has no entities.
             answered = [doc for doc in chunk if doc.text.strip()]
             items = [{"text": doc.text, "image": doc._.image} for doc in answered]
-            for doc, answer in zip(answered, self.models.pipe(items, task=self.task, batch_size=batch_size)):
+            try:
+                answers = list(self.models.pipe(items, task=self.task, batch_size=batch_size))
+            except imm.PipeError as failure:  # a doc's own error, as nlp(doc) raises it
+                raise failure.error from None
+            for doc, answer in zip(answered, answers):
                 self._annotate(doc, answer)
             for doc in chunk:
                 if not doc.text.strip():

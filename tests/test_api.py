@@ -47,11 +47,14 @@ def test_answers_equal_the_servers(bundles, nlp, tmp_path):
 
 def test_pipe_answers_in_order_as_one_at_a_time(nlp):
     items = TEXTS * 7
-    assert [a.model_dump() for a in nlp.pipe(items, batch_size=8)] == [nlp.ner(t).model_dump() for t in items]
+    assert [a.model_dump() for a in nlp.pipe(items, "ner", batch_size=8)] == [
+        nlp.ner(t).model_dump() for t in items
+    ]
     pairs = [{"text": TEXTS[0], "head": (0, 11), "tail": (15, 20)}] * 3
     assert len({a.relation for a in nlp.pipe(pairs, task="re")}) == 1
-    with pytest.raises(TypeError, match="a text or a dict"):
+    with pytest.raises(imm.PipeError, match="^item 0: an item of pipe.. is a text or a dict") as caught:
         list(nlp.pipe([42]))
+    assert isinstance(caught.value.error, TypeError)
 
 
 def test_many_texts_go_fewest_pieces_first(nlp):

@@ -57,7 +57,7 @@ def test_pipe_over_a_generator_that_calls_the_api(nlp):
         for text in TEXTS:
             yield f"{text} ({len(nlp.ner(text).entities)})"  # a call from inside the iteration
 
-    got = answered_in_time(lambda: list(nlp.pipe(texts_with_their_entity_counts(), batch_size=2)))
+    got = answered_in_time(lambda: list(nlp.pipe(texts_with_their_entity_counts(), "ner", batch_size=2)))
     assert got == [nlp.ner(f"{t} ({len(nlp.ner(t).entities)})") for t in TEXTS]
 
 
@@ -67,7 +67,7 @@ def test_more_calls_than_the_queue_holds_wait_instead_of_failing(nlp):
     with ThreadPoolExecutor(64) as pool:  # 64 threads at once, against a queue of 4
         got = list(pool.map(nlp.ner, texts))
     assert got == [expected[text] for text in texts]
-    assert list(nlp.pipe(texts, batch_size=150)) == got  # 150 in flight at once, the same way
+    assert list(nlp.pipe(texts, "ner", batch_size=150)) == got  # 150 in flight at once, the same way
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5])
@@ -82,8 +82,9 @@ def test_texts_that_are_not_unicode_strings_are_invalid_input(nlp):
             nlp.ner(text)  # type: ignore[arg-type]
         assert caught.value.field == "text"
     # In a pipe, the lone surrogate is not tokenised to sort the batch: it is its call's error.
-    with pytest.raises(imm.InvalidInput, match="lone surrogate"):
+    with pytest.raises(imm.PipeError, match="^item 1: .*lone surrogate") as caught:
         list(nlp.pipe([TEXTS[0], "\ud83d"]))
+    assert isinstance(caught.value.error, imm.InvalidInput)
 
 
 def test_pictures_are_regular_files_within_the_upload_limit(bundles, tmp_path):

@@ -98,9 +98,9 @@ def test_the_api_from_a_folder_holding_a_folder_named_imm(installed):
     (parent / "script.py").write_text(
         "import json, imm\n"
         "nlp = imm.load()\n"
-        "answer = nlp.extract('Kevin Durant joins the Golden State Warriors')\n"
+        "answer = nlp('Kevin Durant joins the Golden State Warriors')\n"
         "print(json.dumps({'file': imm.__file__, 'version': imm.__version__, "
-        "'answer': answer.model_dump(mode='json')}))\n"
+        "'answer': answer.to_dict()}))\n"
         "nlp.close()\n"
     )
     result = json.loads(installed.run("python", "script.py", cwd=parent).stdout.splitlines()[-1])
