@@ -348,6 +348,8 @@ class Engine:
         """
         started = time.perf_counter()
         deadline = self._deadline(deadline)
+        if not self.slots["re"].configured:  # relations switched off: the entities alone, with a note
+            return await self._entities_alone(text, image, deadline, trace, admission)
         ner_slot, re_slot = self.available("ner", "re")
         ner, relation_model = ner_slot.pipeline, re_slot.pipeline
         assert isinstance(ner, NERPipeline) and isinstance(relation_model, REPipeline)
@@ -405,6 +407,26 @@ class Engine:
             models=ExtractModels(ner=ner.name, re=relation_model.name),
             # Each model's own notes (a model that ignored the picture names itself), once each.
             notes=list(dict.fromkeys([*ner_prepared.notes, *(group[0].notes if group else [])])),
+        )
+
+    async def _entities_alone(
+        self,
+        text: str,
+        image: bytes | None,
+        deadline: float,
+        trace: Trace | None,
+        admission: Admission | None,
+    ) -> ExtractResponse:
+        """``extract``'s answer when the RE model is switched off: ``ner``'s entities, no relations,
+        and a note saying why."""
+        found = await self.ner(text, image, deadline=deadline, trace=trace, admission=admission)
+        return ExtractResponse(
+            entities=found.entities,
+            relations=[],
+            image_used=found.image_used,
+            truncated=found.truncated,
+            models=ExtractModels(ner=found.model, re=None),
+            notes=[*found.notes, f"relations are off: {self.slots['re'].detail}"],
         )
 
     def entity_pairs(
