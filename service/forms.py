@@ -45,8 +45,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
-from service.errors import FieldError
+from service.errors import ClientDisconnected, FieldError
 
 log = logging.getLogger("service.errors")
 
@@ -148,10 +149,13 @@ def body_reader(
 
     async def read_body(request: Request) -> RequestBody[FieldsT]:
         content_type, _ = parse_options_header(request.headers.get("content-type"))
-        if content_type == JSON_TYPE:
-            return await _read_json(request, json_model)
-        if content_type in FORM_TYPES:
-            return await _read_form(request, form_model)
+        try:
+            if content_type == JSON_TYPE:
+                return await _read_json(request, json_model)
+            if content_type in FORM_TYPES:
+                return await _read_form(request, form_model)
+        except ClientDisconnect:
+            raise ClientDisconnected() from None  # gone before its body arrived: a 499, not a bug
         sent = request.headers.get("content-type")
         raise HTTPException(
             415,

@@ -325,3 +325,54 @@ def test_decode_base64():
         with pytest.raises(FieldError) as refused:
             decode_base64("image_base64", bad)
         assert refused.value.field == "image_base64" and refused.value.status == 422
+
+
+def test_a_client_gone_before_its_body_is_a_499_not_an_error(app, caplog):
+    """A client that disconnects while its JSON or form body arrives: counted as 499, not logged
+    as a server error."""
+
+    async def send_request(content_type: bytes, first_chunk: bytes) -> list[dict]:
+        sent: list[dict] = []
+        messages = [
+            {"type": "http.request", "body": first_chunk, "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/ner",
+            "raw_path": b"/ner",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"service"), (b"content-type", content_type), (b"content-length", b"5000")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 80),
+        }
+        await app(scope, receive, send)
+        return sent
+
+    async def scenario() -> None:
+        async with started(app):
+            for content_type, chunk in (
+                (b"application/json", b'{"text": "alice'),
+                (
+                    b"multipart/form-data; boundary=b",
+                    b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nal',
+                ),
+            ):
+                sent = await send_request(content_type, chunk)
+                assert sent[0]["status"] == 499, (content_type, sent[0])
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(scenario())
+    assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text
