@@ -184,7 +184,10 @@ async def _read_form(request: Request, model: type[FieldsT]) -> RequestBody[Fiel
     form = await read_form(request, max_part_size=4 * settings.max_text_chars)
     try:
         try:
-            fields = model.model_validate(dict(form))
+            # An empty value is a field left out, as FastAPI reads forms ("image=" is no picture,
+            # "pairs=" the default), except the text: empty text gets the engine's own message.
+            sent = {name: value for name, value in form.items() if value != "" or name == "text"}
+            fields = model.model_validate(sent)
         except ValidationError as error:
             raise _invalid_fields(error, json_body=False) from None
         image = getattr(fields, "image", None)

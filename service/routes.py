@@ -171,7 +171,7 @@ async def answer(request: Request, response: Response, call: Callable[[Call], Aw
         result = await until_disconnected(request, call(context))
     except ModelUnavailable as error:
         slots = request.app.state.engine.slots
-        if any(not slots[task].configured for task in REQUIRED_MODELS[request.url.path]):
+        if any(not slots[task].configured for task in REQUIRED_MODELS[request.scope["path"]]):
             # Switched off by this server's settings: a retry cannot help (404, not 503).
             raise ApiError(404, str(error)) from None
         raise

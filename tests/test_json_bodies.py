@@ -144,6 +144,11 @@ def test_empty_text_gets_the_api_s_message_in_every_encoding(app):
                     ):
                         assert_clean_error(answer, 422, "text")
                         assert answer.json()["detail"][0]["msg"] == EMPTY_TEXT, (path, text, answer.text)
+            # Other empty form fields are fields left out, as FastAPI reads forms: no picture, the default.
+            answer = await http.post(
+                "/extract", data={"text": TEXT, "image": "", "pairs": "", "include_none": ""}
+            )
+            assert answer.status_code == 200 and answer.json()["image_used"] is False, answer.text
             # A text field left out is still "Field required".
             answer = await http.post("/ner", data={"other": "x"})
             assert_clean_error(answer, 422, "text")
