@@ -115,7 +115,10 @@ class RelationOut(Answer):
 
 class ExtractModels(Answer):
     ner: str = Field(description="The NER bundle that found the entities: '<model>@<sha12>'")
-    re: str = Field(description="The RE bundle that classified the pairs: '<model>@<sha12>'")
+    re: str | None = Field(
+        description="The RE bundle that classified the pairs: '<model>@<sha12>'; null when the RE model "
+        "is switched off (IMM_RE_BUNDLE empty: `relations` is then empty and `notes` says so)"
+    )
 
 
 class ExtractResponse(Answer):

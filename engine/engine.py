@@ -329,6 +329,8 @@ class Engine:
         'None' are left out unless ``include_none``. The picture is decoded once for both models.
         """
         started = time.perf_counter()
+        if not self.slots["re"].configured:  # relations switched off: the entities alone, with a note
+            return await self._entities_alone(text, image, deadline, trace, admission)
         ner_slot, re_slot = self.available("ner", "re")
         deadline, picture = self._begin(text, image, deadline)
         ner, relation_model = ner_slot.pipeline, re_slot.pipeline
@@ -414,6 +416,26 @@ class Engine:
         for name, seconds in [*group[0].stages.items(), *_batch_stages(timings).items()]:
             stages[name] = stages.get(name, 0.0) + seconds
         return group, results, timings.batch_size
+
+    async def _entities_alone(
+        self,
+        text: str,
+        image: bytes | None,
+        deadline: float | None,
+        trace: Trace | None,
+        admission: Admission | None,
+    ) -> ExtractResponse:
+        """``extract``'s answer when the RE model is switched off: ``ner``'s entities, no relations,
+        and a note saying why."""
+        found = await self.ner(text, image, deadline=deadline, trace=trace, admission=admission)
+        return ExtractResponse(
+            entities=found.entities,
+            relations=[],
+            image_used=found.image_used,
+            truncated=found.truncated,
+            models=ExtractModels(ner=found.model, re=None),
+            notes=[*found.notes, f"relations are off: {self.slots['re'].detail}"],
+        )
 
     def entity_pairs(
         self, entities: Sequence[Entity], pairs: Pairs, relation_model: REPipeline

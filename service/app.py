@@ -3,10 +3,10 @@
 
 A request goes: request id and access log (``service.observability``) -> guard (API key, body size,
 the client's deadline, and the engine's admission, all before the body is read: ``service.guard``)
--> multipart parsing (``service.forms``) -> the route (``service.routes``), which calls the app's
-``Engine`` (``engine``: preprocessing, the model's queue and batcher, the answer) until it
-answers or the client disconnects -> the JSON answer, or the engine's error mapped to its status
-(``service.errors``).
+-> the body, a form or JSON, read into the path's fields (``service.forms``) -> the route
+(``service.routes``), which calls the app's ``Engine`` (``engine``: preprocessing, the model's queue
+and batcher, the answer) until it answers or the client disconnects -> the JSON answer, or the
+engine's error mapped to its status (``service.errors``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ Multimodal named entity recognition and relation extraction on tweets (IMM), ser
 
 * Offsets are **Unicode code points** into the exact text sent: `text[start:end] == entity.text`
   (in JavaScript, count with `Array.from(text)`, not UTF-16 units).
+* Send the fields as a form (`multipart/form-data`, the picture a file part `image`) or as JSON
+  (`application/json`, the picture's bytes in base64 in `image_base64`).
 * The image is optional; without one the model reads the text alone.
 * Text longer than the model's window is answered on its first window, with `truncated: true`.
 * `POST /extract` answers both at once: the entities, and the relations between them.
@@ -90,9 +92,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        # A text field stops being read past the bytes max_text_chars characters can take in UTF-8
-        # (413, service/forms.py): parsing runs on the event loop, so it must not go on for megabytes.
-        form_limits={"max_part_size": 4 * settings.max_text_chars},
         docs_url=None,  # install_docs: Swagger UI from this server, not from a CDN
         redoc_url=None,
     )

@@ -3,11 +3,11 @@
 Bodies follow FastAPI's convention: ``{"detail": "message"}``, or for 422 a list of
 ``{"loc": ["body", field], "msg", "type"}`` naming the field; every body also carries the
 request id. The engine's errors (``engine.errors``) map to their statuses here, the one
-place that knows both: invalid field 422, too large 413, model unavailable, overloaded or shutting
-down 503 (with Retry-After), deadline exceeded 504. Image errors from the shared preprocessing map
-to 415 (not an image), 422 (corrupt or truncated) and 413 (too many pixels). A request whose client
-disconnected before its answer is logged and counted as 499 (nginx's "client closed request"; no
-one reads that answer).
+place that knows both: invalid field 422, too large 413, model unavailable (404 when switched
+off: ``service.routes``), overloaded or shutting down 503 (with Retry-After), deadline exceeded 504.
+Image errors from the shared preprocessing map to 415 (not an image), 422 (corrupt or truncated)
+and 413 (too many pixels). A request whose client disconnected before its answer is logged and
+counted as 499 (nginx's "client closed request"; no one reads that answer).
 """
 
 from __future__ import annotations
@@ -105,6 +105,10 @@ def _request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
 
+def _image_field(request: Request) -> str:
+    return request.scope.get("state", {}).get("image_field", "image")
+
+
 def error_response(
     request: Request, status: int, detail: Any, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -142,7 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             request,
             image_error_status(error),
-            [{"loc": ["body", "image"], "msg": str(error), "type": type(error).__name__}],
+            # the field the picture came in: "image" (a form's file part) or "image_base64" (JSON)
+            [{"loc": ["body", _image_field(request)], "msg": str(error), "type": type(error).__name__}],
         )
 
     @app.exception_handler(InvalidInput)

@@ -14,51 +14,76 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.types import Receive
 
 from engine import Admission, Engine, Trace
 from engine.answers import ExtractResponse, NERResponse, REResponse
-from service.errors import ClientDisconnected
-from service.forms import StrictFormRoute
+from engine.errors import ModelUnavailable
+from service.errors import ApiError, ClientDisconnected
+from service.forms import RequestBody, UploadBudgetRoute, body_reader
 from service.guard import authorised
-from service.schemas import ErrorResponse, HealthResponse, ReadyResponse
+from service.schemas import (
+    ErrorResponse,
+    ExtractFields,
+    ExtractForm,
+    ExtractJson,
+    HealthResponse,
+    NERFields,
+    NERForm,
+    NERJson,
+    ReadyResponse,
+    REFields,
+    REForm,
+    REJson,
+)
 
 T = TypeVar("T")
 
-#: The models each inference path needs (the early admission check asks the engine about them).
+#: The models each inference path uses (the early admission check asks the engine about them).
 MODELS_OF_PATH: dict[str, tuple[str, ...]] = {"/ner": ("ner",), "/re": ("re",), "/extract": ("ner", "re")}
+#: The models without which a path cannot answer (/extract without RE answers the entities).
+REQUIRED_MODELS: dict[str, tuple[str, ...]] = {"/ner": ("ner",), "/re": ("re",), "/extract": ("ner",)}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
         "model": ErrorResponse,
         "description": "Malformed body: a multipart body without its boundary or cut before its end, "
-        "too many fields or files, an invalid Content-Length; or an X-Request-Timeout that is not a "
-        "positive number of seconds",
+        "too many fields or files, a JSON body that is not valid JSON, an invalid Content-Length; or an "
+        "X-Request-Timeout that is not a positive number of seconds",
     },
     401: {"model": ErrorResponse, "description": "Missing or wrong API key (when one is configured)"},
+    404: {
+        "model": ErrorResponse,
+        "description": "The model the path needs is switched off on this server (its bundle setting, "
+        "IMM_NER_BUNDLE or IMM_RE_BUNDLE, is empty; named in the message): retrying will not help",
+    },
     408: {"model": ErrorResponse, "description": "The request body did not arrive within IMM_BODY_TIMEOUT_S"},
     413: {
         "model": ErrorResponse,
         "description": "Request body, text or image pixel count over the limit; for /extract, more entity "
         "pairs than IMM_MAX_RELATION_PAIRS",
     },
-    415: {"model": ErrorResponse, "description": "The file is not an image"},
+    415: {
+        "model": ErrorResponse,
+        "description": "The picture is not an image; or the body is neither multipart/form-data (nor "
+        "application/x-www-form-urlencoded) nor application/json",
+    },
     422: {
         "model": ErrorResponse,
-        "description": "Invalid field (named in loc): missing, empty or not valid UTF-8 text, corrupt "
-        "image, an image sent as a text field, bad offsets (the same words twice, or spans that cross), "
-        "an unknown pairs option",
+        "description": "Invalid field (named in loc): missing, of the wrong type, not valid UTF-8, unknown "
+        "(JSON), text empty or only whitespace, image_base64 not valid base64, corrupt image, an image sent "
+        "as a text field, bad offsets (the same words twice, or spans that cross), an unknown pairs option",
     },
     503: {
         "model": ErrorResponse,
-        "description": "Model not available (for /extract: either of them), still loading, or overloaded: "
-        "its queue is full or would not answer before the request's deadline (refused before the body is "
-        "read; see Retry-After)",
+        "description": "Model still loading, failed to load, or overloaded: its queue is full or would not "
+        "answer before the request's deadline (refused before the body is read; see Retry-After)",
     },
     504: {
         "model": ErrorResponse,
@@ -87,24 +112,6 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 
-TextField = Annotated[
-    str,
-    Form(
-        description="The tweet, as posted (any script, emoji included)",
-        examples=["Alice Smith is in Paris with the Lakers 🏀 #NBA @alice"],
-    ),
-]
-ImageField = Annotated[
-    UploadFile | None,
-    File(description="Optional picture posted with the tweet (JPEG, PNG, GIF, WebP, ...)"),
-]
-
-
-def _offset(role: str, end: str, example: int) -> Any:
-    return Form(
-        description=f"Character offset (code points) of the {end} of the {role} entity", examples=[example]
-    )
-
 
 async def engine_of(request: Request) -> Engine:
     # async: FastAPI would run a plain function in a worker thread, a hand-off per request
@@ -113,9 +120,7 @@ async def engine_of(request: Request) -> Engine:
 
 EngineDep = Annotated[Engine, Depends(engine_of)]
 
-inference = APIRouter(
-    tags=["inference"], route_class=StrictFormRoute, responses=ERRORS
-)  # text that is not valid UTF-8: 422, never read as Latin-1 (service.forms)
+inference = APIRouter(tags=["inference"], route_class=UploadBudgetRoute, responses=ERRORS)
 operations = APIRouter(tags=["operations"])
 
 
@@ -163,92 +168,78 @@ async def answer(request: Request, response: Response, call: Callable[[Call], Aw
     state = request.scope["state"]
     trace = Trace()
     context = Call(trace=trace, deadline=state.get("deadline"), admission=state.get("admission"))
-    result = await until_disconnected(request, call(context))
+    try:
+        result = await until_disconnected(request, call(context))
+    except ModelUnavailable as error:
+        slots = request.app.state.engine.slots
+        if any(not slots[task].configured for task in REQUIRED_MODELS[request.scope["path"]]):
+            # Switched off by this server's settings: a retry cannot help (404, not 503).
+            raise ApiError(404, str(error)) from None
+        raise
     # The stages in ms, and "total" from the parsed request to the answer (the demo page shows it).
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in trace.stages.items())
     request.scope["state"]["log_extra"] = trace.details
     return result
 
 
-async def read_upload(image: UploadFile | None) -> bytes | None:
-    if image is None or (not image.filename and not image.size):
-        return None  # an empty file part: what a form sends when no file was chosen
-    return await image.read()
+def _inference_route(form_model: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI of a route whose body ``service.forms.body_reader`` reads: its two content types,
+    and the deadline header."""
+    return {
+        "openapi_extra": {
+            "parameters": [TIMEOUT_PARAMETER],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": form_model.model_json_schema()},
+                    "application/json": {"schema": json_model.model_json_schema()},
+                },
+            },
+        }
+    }
 
 
-_INFERENCE_ROUTE: dict[str, Any] = {"openapi_extra": {"parameters": [TIMEOUT_PARAMETER]}}
+NERBody = Annotated[RequestBody[NERFields], Depends(body_reader(NERForm, NERJson))]
+REBody = Annotated[RequestBody[REFields], Depends(body_reader(REForm, REJson))]
+ExtractBody = Annotated[RequestBody[ExtractFields], Depends(body_reader(ExtractForm, ExtractJson))]
 
 
-@inference.post("/ner", response_model=NERResponse, **_INFERENCE_ROUTE)
-async def ner(
-    request: Request, response: Response, engine: EngineDep, text: TextField, image: ImageField = None
-) -> NERResponse:
+@inference.post("/ner", response_model=NERResponse, **_inference_route(NERForm, NERJson))
+async def ner(request: Request, response: Response, engine: EngineDep, body: NERBody) -> NERResponse:
     """Named entities of a tweet, with character offsets and confidences."""
-    picture = await read_upload(image)
+    fields = body.fields
     return await answer(
-        request,
-        response,
-        lambda call: engine.ner(text, picture, **call.options()),
+        request, response, lambda call: engine.ner(fields.text, body.picture, **call.options())
     )
 
 
-@inference.post("/re", response_model=REResponse, **_INFERENCE_ROUTE)
-async def relation(
-    request: Request,
-    response: Response,
-    engine: EngineDep,
-    text: Annotated[
-        str,
-        Form(description="The tweet, as posted", examples=["Alice Smith moved to Paris last year #newhome"]),
-    ],
-    head_start: Annotated[int, _offset("head", "start", 0)],
-    head_end: Annotated[int, _offset("head", "end", 11)],
-    tail_start: Annotated[int, _offset("tail", "start", 21)],
-    tail_end: Annotated[int, _offset("tail", "end", 26)],
-    image: ImageField = None,
-) -> REResponse:
+@inference.post("/re", response_model=REResponse, **_inference_route(REForm, REJson))
+async def relation(request: Request, response: Response, engine: EngineDep, body: REBody) -> REResponse:
     """The relation between two entities of a tweet, given by character offsets."""
-    picture = await read_upload(image)
+    fields = body.fields
+    head, tail = (fields.head_start, fields.head_end), (fields.tail_start, fields.tail_end)
     return await answer(
-        request,
-        response,
-        lambda call: engine.re(
-            text, (head_start, head_end), (tail_start, tail_end), picture, **call.options()
-        ),
+        request, response, lambda call: engine.re(fields.text, head, tail, body.picture, **call.options())
     )
 
 
-@inference.post("/extract", response_model=ExtractResponse, **_INFERENCE_ROUTE)
+@inference.post("/extract", response_model=ExtractResponse, **_inference_route(ExtractForm, ExtractJson))
 async def extract(
-    request: Request,
-    response: Response,
-    engine: EngineDep,
-    text: TextField,
-    image: ImageField = None,
-    pairs: Annotated[
-        Literal["typed", "all"],
-        Form(
-            description="Which entity pairs to classify: 'typed' (the default: only the pairs whose "
-            "head and tail types some relation of the RE model joins, as its labels name them: "
-            "/per/loc/place_of_residence joins a PER head to a LOC tail) or 'all' (every ordered "
-            "pair of distinct entities: n entities make n(n-1) pairs; for an RE model whose labels "
-            "name no types)",
-        ),
-    ] = "typed",
-    include_none: Annotated[
-        bool, Form(description="Also list the pairs whose most probable relation is 'None'")
-    ] = False,
+    request: Request, response: Response, engine: EngineDep, body: ExtractBody
 ) -> ExtractResponse:
     """The entities of a tweet (as /ner) and the relations between them (as /re), in one call.
 
     The picture is decoded once and read by both models; the entity pairs go to the RE model as
-    one batch. Both models must be loaded.
+    one batch. With the RE model switched off (IMM_RE_BUNDLE empty), the entities alone, with
+    `relations: []` and a note saying so.
     """
-    picture = await read_upload(image)
+    fields = body.fields
     return await answer(
         request,
         response,
-        lambda call: engine.extract(text, picture, pairs=pairs, include_none=include_none, **call.options()),
+        lambda call: engine.extract(
+            fields.text, body.picture, pairs=fields.pairs, include_none=fields.include_none, **call.options()
+        ),
     )
 
 

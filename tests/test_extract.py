@@ -219,7 +219,7 @@ def test_concurrent_extracts_share_batches_and_equal_sequential_answers(server, 
     [
         ({"text": ""}, 422, "text"),
         ({"text": "  \u200b "}, 422, "text"),
-        ({}, 422, "text"),
+        ({"pairs": "all"}, 422, "text"),  # the text left out
         ({"text": "a " * 20_000}, 413, None),
         ({"text": "alice in paris", "pairs": "some"}, 422, "pairs"),
         ({"text": "alice in paris", "include_none": "perhaps"}, 422, "include_none"),
@@ -274,25 +274,39 @@ def test_typed_pairs_need_labels_that_name_types(bundles):
     asyncio.run(scenario())
 
 
-def test_both_models_must_be_loaded(bundles, tmp_path):
+def test_extract_needs_ner_and_answers_without_a_switched_off_re(bundles, tmp_path):
     async def scenario() -> None:
-        for overrides, named, absent in (
-            ({"re_bundle": None}, ["RE model is not available", "IMM_RE_BUNDLE is empty"], "NER"),
+        for overrides, status, named, absent in (
+            (
+                {"re_bundle": tmp_path / "nowhere"},
+                503,
+                ["RE model is not available", "nowhere does not exist"],
+                "NER",
+            ),
             (
                 {"ner_bundle": tmp_path / "nowhere"},
+                503,
                 ["NER model is not available", "nowhere does not exist"],
                 "RE",
             ),
-            ({"ner_bundle": None, "re_bundle": None}, ["NER model", "RE model"], None),
+            ({"ner_bundle": None}, 404, ["NER model is not available", "IMM_NER_BUNDLE is empty"], "RE"),
+            ({"ner_bundle": None, "re_bundle": None}, 404, ["NER model", "IMM_NER_BUNDLE"], None),
         ):
             app = create_app(make_settings(bundles, warmup=False, **overrides))
             async with started(app) as http:
                 answer = await http.post("/extract", data={"text": TEXTS[0]})
-                assert_clean_error(answer, 503)
+                assert_clean_error(answer, status)
                 detail = answer.json()["detail"]
                 assert all(part in detail for part in named), detail
                 if absent:
                     assert f"{absent} model" not in detail
+        # RE switched off (IMM_RE_BUNDLE empty): the entities, no relations, and a note saying so.
+        async with started(create_app(make_settings(bundles, warmup=False, re_bundle=None))) as http:
+            answer = await http.post("/extract", data={"text": TEXTS[0]})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["entities"] and body["relations"] == [] and body["models"]["re"] is None
+            assert any("IMM_RE_BUNDLE is empty" in note for note in body["notes"]), body["notes"]
 
     asyncio.run(scenario())
 
@@ -311,9 +325,7 @@ def test_the_api_key_guards_extract_and_openapi_documents_it(bundles):
             assert {"400", "401", "413", "415", "422", "503"} <= set(operation["responses"])
             example = schema["components"]["schemas"]["ExtractResponse"]["examples"][0]
             assert example["relations"][0]["head"] == 0 and example["models"]["re"]
-            form = schema["components"]["schemas"][
-                operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
-            ]
+            form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
             assert form["properties"]["pairs"]["enum"] == ["typed", "all"]
             assert form["properties"]["pairs"]["default"] == "typed"
 

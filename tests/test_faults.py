@@ -413,7 +413,7 @@ def test_a_metrics_disk_that_fills_after_start_up_crashes_no_worker(tmpfs, serve
         for path, fields in files.items():
             assert httpx.post(f"{server.url}{path}", data=fields, timeout=30).status_code == 200
             sent += path == "/ner"
-        assert httpx.post(f"{server.url}/ner", data={}, timeout=30).status_code == 422
+        assert httpx.post(f"{server.url}/ner", data={"other": "x"}, timeout=30).status_code == 422
         assert httpx.get(f"{server.url}/nowhere", timeout=10).status_code == 404
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert metric(text, "imm_requests_total", endpoint="/ner", status="200") == sent  # both workers' files
