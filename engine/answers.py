@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Span = tuple[int, int]
 #: Which entity pairs ``extract`` classifies: those some relation of the RE model can join by their
 #: types ("typed"), or every ordered pair of distinct entities ("all").
-Pairs = Literal["all", "typed"]
+Pairs = Literal["typed", "all"]
 
 # The entities of the /ner and /extract examples that /docs shows.
 _EXAMPLE_ENTITIES = [
