@@ -360,18 +360,7 @@ class Engine:
         found = [EntityOut(**vars(e)) for e in entities]
         return ExtractResponse(
             entities=found,
-            relations=[
-                RelationOut(
-                    head=h,
-                    tail=t,
-                    relation=r.relation,
-                    score=r.score,
-                    head_entity=found[h],
-                    tail_entity=found[t],
-                )
-                for (h, t), r in zip(chosen, results)
-                if include_none or r.relation != NO_RELATION
-            ],
+            relations=_relations(found, chosen, results, include_none),
             image_used=image_used,
             truncated=ner_prepared.truncated or any(item.truncated for item in group),
             models=ExtractModels(ner=ner.name, re=relation_model.name),
@@ -513,3 +502,21 @@ class Engine:
 
 def _batch_stages(timings: BatchTimings) -> dict[str, float]:
     return {"queue_wait": timings.queue_wait_s, "inference": timings.inference_s}
+
+
+def _relations(
+    entities: list[EntityOut], chosen: list[tuple[int, int]], results: list[Relation], include_none: bool
+) -> list[RelationOut]:
+    """``extract``'s relations: each classified pair with its entities (its 'None' only if asked)."""
+    return [
+        RelationOut(
+            head=h,
+            tail=t,
+            relation=r.relation,
+            score=r.score,
+            head_entity=entities[h],
+            tail_entity=entities[t],
+        )
+        for (h, t), r in zip(chosen, results)
+        if include_none or r.relation != NO_RELATION
+    ]
