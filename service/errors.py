@@ -32,6 +32,7 @@ from engine.errors import (
     ShuttingDown,
 )
 from model.preprocessing import CorruptImage, ImageError, ImageTooLarge, NotAnImage
+from service.context import request_context
 
 #: The status of a request whose client went away first (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
@@ -102,11 +103,11 @@ async def send_json_error(
 
 
 def _request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+    return request_context(request.scope).request_id
 
 
 def _image_field(request: Request) -> str:
-    return request.scope.get("state", {}).get("image_field", "image")
+    return request_context(request.scope).image_field
 
 
 def error_response(

@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from service.context import request_context
 from service.errors import ClientDisconnected, FieldError
 
 log = logging.getLogger("service.errors")
@@ -173,7 +174,7 @@ async def _read_json(request: Request, model: type[FieldsT]) -> RequestBody[Fiel
         fields = model.model_validate_json(body)
     except ValidationError as error:
         raise _invalid_fields(error, json_body=True) from None
-    request.scope.setdefault("state", {})["image_field"] = "image_base64"  # a picture error names it
+    request_context(request.scope).image_field = "image_base64"  # a picture error names it
     return RequestBody(fields, decode_base64("image_base64", getattr(fields, "image_base64", None)))
 
 

@@ -11,7 +11,7 @@ server's: ``service.server``).
 
 **Deadlines and early refusal.** ``X-Request-Timeout: SECONDS`` says how long the client will wait
 (from the arrival of the request's head; capped by the engine at ``IMM_REQUEST_TIMEOUT_S``): the
-deadline goes to the route in ``scope["state"]["deadline"]`` (a malformed value is a 400). Then
+deadline goes to the route in the request's ``RequestContext`` (``service.context``) (a malformed value is a 400). Then
 ``admit(path, deadline)`` asks the engine whether the models of the path could take the request;
 when they could not (``Overloaded``: a full queue, or one that would not answer by the deadline) the
 request gets its 503 and ``Retry-After`` at once, before one byte of its body is read or parsed.
@@ -38,6 +38,7 @@ from typing import Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.errors import Overloaded
+from service.context import request_context
 from service.errors import send_json_error
 
 #: The header in which a client says how many seconds it will wait for its answer.
@@ -107,7 +108,7 @@ class GuardMiddleware:
         headers: list | None = None,
         keep_alive: bool = False,
     ) -> None:
-        request_id = scope.get("state", {}).get("request_id")
+        request_id = request_context(scope).request_id
         closing = [] if keep_alive else [(b"connection", b"close")]
         await send_json_error(send, status, detail, request_id, [*closing, *(headers or [])])
 
@@ -156,8 +157,8 @@ class GuardMiddleware:
                 )
                 return
             deadline = arrived + seconds
-        state = scope.setdefault("state", {})
-        state["deadline"] = deadline
+        context = request_context(scope)
+        context.deadline = deadline
         admission = None
         if self.admit is not None:
             try:
@@ -165,7 +166,7 @@ class GuardMiddleware:
             except Overloaded as error:
                 await self._refuse_unread(scope, receive, send, error)
                 return
-        state["admission"] = admission
+        context.admission = admission
         try:
             await self._guarded(scope, receive, send)
         finally:

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.metrics import EngineMetrics
 from model.logs import JsonFormatter
+from service.context import request_context
 from service.errors import send_json_error
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -247,7 +248,7 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         request_id = new_request_id(scope.get("headers", []))
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_context(scope).request_id = request_id
         status = 500
         response_started = False
 
@@ -287,7 +288,7 @@ class RequestContextMiddleware:
                             "status": status,
                             "ms": round(elapsed * 1000, 2),
                             "client": client[0] if client else None,
-                            **scope["state"].get("log_extra", {}),
+                            **request_context(scope).log_extra,
                         },
                         ensure_ascii=False,
                     )

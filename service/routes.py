@@ -25,6 +25,7 @@ from starlette.types import Receive
 from engine import Admission, Engine, Trace
 from engine.answers import ExtractResponse, NERResponse, REResponse
 from engine.errors import ModelUnavailable
+from service.context import request_context
 from service.errors import ApiError, ClientDisconnected
 from service.forms import RequestBody, UploadBudgetRoute, body_reader
 from service.guard import authorised
@@ -165,9 +166,9 @@ async def answer(request: Request, response: Response, call: Callable[[Call], Aw
     """Runs ``call(Call(...))`` for the request: its deadline and the admission the guard took before
     the body (``service.guard``); its stages become the Server-Timing header and its details the
     access log's fields."""
-    state = request.scope["state"]
+    taken = request_context(request.scope)
     trace = Trace()
-    context = Call(trace=trace, deadline=state.get("deadline"), admission=state.get("admission"))
+    context = Call(trace=trace, deadline=taken.deadline, admission=taken.admission)
     try:
         result = await until_disconnected(request, call(context))
     except ModelUnavailable as error:
@@ -178,7 +179,7 @@ async def answer(request: Request, response: Response, call: Callable[[Call], Aw
         raise
     # The stages in ms, and "total" from the parsed request to the answer (the demo page shows it).
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in trace.stages.items())
-    request.scope["state"]["log_extra"] = trace.details
+    request_context(request.scope).log_extra = trace.details
     return result
 
 
