@@ -496,7 +496,10 @@ def test_a_full_queue_answers_503_with_retry_after(bundles):
                     await asyncio.sleep(0.001)
                 refused = await http.post("/ner", data={"text": "carol in tokyo"})
                 assert_clean_error(refused, 503)
-                assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["detail"]
+                assert (
+                    refused.headers["retry-after"] in {"1", "2"}
+                    and "queue is full" in refused.json()["detail"]
+                )
             finally:
                 release.set()
             assert (await first).status_code == 200 and (await second).status_code == 200

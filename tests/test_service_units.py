@@ -146,6 +146,77 @@ def test_batcher_with_two_workers_runs_two_calls_at_once_and_fills_the_next_batc
     asyncio.run(scenario())
 
 
+def test_batcher_overload_state_holds_through_a_drained_batch_while_requests_are_refused():
+    """Hysteresis, on a stand-in model held by permits (counted, never timed): the overload state's
+    own admission empties the queue now and then; a batch that leaves it empty ends the state only
+    when nothing was refused for overload since the batch before began, nor for
+    ``overload_after_s``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    permits = threading.Semaphore(0)
+    calls: list[list[str]] = []
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        assert permits.acquire(timeout=10)
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(
+                run_batch,
+                pool,
+                max_batch_size=2,
+                max_wait_s=0,
+                max_queue=2,
+                overload_wait_s=1e-6,
+                overload_after_s=0.0,
+            )
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await _until(lambda: calls == [["a"]])
+                single = asyncio.create_task(batcher.submit("b"))
+                group = asyncio.create_task(batcher.submit_group(["c1", "c2"]))  # does not fit with b
+                await _until(lambda: batcher.depth == 2)
+                permits.release()
+                await _until(lambda: calls[-1] == ["b"])  # began with the group still waiting: standing
+                assert not batcher.overloaded
+                group.cancel()  # a caller gives up on the standing queue
+                await _until(lambda: batcher.overloaded)
+                queued = {x: asyncio.create_task(batcher.submit(x)) for x in "de"}
+                await _until(lambda: batcher.depth == 2)
+                with pytest.raises(Overloaded, match="queue is full"):
+                    batcher.check_admission()  # refused for overload while b runs
+                permits.release()
+                await _until(lambda: calls[-1] == ["d", "e"])
+                assert batcher.depth == 0  # the batch left the queue empty, right after a refusal:
+                assert batcher.overloaded  # the state holds (it used to end here, and flap)
+                batcher.check_admission()  # with the queue empty, what starts within a call is admitted
+                later = asyncio.create_task(batcher.submit("f"))
+                await _until(lambda: batcher.depth == 1)
+                batcher.overload_after_s = 3600.0  # the quiet while the state also needs
+                permits.release()
+                await _until(lambda: calls[-1] == ["f"])
+                assert batcher.depth == 0 and batcher.overloaded
+                batcher.overload_after_s = 0.0
+                last = asyncio.create_task(batcher.submit("g"))
+                await _until(lambda: batcher.depth == 1)
+                permits.release()
+                await _until(lambda: calls[-1] == ["g"])
+                assert not batcher.overloaded  # drained, no refusal since the batch before, quiet
+                permits.release()
+                answers = [(await task)[0] for task in (first, single, queued["d"], queued["e"], later, last)]
+                assert answers == ["A", "B", "D", "E", "F", "G"]
+                assert ["c1", "c2"] not in calls  # the caller who gave up was never computed for
+            finally:
+                for _ in range(8):
+                    permits.release()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_batcher_overload_mode_needs_a_standing_queue_and_a_caller_who_gave_up():
     """A queue that stays non-empty is not enough: patient callers keep it. Once a caller gives up on
     a standing queue, only what can start within about one call is admitted; an emptied queue ends it."""
