@@ -52,7 +52,7 @@ from service import observability
 from service.errors import send_json_error
 from service.guard import drain_small_body
 from service.observability import MULTIPROCESS_ENV, logging_config
-from service.settings import Settings
+from service.settings import Settings, available_cores, cgroup_cpu_quota
 
 log = logging.getLogger("service")
 
@@ -339,6 +339,23 @@ def worker_count(settings: Settings) -> int:
     return 4 if resolve_runtime(settings.runtime) == "torch" else 1
 
 
+def sizing(settings: Settings) -> str:
+    """The sizes that follow from the cores this process may use (``available_cores``: its affinity
+    mask and cgroup quota), for the start-up log."""
+    from service.runtimes import inference_workers, intra_op_threads, resolve_runtime
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota()
+    runtime = resolve_runtime(settings.runtime)
+    threads = "" if runtime == "torch" else f" of {intra_op_threads(settings)} ONNX Runtime thread(s)"
+    return (
+        f"sizing: {available_cores()} core(s) to use (affinity: {affinity} of the machine's "
+        f"{os.cpu_count()} CPUs; cgroup quota: {'none' if quota is None else f'{quota:g} CPUs'}): "
+        f"{inference_workers(settings)} inference worker(s) per model{threads}, "
+        f"{settings.preprocess_workers} preprocessing thread(s), {worker_count(settings)} server process(es)"
+    )
+
+
 def _process_files_bytes() -> int:
     return len(observability.MULTIPROCESS_FILES) * observability.MULTIPROCESS_FILE_BYTES
 
@@ -433,6 +450,7 @@ def run(settings: Settings) -> None:
     global _settings
     _settings = settings
     workers = worker_count(settings)
+    log.info(sizing(settings))
     options = dict(
         host=settings.host,
         port=settings.port,

@@ -546,6 +546,66 @@ def test_settings_come_from_imm_environment_variables(monkeypatch):
         Settings()
 
 
+def _cgroup(root, self_cgroup: str, files: dict[str, str]):
+    """A cgroup tree under ``root`` (``files``: path -> content) and the process's cgroup file."""
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    (root / "self").write_text(self_cgroup)
+    return root, root / "self"
+
+
+def test_the_cgroup_cpu_quota_is_the_tightest_on_the_way_to_the_root(tmp_path):
+    from service.settings import cgroup_cpu_quota
+
+    v2 = {"cpu.max": "max 100000\n", "pods/a/cpu.max": "max 100000\n", "pods/cpu.max": "150000 100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v2", "0::/pods/a\n", v2)) == 1.5  # the parent's
+    unlimited = {"cpu.max": "max 100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "free", "0::/\n", unlimited)) is None
+    # A container sees its own cgroup at the root of the mount, not at the path the host names.
+    inside = {"cpu.max": "50000 100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "ns", "0::/docker/abc\n", inside)) == 0.5
+    v1 = {
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+    }
+    v1_lines = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v1", v1_lines, v1)) == 2.0
+    v1_free = {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v1free", "2:cpu:/\n", v1_free)) is None
+    assert cgroup_cpu_quota(tmp_path, tmp_path / "no-such-file") is None
+
+
+@pytest.mark.parametrize(
+    ("quota", "affinity", "cores", "workers", "threads", "preprocess"),
+    [
+        ("100000 100000", range(8), 1, 1, 1, 1),  # a 1-CPU container on an 8-CPU machine
+        ("150000 100000", range(8), 1, 1, 1, 1),  # 1.5 CPUs run as one core
+        ("max 100000", [0], 1, 1, 1, 1),  # taskset -c 0
+        ("400000 100000", range(8), 4, 2, 2, 4),
+        ("max 100000", range(2), 2, 2, 1, 2),
+    ],
+)
+def test_sizes_follow_the_cgroup_quota_and_the_affinity_mask(
+    tmp_path, monkeypatch, quota, affinity, cores, workers, threads, preprocess
+):
+    import os
+
+    from service import settings as settings_module
+    from service.runtimes import inference_workers, intra_op_threads
+    from service.server import sizing
+
+    root, self_cgroup = _cgroup(tmp_path, "0::/service\n", {"service/cpu.max": quota})
+    monkeypatch.setattr(settings_module, "CGROUP_ROOT", root)
+    monkeypatch.setattr(settings_module, "SELF_CGROUP", self_cgroup)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    settings = Settings(ner_bundle=None, re_bundle=None, runtime="onnx", providers="cpu")
+    assert settings_module.available_cores() == cores
+    assert (inference_workers(settings), intra_op_threads(settings)) == (workers, threads)
+    assert settings.preprocess_workers == preprocess
+    assert sizing(settings).startswith(f"sizing: {cores} core(s) to use")
+
+
 def test_select_providers_prefers_cuda_when_the_build_has_it():
     assert select_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
     assert select_providers("auto", [CPU]) == [CPU]
