@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,8 +50,9 @@ except ImportError:  # httptools is optional (uvicorn[standard])
     HttpToolsProtocol = None
 
 from service import observability
-from service.errors import send_json_error
-from service.guard import drain_small_body
+from service.engine import Overloaded
+from service.errors import json_error_body, send_json_error
+from service.guard import drain_small_body, drainable
 from service.observability import MULTIPROCESS_ENV, logging_config
 from service.settings import Settings, available_cores, cgroup_cpu_quota
 
@@ -250,10 +252,15 @@ class _ConnectionLimits:
     """
 
     _head_timer: asyncio.TimerHandle | None = None
+    #: The served app's ``refuse_early`` (``HttpToolsWithLimits``), None where it is not to be used.
+    _refuse_early: Any = None
+    _refused_last = False  # the last request was refused at its head and has ended (body drained)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
-        if not CONNECTIONS.opened(self):
+        if CONNECTIONS.opened(self):
+            self._refuse_early = _served_refuse_early(self.app)  # type: ignore[has-type]
+        else:
             self.app = _over_limit_app(self, self.app)  # type: ignore[has-type]
         self._arm()
 
@@ -265,6 +272,11 @@ class _ConnectionLimits:
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not cycle:  # type: ignore[has-type]
             self._disarm()
+        elif self._refused_last and not self.transport.is_closing():  # type: ignore[has-type]
+            # Refused at its head, body drained, nothing after it: idle, as after any answer.
+            self._refused_last = False
+            self._disarm()
+            self.on_response_complete()
 
     def on_response_complete(self) -> None:
         self.timeout_keep_alive = CONNECTIONS.keep_alive_s()  # read by uvicorn as it arms the timer
@@ -279,6 +291,7 @@ class _ConnectionLimits:
 
     def shutdown(self) -> None:
         """uvicorn's call at shutdown: an idle connection stays open for now (``linger``), refusing."""
+        self._refuse_early = None
         if self.is_idle():
             self.app = _shutting_down_app
             CONNECTIONS.linger(self)
@@ -320,13 +333,95 @@ class H11WithLimits(_ConnectionLimits, H11Protocol):
     """uvicorn's pure-Python HTTP/1.1 protocol with the service's connection limits."""
 
 
+def _served_refuse_early(app: Any) -> Any:
+    """The ``refuse_early`` of the app under uvicorn's wrappers (``ServiceApp``), or None."""
+    while app is not None and not hasattr(app, "refuse_early"):
+        app = getattr(app, "app", None)
+    return getattr(app, "refuse_early", None)
+
+
+_REFUSAL_HEAD = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+
+
+def refusal_answer(
+    error: Overloaded, request_id: str, keep_alive: bool, default_headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """The bytes of the JSON 503 of a request refused at its head: the guard's answer (the same body,
+    ``Retry-After`` and ``X-Request-ID``), without the app."""
+    body = json_error_body(f"{error}: retry later", request_id)
+    retry_after = str(max(1, math.ceil(error.retry_after_s)))
+    return b"".join(
+        [
+            _REFUSAL_HEAD,
+            *[b"%s: %s\r\n" % header for header in default_headers],
+            b"content-length: %d\r\nretry-after: %s\r\nx-request-id: %s\r\n%s\r\n"
+            % (
+                len(body),
+                retry_after.encode(),
+                request_id.encode(),
+                b"" if keep_alive else b"connection: close\r\n",
+            ),
+            body,
+        ]
+    )
+
+
 if HttpToolsProtocol is not None:
 
     class HttpToolsWithLimits(_ConnectionLimits, HttpToolsProtocol):
-        """uvicorn's httptools-based protocol (its choice when httptools is installed), with the limits."""
+        """uvicorn's httptools-based protocol (its choice when httptools is installed), with the limits,
+        and admission's refusals answered at the connection layer: a request the engine would refuse
+        (its queue full, overloaded, or unable to answer by the deadline) is answered from its head,
+        in the parser's callback, without the app, the ASGI task and the body's messages (under
+        overload refusals outnumber answers). Its body (at most ``DRAIN_LIMIT``) is skipped to keep
+        the connection, as the guard drains it; a larger one, or one behind ``Expect:
+        100-continue``, closes the connection after the answer."""
+
+        _refusing = False  # the current request was refused at its head: its body is skipped
+
+        def on_message_begin(self) -> None:
+            self._refused_last = False
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            if self._refuse_early is None or not self._refused_at_head():
+                super().on_headers_complete()
+
+        def _refused_at_head(self) -> bool:
+            cycle = self.cycle
+            if (cycle is not None and not cycle.response_complete) or self.pipeline or self.flow.write_paused:
+                return False  # an answer is still due before this one: the app keeps the order
+            path = self.url.partition(b"?")[0]
+            if b"%" in path or not path.startswith(b"/"):
+                return False
+            method = self.parser.get_method().decode("ascii")
+            refusal = self._refuse_early(
+                method, self.root_path + path.decode("ascii"), self.headers, self.client
+            )
+            if refusal is None:
+                return False
+            keep_alive = self.parser.should_keep_alive() and drainable({"headers": self.headers})
+            self.transport.write(refusal_answer(*refusal, keep_alive, self.server_state.default_headers))
+            if keep_alive:
+                self._refusing = True  # the head timer, still armed, bounds the wait for the body
+            else:
+                self.transport.close()
+            return True
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refusing:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._refusing:
+                super().on_message_complete()
+                return
+            self._refusing = False
+            self._refused_last = True  # idle from here unless another request follows (data_received)
 
 
-def _protocol_class() -> type[asyncio.Protocol]:
+def protocol_class() -> type[asyncio.Protocol]:
+    """The HTTP/1.1 protocol the server runs: httptools where installed, else h11; with the limits."""
     return HttpToolsWithLimits if HttpToolsProtocol is not None else H11WithLimits
 
 
@@ -459,7 +554,7 @@ def run(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         timeout_keep_alive=settings.keep_alive_s,
         # No limit_concurrency: IMM_MAX_CONNECTIONS is kept by the protocol class (ConnectionTable).
-        http=_protocol_class(),
+        http=protocol_class(),
         server_header=False,
     )
     configured = os.environ.get(MULTIPROCESS_ENV)

@@ -73,12 +73,12 @@ def make_settings(bundles: dict[str, Path], **overrides: Any) -> Settings:
 class ServerThread:
     """uvicorn serving an app on a free loopback port, in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, http: Any = "auto"):
         import uvicorn
 
         self.app = app
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on"
+            app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on", http=http
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
