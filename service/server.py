@@ -31,6 +31,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import math
 import os
@@ -51,7 +53,7 @@ except ImportError:  # httptools is optional (uvicorn[standard])
 
 from service import observability
 from service.engine import Overloaded
-from service.errors import json_error_body, send_json_error
+from service.errors import send_json_error
 from service.guard import drain_small_body, drainable
 from service.observability import MULTIPROCESS_ENV, logging_config
 from service.settings import Settings, available_cores, cgroup_cpu_quota
@@ -340,6 +342,13 @@ def _served_refuse_early(app: Any) -> Any:
     return getattr(app, "refuse_early", None)
 
 
+@functools.lru_cache(maxsize=1024)
+def _json_detail(message: str) -> bytes:
+    """The JSON string of a refusal's detail (``json_error_body``'s, whose layout the answer keeps):
+    the messages repeat (a full queue's is always the same), so each is encoded once."""
+    return json.dumps(f"{message}: retry later", ensure_ascii=False).encode()
+
+
 _REFUSAL_HEAD = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
 
 
@@ -348,7 +357,8 @@ def refusal_answer(
 ) -> bytes:
     """The bytes of the JSON 503 of a request refused at its head: the guard's answer (the same body,
     ``Retry-After`` and ``X-Request-ID``), without the app."""
-    body = json_error_body(f"{error}: retry later", request_id)
+    # Request ids are plain (``new_request_id``: letters, digits, ``._:-``): nothing to escape.
+    body = b'{"detail": %s, "request_id": "%s"}' % (_json_detail(str(error)), request_id.encode())
     retry_after = str(max(1, math.ceil(error.retry_after_s)))
     return b"".join(
         [

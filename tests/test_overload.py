@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from imm.client import RetryBudget, post_with_retries
 from service import create_app
 from service import server as server_module
 from service.engine import Engine, InvalidInput
@@ -373,6 +374,35 @@ def test_a_refusal_at_the_connection_layer_never_enters_the_app(bundles):
         assert metric_value(metrics, "imm_rejected_total", model="ner") == 3
         assert metric_value(metrics, "imm_requests_total", endpoint="/ner", status="503") == 3
     assert model.seen == ["alice in paris", "bob in london"]
+
+
+def test_the_client_recipe_retries_after_retry_after_and_only_within_its_budget(bundles):
+    """imm.client (docs/service.md's recipe) against a full queue: a 503 is retried once its
+    Retry-After has passed, while the budget has a retry to spend; then the 503 is returned at once.
+    Its waits are recorded, not slept."""
+    with full_queue(bundles) as (port, app, model), httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        batcher = app.state.engine.slots["ner"].batcher
+        waits: list[float] = []
+        budget = RetryBudget(ratio=0.1, burst=1)
+        form = {"data": {"text": "carol in tokyo"}, "timeout": 30}
+        answer = post_with_retries(http, "/ner", budget, attempts=3, sleep=waits.append, **form)
+        assert answer.status_code == 503 and len(waits) == 1  # one retry in the budget: spent
+        assert 1 <= waits[0] <= 1.5 * 2  # Retry-After (1 or 2 s), and up to half of it more
+        assert post_with_retries(http, "/ner", budget, sleep=waits.append, **form).status_code == 503
+        assert len(waits) == 1  # the budget had 0.1 of a retry: the 503 came back at once
+        refused = metric_value(
+            app.state.engine.metrics.exposition().decode(), "imm_rejected_total", model="ner"
+        )
+        assert refused == 3
+
+        def drained(seconds: float) -> None:  # the wait: meanwhile the model takes the queue
+            waits.append(seconds)
+            model.release()
+            wait_until(lambda: batcher.depth == 0 and not batcher._running)
+
+        answer = post_with_retries(http, "/ner", RetryBudget(), sleep=drained, **form)
+        assert answer.status_code == 200 and len(waits) == 2
+    assert model.seen[-1] == "carol in tokyo"
 
 
 def test_a_request_holds_its_place_in_the_queue_from_its_head_until_it_ends(bundles):
