@@ -167,7 +167,10 @@ class Settings(BaseSettings):
         "503 at once); 0: only the requests' deadlines bound the queue",
     )
     overload_after_ms: float = Field(
-        1000.0, ge=0, description="how long the queue must stay non-empty before it counts as overloaded"
+        1000.0,
+        ge=0,
+        description="how long the queue must stay non-empty before it counts as overloaded, and how long "
+        "without a refusal for overload before that state ends",
     )
     retry_after_s: int = Field(
         1, ge=0, description="Retry-After of the 503 of a request still running when shutdown's grace ends"
