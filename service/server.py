@@ -402,8 +402,8 @@ if HttpToolsProtocol is not None:
             if (cycle is not None and not cycle.response_complete) or self.pipeline or self.flow.write_paused:
                 return False  # an answer is still due before this one: the app keeps the order
             path = self.url.partition(b"?")[0]
-            if b"%" in path or not path.startswith(b"/"):
-                return False
+            if b"%" in path or not path.startswith(b"/") or not path.isascii():
+                return False  # left to uvicorn's own reading of the path
             method = self.parser.get_method().decode("ascii")
             refusal = self._refuse_early(
                 method, self.root_path + path.decode("ascii"), self.headers, self.client
@@ -447,17 +447,21 @@ def worker_count(settings: Settings) -> int:
 def sizing(settings: Settings) -> str:
     """The sizes that follow from the cores this process may use (``available_cores``: its affinity
     mask and cgroup quota), for the start-up log."""
-    from service.runtimes import inference_workers, intra_op_threads, resolve_runtime
+    from service.runtimes import ProviderError, inference_workers, intra_op_threads, resolve_runtime
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     quota = cgroup_cpu_quota()
-    runtime = resolve_runtime(settings.runtime)
-    threads = "" if runtime == "torch" else f" of {intra_op_threads(settings)} ONNX Runtime thread(s)"
+    try:
+        calls = f"{inference_workers(settings)} inference worker(s) per model"
+        if resolve_runtime(settings.runtime) != "torch":
+            calls += f" of {intra_op_threads(settings)} ONNX Runtime thread(s)"
+        calls += ", "
+    except ProviderError:  # IMM_PROVIDERS names one this machine lacks: the models' loading says so
+        calls = ""
     return (
         f"sizing: {available_cores()} core(s) to use (affinity: {affinity} of the machine's "
         f"{os.cpu_count()} CPUs; cgroup quota: {'none' if quota is None else f'{quota:g} CPUs'}): "
-        f"{inference_workers(settings)} inference worker(s) per model{threads}, "
-        f"{settings.preprocess_workers} preprocessing thread(s), {worker_count(settings)} server process(es)"
+        f"{calls}{settings.preprocess_workers} preprocessing thread(s), {worker_count(settings)} server process(es)"
     )
 
 

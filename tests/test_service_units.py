@@ -344,6 +344,49 @@ def test_batcher_drops_requests_that_timed_out_while_queued():
     assert seen == ["a", "b"]
 
 
+def test_batcher_an_idle_model_takes_a_request_its_stale_estimates_would_refuse():
+    """Estimates learned in a busier moment (a call of at least 1 s) must not lock every request with
+    a shorter deadline out, or none would get through to renew them: an idle model admits and runs
+    it; a busy one refuses it at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow = threading.Event()
+    release = threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        if slow.is_set():
+            time.sleep(1.0)  # the busier moment: a call of at least a second
+            slow.clear()
+        else:
+            release.wait(10)
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=4, max_wait_s=0, max_queue=8)
+            batcher.start()
+            try:
+                slow.set()
+                assert (await batcher.submit("a"))[0] == "A"
+                assert batcher._call_seconds >= 1.0
+                release.set()
+                deadline = time.monotonic() + 0.9  # shorter than the one call the estimates know
+                batcher.check_admission(deadline)  # idle: admitted
+                assert (await batcher.submit("b", deadline))[0] == "B"  # and run, not dropped
+                release.clear()
+                running = asyncio.create_task(batcher.submit("c"))
+                await _until(lambda: len(batcher._running) == 1)
+                with pytest.raises(Overloaded, match="past its deadline"):
+                    batcher.check_admission(time.monotonic() + 0.9)  # busy: the estimates hold
+                release.set()
+                assert (await running)[0] == "C"
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def _held_batcher_scenario(max_batch_size: int, queued) -> tuple[list, list[list[str]]]:
     """Runs "a" (held in the model until all else is queued), queues ``queued`` (items or lists:
     groups) behind it, then lets the worker go. The model upper-cases its items and fails a batch

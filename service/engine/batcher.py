@@ -37,7 +37,11 @@ holds, and the standing queue stays within ``overload_wait_s``.
 **Deadlines.** A request may carry one (``time.monotonic()`` seconds). When the worker reaches a
 request whose deadline has passed, or would pass before a call of the current length could end,
 the request leaves the queue with ``DeadlineExceeded`` and the model never sees it; a caller whose
-deadline passes while it waits gets ``DeadlineExceeded`` too.
+deadline passes while it waits gets ``DeadlineExceeded`` too. The estimates (the way to the queue,
+a call's length) are learned from the requests that get through: when the model is idle (nothing
+queued, on its way or running) they may be stale, from a busier moment, and refusing on them would
+let none through to renew them, so an idle model admits and runs a request whose deadline has not
+passed yet.
 
 **Cancellation.** A caller that is cancelled while its request waits (the HTTP layer cancels the
 requests of clients that disconnect) takes the request out of the queue: its rows never reach the
@@ -339,8 +343,13 @@ class Batcher(Generic[Item, Result]):
                     self._retry_after(now),
                 )
         # It starts once it has reached the queue (the body, parsing, preprocessing: ``way_seconds``)
-        # and the rows ahead are done, whichever is later; its answer comes when that call ends.
-        if deadline is not None and now + max(wait, self._way_seconds) + self._call_seconds > deadline:
+        # and the rows ahead are done, whichever is later; its answer comes when that call ends. An
+        # idle model takes it all the same (see the module's docstring: stale estimates).
+        idle = not (self._running or self._live_requests or self._incoming)
+        if deadline is not None and (
+            deadline <= now
+            or (not idle and now + max(wait, self._way_seconds) + self._call_seconds > deadline)
+        ):
             self._gave_up()
             raise Overloaded(
                 f"the {self.name} queue would make the request wait about {wait:.2f} s, past its "
@@ -459,7 +468,10 @@ class Batcher(Generic[Item, Result]):
             pending = self._queue.pop() if newest_first else self._queue.popleft()
             if not self._live(pending):
                 continue
-            if pending.deadline is not None and pending.deadline < now + self._call_seconds:
+            # With no call running the estimate may be stale (module docstring): only a deadline
+            # already passed drops the request then.
+            ahead = self._call_seconds if self._running else 0.0
+            if pending.deadline is not None and pending.deadline < now + ahead:
                 self._take(pending)
                 pending.state = _DROPPED
                 self._gave_up()
