@@ -40,8 +40,9 @@ the request leaves the queue with ``DeadlineExceeded`` and the model never sees 
 deadline passes while it waits gets ``DeadlineExceeded`` too. The estimates (the way to the queue,
 a call's length) are learned from the requests that get through: when the model is idle (nothing
 queued, on its way or running) they may be stale, from a busier moment, and refusing on them would
-let none through to renew them, so an idle model admits and runs a request whose deadline has not
-passed yet.
+let none through to renew them, so an idle model admits a request whose deadline has not passed
+yet, and runs it when nothing else waits (a predicted miss leaves the queue only while the model's
+time is wanted by others).
 
 **Cancellation.** A caller that is cancelled while its request waits (the HTTP layer cancels the
 requests of clients that disconnect) takes the request out of the queue: its rows never reach the
@@ -468,9 +469,10 @@ class Batcher(Generic[Item, Result]):
             pending = self._queue.pop() if newest_first else self._queue.popleft()
             if not self._live(pending):
                 continue
-            # With no call running the estimate may be stale (module docstring): only a deadline
-            # already passed drops the request then.
-            ahead = self._call_seconds if self._running else 0.0
+            # A predicted miss leaves only while the model's time is wanted by others (a call runs,
+            # or more wait); an idle model runs it (its estimate may be stale: module docstring).
+            contested = self._running or self._live_requests > 1
+            ahead = self._call_seconds if contested else 0.0
             if pending.deadline is not None and pending.deadline < now + ahead:
                 self._take(pending)
                 pending.state = _DROPPED
