@@ -56,10 +56,14 @@ def free_port() -> int:
 
 
 def start_server(
-    settings: dict[str, str], log_path: Path | None = None, ready_timeout_s: float = 180
+    settings: dict[str, str],
+    log_path: Path | None = None,
+    ready_timeout_s: float = 180,
+    cpus: set[int] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """``python -m service`` in a subprocess on a free loopback port, with these ``IMM_*`` settings
-    (any ``IMM_*`` of this environment is dropped first); returns once ``/ready`` answers 200."""
+    (any ``IMM_*`` of this environment is dropped first), on ``cpus`` only when given (its affinity
+    mask, as ``taskset``: it sizes itself from it); returns once ``/ready`` answers 200."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMM_")}
     env.update(
@@ -71,7 +75,12 @@ def start_server(
     log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         server = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=env, cwd=ROOT, stdout=log, stderr=log if log_path else None
+            [sys.executable, "-m", "service"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log if log_path else None,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
     finally:
         if log_path is not None:

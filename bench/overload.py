@@ -14,8 +14,14 @@ phases, for one workload (``--workload text``: ``POST /ner`` with a tweet; ``pho
    ``--send-deadline`` each attempt says so (``X-Request-Timeout: PATIENCE``). While it runs, a
    probe sends the head of a 5 MB upload now and then (``Expect: 100-continue``, the body held
    back) and times its answer: refused before the body (503), or admitted (the probe then gives up).
+   Meanwhile ``GET /health`` every 100 ms on a connection of its own (2-s limit) times the
+   server's liveness answer under the load.
 4. **recovery**, right after each overload phase: one request every 50 ms until 3 in a row are
    back within 2x the baseline p50 (+5 ms): the seconds that took.
+
+``--server-cpus 0 --client-cpus 1`` pins the server and this load generator to CPUs of their own
+(affinity masks), so the load generator cannot take the server's core: the server then runs as a
+1-CPU container would, sized from its mask. Without them both share the machine's CPUs.
 
 It reports per phase the goodput (answers received within the patience, per second, and as a share
 of capacity), the p50/p99 of the answers received, the rows the model computed and how many of
@@ -27,6 +33,7 @@ every phase has a fixed length, the whole run ``--deadline-s``. Loopback only. W
     python bench/overload.py                              # text, 2x and 4x, 30 s each
     python bench/overload.py --workload photo --ner-bundle bench/results/bundles/minilm-ner-int8
     python bench/overload.py --no-send-deadline --queue-order adaptive
+    python bench/overload.py --server-cpus 0 --client-cpus 1   # the server on one core of its own
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import resource
@@ -234,6 +242,19 @@ async def upload_probe(
     return results
 
 
+async def health_probe(host: str, port: int, stop_at: float, every_s: float = 0.1) -> list[float | None]:
+    """``GET /health`` every ``every_s`` on a connection of its own: seconds to each answer, None for
+    one that failed or took more than 2 s (the connection is then opened again)."""
+    pool, results = Pool(host, port), []
+    request = b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n"
+    while time.perf_counter() < stop_at:
+        await asyncio.sleep(every_s)
+        outcome, elapsed = await attempt(pool, request, 2.0)
+        results.append(elapsed if outcome == "ok" else None)
+    pool.close()
+    return results
+
+
 async def recovery(pool: Pool, request: bytes, normal_s: float, limit_s: float = 30.0) -> float | None:
     """Seconds until 3 requests in a row (one every 50 ms) answer within ``normal_s``; None if never."""
     started = time.perf_counter()
@@ -338,7 +359,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "IMM_LOG_LEVEL": "warning",
         **dict(setting.split("=", 1) for setting in args.set),
     }
-    server, url = start_server(settings, log_path=args.out / "server.log")
+    server, url = start_server(settings, log_path=args.out / "server.log", cpus=args.server_cpus)
     host, port = url.removeprefix("http://").split(":")
     pool = Pool(host, int(port))
     texts, source = ner_texts(DATA, limit=500)
@@ -356,6 +377,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "patience_s": args.patience,
         "retries": args.retries,
         "send_deadline": args.send_deadline,
+        "server_cpus": sorted(args.server_cpus) if args.server_cpus else "all (shared)",
+        "client_cpus": sorted(args.client_cpus) if args.client_cpus else "all (shared)",
         "phases": {},
     }
     try:
@@ -384,9 +407,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             probe = asyncio.create_task(
                 upload_probe(host, int(port), time.perf_counter() + args.seconds - 1, 2.0, args.patience)
             )
+            health = asyncio.create_task(health_probe(host, int(port), time.perf_counter() + args.seconds))
             tally = await open_loop(pool, requests, rate, args.seconds, args.patience, args.retries)
             back = await recovery(pool, plain[0], 2 * normal + 0.005)
             probes = await probe
+            healths = await health
+            health_s = sorted(h for h in healths if h is not None)
             after = await scrape(pool)
             refused = sorted(p for p in probes if p is not None)
             phase = summary_of(tally, args.seconds, capacity) | counter_deltas(before, after)
@@ -400,6 +426,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "upload_refused_early": len(refused),
                 "upload_503_p50_ms": round(percentile(refused, 50) * 1000, 2) if refused else None,
                 "upload_503_max_ms": round(refused[-1] * 1000, 2) if refused else None,
+                "health_probes": len(healths),
+                "health_missed": healths.count(None),
+                "health_p50_ms": round(percentile(health_s, 50) * 1000, 1) if health_s else None,
+                "health_p99_ms": round(percentile(health_s, 99) * 1000, 1) if health_s else None,
             }
             report["phases"][f"{multiplier:g}x"] = phase
             print(f"{multiplier:g}x: {json.dumps(phase)}", flush=True)
@@ -421,11 +451,13 @@ def write_summary(report: dict[str, Any], out: Path) -> str:
         f"{report['retries']} retries, deadline header {'sent' if report['send_deadline'] else 'not sent'}",
         "",
         f"{report['machine']}; {report['date']}; queue order {report['settings']['IMM_QUEUE_ORDER']}; "
+        f"server CPUs {report['server_cpus']}, client CPUs {report['client_cpus']}; "
         f"client CPU {report.get('client_cpu_s')} s",
         "",
         "| phase | offered users/s | goodput/s | share of capacity | p50 ms | p99 ms | computed rows | "
-        "abandoned | dropped (deadline / cancelled) | refused at once | recovered after s | 5 MB upload 503 max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "abandoned | dropped (deadline / cancelled) | refused at once | recovered after s | 5 MB upload 503 max ms "
+        "| /health p99 ms (missed) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, phase in report["phases"].items():
         lines.append(
@@ -434,11 +466,26 @@ def write_summary(report: dict[str, Any], out: Path) -> str:
             f"{phase.get('computed_rows', '')} | {phase.get('abandoned_rows', '')} | "
             f"{phase.get('dropped_deadline', '')} / {phase.get('dropped_cancelled', '')} | "
             f"{phase.get('rejected', '')} | {phase.get('recovered_after_s', '')} | "
-            f"{phase.get('upload_503_max_ms', '')} |"
+            f"{phase.get('upload_503_max_ms', '')} | "
+            + (f"{phase['health_p99_ms']} ({phase['health_missed']}) |" if "health_probes" in phase else " |")
         )
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
+
+
+def cpu_list(text: str) -> set[int]:
+    """``0``, ``0-1``, ``0,2-3``: a set of CPU numbers (taskset's list format)."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list such as 0, 0-1 or 0,2") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError(f"{text!r} names no CPU")
+    return cpus
 
 
 def main() -> int:
@@ -461,6 +508,10 @@ def main() -> int:
         metavar="IMM_NAME=VALUE",
         help="more server settings, such as IMM_INTRA_OP_THREADS=1",
     )
+    parser.add_argument(
+        "--server-cpus", type=cpu_list, default=None, help="CPUs of the server (as taskset: 0, 0-1, 0,2)"
+    )
+    parser.add_argument("--client-cpus", type=cpu_list, default=None, help="CPUs of this load generator")
     parser.add_argument("--deadline-s", type=float, default=900.0, help="the whole run stops by then")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "overload")
     args = parser.parse_args()
@@ -468,6 +519,14 @@ def main() -> int:
         parser.error("--set takes IMM_NAME=VALUE pairs")
     if not (args.ner_bundle / "manifest.json").is_file():
         parser.error(f"--ner-bundle {args.ner_bundle}: no bundle there (manifest.json missing)")
+    usable = os.sched_getaffinity(0)
+    for option, cpus in (("--server-cpus", args.server_cpus), ("--client-cpus", args.client_cpus)):
+        if cpus and not cpus <= usable:
+            parser.error(
+                f"{option}: CPUs {sorted(cpus - usable)} are not among this machine's {sorted(usable)}"
+            )
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         import uvloop  # the client's own cost shares the machine with the server: keep it low

@@ -1,7 +1,7 @@
 """What one refusal costs the server: CPU per early 503, with its model's queue held full.
 
-Serves ``python -m service``'s app in this process (uvicorn, the installed HTTP parser and loop) on a
-loopback port, holds the NER model inside its call so that its queue stays full (``IMM_MAX_QUEUE=1``,
+Serves ``python -m service``'s app in this process (uvicorn with the service's protocol class, the
+installed HTTP parser and loop: refusals are answered at the connection layer) on a loopback port, holds the NER model inside its call so that its queue stays full (``IMM_MAX_QUEUE=1``,
 one inference worker), then lets wrk post small ``/ner`` forms for ``--seconds``: every one is refused
 before its body is parsed. Reports refusals per second and this process's CPU time per refusal::
 
@@ -40,12 +40,14 @@ def main() -> int:
 
     from engine.settings import Settings
     from service import create_app
+    from service.server import protocol_class
 
     settings = Settings(
         ner_bundle=args.ner_bundle, re_bundle=None, max_queue=1, max_batch_size=1, inference_workers=1
     )
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=protocol_class())
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -28,13 +28,21 @@ is admitted only while the expected wait is at most ``overload_wait_s`` (and at 
 length: the rows that keep every worker busy until the next batch). Answers stay fast, the work
 goes to callers who are still there, and the others are refused at once, with a ``Retry-After``,
 instead of waiting out their patience. Patient callers (a closed loop of more clients than a batch
-holds) make a standing queue too, but none gives up: they keep their queue. The state ends at the
-first batch that leaves the queue empty.
+holds) make a standing queue too, but none gives up: they keep their queue. The state has
+hysteresis: its own admission empties the queue now and then, so it ends only at a batch that
+leaves the queue empty when no request was refused for overload (``overload_wait_s``, or a full
+queue) since the previous batch began, nor for ``overload_after_s``: under sustained overload it
+holds, and the standing queue stays within ``overload_wait_s``.
 
 **Deadlines.** A request may carry one (``time.monotonic()`` seconds). When the worker reaches a
 request whose deadline has passed, or would pass before a call of the current length could end,
 the request leaves the queue with ``DeadlineExceeded`` and the model never sees it; a caller whose
-deadline passes while it waits gets ``DeadlineExceeded`` too.
+deadline passes while it waits gets ``DeadlineExceeded`` too. The estimates (the way to the queue,
+a call's length) are learned from the requests that get through: when the model is idle (nothing
+queued, on its way or running) they may be stale, from a busier moment, and refusing on them would
+let none through to renew them, so an idle model admits a request whose deadline has not passed
+yet, and runs it when nothing else waits (a predicted miss leaves the queue only while the model's
+time is wanted by others).
 
 **Cancellation.** A caller that is cancelled while its request waits (the HTTP layer cancels the
 requests of clients that disconnect) takes the request out of the queue: its rows never reach the
@@ -64,6 +72,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -197,6 +206,10 @@ class Batcher(Generic[Item, Result]):
         self._backlogged = False
         self._standing_since: float | None = None  # since when every batch left requests waiting
         self._gave_up_at = -math.inf  # when a caller last gave up waiting (see ``overloaded``)
+        self._overloaded_since: float | None = None  # the overload state (see the module's docstring)
+        self._refused_at = -math.inf  # when a request was last refused for overload
+        self._batch_began = -math.inf  # when the last batch began (its gathering ended)
+        self._refusals = 0  # refused for overload in the current state, for its log line
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,14 +257,55 @@ class Batcher(Generic[Item, Result]):
 
     @property
     def overloaded(self) -> bool:
-        """Whether the queue has been standing (never emptied) for ``overload_after_s``, and callers
-        gave up on it meanwhile."""
+        """Whether the overload state holds: it began once the queue had been standing (never emptied)
+        for ``overload_after_s`` and callers gave up on it meanwhile, and ends as the module's
+        docstring says."""
+        if self._overloaded_since is None and self._standing_long(time.monotonic()):
+            self._overloaded_since = time.monotonic()
+            self._refusals = 0
+            log.info(
+                "%s: overloaded (callers give up on a queue standing for %.1f s): admitting only "
+                "expected waits up to %.0f ms",
+                self.name,
+                self.overload_after_s,
+                max(self.overload_wait_s, self._call_seconds) * 1000,
+            )
+        return self._overloaded_since is not None
+
+    def _standing_long(self, now: float) -> bool:
         return (
             self.overload_wait_s > 0
             and self._standing_since is not None
             and self._gave_up_at >= self._standing_since
-            and time.monotonic() - self._standing_since >= self.overload_after_s
+            and now - self._standing_since >= self.overload_after_s
         )
+
+    def _refused(self, now: float) -> None:
+        """A request was refused for overload: the overload state goes on (see ``_batch_begins``)."""
+        self._refused_at = now
+        self._refusals += 1
+
+    def _batch_begins(self) -> None:
+        """At each batch: the queue standing or not, and the overload state's end (hysteresis)."""
+        now, previous = time.monotonic(), self._batch_began
+        self._batch_began = now
+        if self._live_requests:
+            if self._standing_since is None:
+                self._standing_since = now
+            return
+        self._standing_since = None
+        if (
+            self._overloaded_since is not None
+            and self._refused_at < previous
+            and now - self._refused_at >= self.overload_after_s
+        ):
+            log.info(
+                "%s: no longer overloaded, after %.1f s (%d requests refused for it)",
+                self.name,
+                now - self._overloaded_since,
+                self._refusals,
+            )
+            self._overloaded_since = None
 
     def _gave_up(self) -> None:
         """A caller gave up on the queue: its deadline passed or would have, or it went away."""
@@ -272,6 +326,7 @@ class Batcher(Generic[Item, Result]):
         """``Overloaded`` if a request with ``deadline`` would be refused now (see ``admit``)."""
         now = time.monotonic()
         if self._incoming + self.depth >= self.max_queue:
+            self._refused(now)
             raise Overloaded(
                 f"the {self.name} queue is full ({self.max_queue} requests waiting)",
                 self._retry_after(now),
@@ -282,14 +337,20 @@ class Batcher(Generic[Item, Result]):
         if self.overloaded:
             limit = max(self.overload_wait_s, self._call_seconds)
             if wait > limit:
+                self._refused(now)
                 raise Overloaded(
                     f"the {self.name} is overloaded: its queue would make the request wait about "
                     f"{wait:.2f} s",
                     self._retry_after(now),
                 )
         # It starts once it has reached the queue (the body, parsing, preprocessing: ``way_seconds``)
-        # and the rows ahead are done, whichever is later; its answer comes when that call ends.
-        if deadline is not None and now + max(wait, self._way_seconds) + self._call_seconds > deadline:
+        # and the rows ahead are done, whichever is later; its answer comes when that call ends. An
+        # idle model takes it all the same (see the module's docstring: stale estimates).
+        idle = not (self._running or self._live_requests or self._incoming)
+        if deadline is not None and (
+            deadline <= now
+            or (not idle and now + max(wait, self._way_seconds) + self._call_seconds > deadline)
+        ):
             self._gave_up()
             raise Overloaded(
                 f"the {self.name} queue would make the request wait about {wait:.2f} s, past its "
@@ -298,8 +359,11 @@ class Batcher(Generic[Item, Result]):
             )
 
     def _retry_after(self, now: float) -> float:
-        """Seconds for the queue to drain as it stands (at least one)."""
-        return max(1.0, math.ceil(self.expected_wait_s(now)))
+        """Whole seconds after which to retry: those the queue needs to drain as it stands (at least
+        one), up to twice that at random, so that the callers refused in one moment do not all come
+        back in the same second."""
+        drain = max(1, math.ceil(self.expected_wait_s(now)))
+        return float(drain + int(random.random() * (drain + 1)))  # randint(drain, 2 * drain), cheaper
 
     def admit(self, deadline: float | None = None) -> Ticket:
         """Admits a request on its way to the queue (``Overloaded`` when refused: see
@@ -345,6 +409,7 @@ class Batcher(Generic[Item, Result]):
             raise ShuttingDown(f"{self.name} is not running")
         now = time.monotonic()
         if self._live_requests >= self.max_queue:
+            self._refused(now)
             raise Overloaded(
                 f"the {self.name} queue is full ({self.max_queue} requests waiting)", self._retry_after(now)
             )
@@ -404,7 +469,11 @@ class Batcher(Generic[Item, Result]):
             pending = self._queue.pop() if newest_first else self._queue.popleft()
             if not self._live(pending):
                 continue
-            if pending.deadline is not None and pending.deadline < now + self._call_seconds:
+            # A predicted miss leaves only while the model's time is wanted by others (a call runs,
+            # or more wait); an idle model runs it (its estimate may be stale: module docstring).
+            contested = self._running or self._live_requests > 1
+            ahead = self._call_seconds if contested else 0.0
+            if pending.deadline is not None and pending.deadline < now + ahead:
                 self._take(pending)
                 pending.state = _DROPPED
                 self._gave_up()
@@ -494,10 +563,7 @@ class Batcher(Generic[Item, Result]):
         assert self._gathering is not None
         async with self._gathering:
             batch = await self._gather()
-        if self._live_requests == 0:
-            self._standing_since = None
-        elif self._standing_since is None:
-            self._standing_since = time.monotonic()
+        self._batch_begins()
         # Callers that went away while the batch formed are not computed for.
         live = [p for p in batch if not p.future.done()]
         for pending in batch:

@@ -238,6 +238,20 @@ class Engine:
                 raise
         return Admission(tickets)
 
+    def check_admission(self, tasks: Sequence[str], deadline: float | None = None) -> None:
+        """``Overloaded`` (counted) when ``admit`` would refuse a call needing ``tasks``' models now;
+        takes no place in the queues: for a front end deciding on a request's head alone."""
+        deadline = self._deadline(deadline)
+        for task in tasks:
+            slot = self.slots[task]
+            if slot.batcher is None or not slot.ready:
+                continue
+            try:
+                slot.batcher.check_admission(deadline)
+            except Overloaded:
+                self.metrics.rejected.labels(task).inc()
+                raise
+
     def _deadline(self, deadline: float | None) -> float:
         cap = time.monotonic() + self.settings.request_timeout_s
         return cap if deadline is None else min(deadline, cap)

@@ -34,11 +34,74 @@ OTHER_VARIABLES = {"IMM_HEALTHCHECK_TIMEOUT", "IMM_PUBLISHED_PORT", "IMM_DATA_DI
 OTHER_PREFIXES = ("IMM_RAY_", "IMM_DOCKER_")
 
 
+#: Where the cgroup file systems are mounted, and the file naming this process's cgroups.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
+
+
 def available_cores() -> int:
-    """The cores this process may run on (its affinity: a container's CPU set, not the host's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    """The cores this process may use, not the machine's: its affinity mask (a container's CPU set,
+    ``taskset``) and its cgroup's CPU quota (``docker --cpus``, a Kubernetes CPU limit), whichever is
+    smaller. A quota is rounded down (at least 1): 1.5 CPUs run as 1 core, since two busy threads
+    would be throttled for part of every period. The inference workers, ONNX Runtime's threads and
+    the preprocessing threads follow from it (``engine.runtimes``; logged at start-up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, int(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path | None = None, self_cgroup: Path | None = None) -> float | None:
+    """The CPUs this process's cgroup quota allows: cgroup v2's ``cpu.max``, or v1's
+    ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``, the tightest from its cgroup up to the root
+    (its ancestors' quotas bind it too); None without a quota, or without cgroups."""
+    root = root or CGROUP_ROOT
+    try:
+        lines = (self_cgroup or SELF_CGROUP).read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:  # v2: mounted at the root, or at unified/ (hybrid)
+            bases, read = [root, root / "unified"], _v2_quota
+        elif "cpu" in controllers.split(","):
+            bases, read = [root / controllers, root / "cpu"], _v1_quota
+        else:
+            continue
+        for base in bases:
+            if base.is_dir():
+                quotas += [q for d in _cgroup_dirs(base, path) if (q := read(d)) is not None]
+                break
+    return min(quotas, default=None)
+
+
+def _cgroup_dirs(base: Path, path: str) -> list[Path]:
+    """The cgroup's directory and its ancestors under ``base``; only ``base`` when the path is not
+    there (a container sees its own cgroup as the root)."""
+    directory = base / path.strip("/")
+    if not directory.is_dir():
+        return [base]
+    return [directory, *[parent for parent in directory.parents if parent.is_relative_to(base)]]
+
+
+def _v2_quota(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 class Settings(BaseSettings):
@@ -75,13 +138,13 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime threads inside one operator, per inference worker (0: the cores shared "
-        "among the workers, at least one each)",
+        description="ONNX Runtime threads inside one operator, per inference worker (0: the cores this process "
+        "may use, its affinity and cgroup quota, shared among the workers, at least one each)",
     )
     inference_workers: int = Field(
         0,
         ge=0,
-        description="runtime calls per model at once (0: 2 for ONNX Runtime on a CPU of 2 cores or more, "
+        description="runtime calls per model at once (0: 2 for ONNX Runtime on a CPU with 2 cores or more to use, "
         "else 1; the PyTorch runtime always runs one)",
     )
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators")
@@ -90,7 +153,7 @@ class Settings(BaseSettings):
         description="let ONNX Runtime's threads busy-wait between runs (only for dedicated many-core machines)",
     )
     preprocess_threads: int = Field(
-        0, ge=0, description="threads decoding images and tokenising (0: min(4, cores))"
+        0, ge=0, description="threads decoding images and tokenising (0: min(4, cores to use))"
     )
     max_batch_size: int = Field(16, ge=1, description="most requests run as one ONNX call")
     batch_wait_ms: float = Field(
@@ -122,7 +185,10 @@ class Settings(BaseSettings):
         "503 at once); 0: only the requests' deadlines bound the queue",
     )
     overload_after_ms: float = Field(
-        1000.0, ge=0, description="how long the queue must stay non-empty before it counts as overloaded"
+        1000.0,
+        ge=0,
+        description="how long the queue must stay non-empty before it counts as overloaded, and how long "
+        "without a refusal for overload before that state ends",
     )
     retry_after_s: int = Field(
         1, ge=0, description="Retry-After of the 503 of a request still running when shutdown's grace ends"

@@ -11,6 +11,7 @@ engine's error mapped to its status (``service.errors``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,12 +21,12 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from engine import Engine
+from engine import Engine, Overloaded
 from engine.settings import Settings
 from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.guard import GuardMiddleware
-from service.observability import INFERENCE_ENDPOINTS, Metrics, RequestContextMiddleware
+from service.observability import INFERENCE_ENDPOINTS, Metrics, RequestContextMiddleware, new_request_id
 from service.routes import MODELS_OF_PATH, STATIC_DIR, inference, operations
 
 DESCRIPTION = """
@@ -52,6 +53,7 @@ class ServiceApp(FastAPI):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._outer_middleware: list[tuple[type, dict[str, Any]]] = []
+        self._outer_layers: dict[type, Any] = {}  # each outer layer, once the stack is built
 
     def add_outer_middleware(self, layer: type, **options: Any) -> None:
         """Wraps everything added so far, ``add_middleware``'s layers and FastAPI's own included."""
@@ -60,8 +62,29 @@ class ServiceApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         app = super().build_middleware_stack()
         for layer, options in self._outer_middleware:
-            app = layer(app, **options)
+            app = self._outer_layers[layer] = layer(app, **options)
         return app
+
+    def refuse_early(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None
+    ) -> tuple[Overloaded, str] | None:
+        """For the connection layer (``service.server``), on a request's head alone: the guard's
+        admission refusal (``GuardMiddleware.refuse_early``) and the request id to answer it with,
+        counted and logged as the request context counts and logs any answer; None when the request
+        is to go through the app."""
+        guard, context = (
+            self._outer_layers.get(GuardMiddleware),
+            self._outer_layers.get(RequestContextMiddleware),
+        )
+        if guard is None or context is None:  # not started yet
+            return None
+        started = time.perf_counter()
+        error = guard.refuse_early(path, headers)
+        if error is None:
+            return None
+        request_id = new_request_id(headers)
+        context.record(method, path, 503, time.perf_counter() - started, request_id, client)
+        return error, request_id
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> ServiceApp:
@@ -109,6 +132,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         body_timeout_s=settings.body_timeout_s,
         retry_after_s=settings.retry_after_s,
         admit=lambda path, deadline: engine.admit(MODELS_OF_PATH[path], deadline),
+        check=lambda path, deadline: engine.check_admission(MODELS_OF_PATH[path], deadline),
     )
     app.add_outer_middleware(
         RequestContextMiddleware,

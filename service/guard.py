@@ -90,6 +90,7 @@ class GuardMiddleware:
         body_timeout_s: float = 30.0,
         retry_after_s: int = 1,
         admit: Callable[[str, float | None], Releasable] | None = None,
+        check: Callable[[str, float | None], None] | None = None,
     ):
         self.app = app
         self.paths = frozenset(paths)
@@ -98,6 +99,7 @@ class GuardMiddleware:
         self.body_timeout_s = body_timeout_s
         self.retry_after = str(retry_after_s).encode()
         self.admit = admit
+        self.check = check
 
     async def _refuse(
         self,
@@ -122,41 +124,55 @@ class GuardMiddleware:
         headers = [(b"retry-after", str(max(1, math.ceil(error.retry_after_s))).encode())]
         await self._refuse(scope, send, 503, f"{error}: retry later", headers, keep_alive)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        arrived = time.monotonic()
+    def _check_head(self, scope: Scope, arrived: float) -> tuple[tuple[int, str, list] | None, float | None]:
+        """The refusal of a request's head that comes before admission (401, 400, 413: status, detail,
+        headers), if any, and the request's deadline (from ``X-Request-Timeout``)."""
         if not self._authorised(scope):
-            await self._refuse(
-                scope,
-                send,
+            return (
                 401,
                 "missing or wrong API key (Authorization: Bearer <key>)",
                 [(b"www-authenticate", b"Bearer")],
-            )
-            return
-        too_large = f"request body larger than the limit of {self.max_body_bytes} bytes"
+            ), None
         declared = _header(scope, b"content-length")
         if declared is not None:
             try:
                 declared_size = int(declared)
             except ValueError:
-                await self._refuse(scope, send, 400, "invalid Content-Length")
-                return
+                return (400, "invalid Content-Length", []), None
             if declared_size > self.max_body_bytes:
-                await self._refuse(scope, send, 413, too_large)
-                return
-        deadline = None
+                return (413, f"request body larger than the limit of {self.max_body_bytes} bytes", []), None
         timeout = _header(scope, TIMEOUT_HEADER)
-        if timeout is not None:
-            seconds = _seconds(timeout)
-            if seconds is None:
-                await self._refuse(
-                    scope, send, 400, "X-Request-Timeout must be a positive number of seconds, such as 1.5"
-                )
-                return
-            deadline = arrived + seconds
+        if timeout is None:
+            return None, None
+        seconds = _seconds(timeout)
+        if seconds is None:
+            return (400, "X-Request-Timeout must be a positive number of seconds, such as 1.5", []), None
+        return None, arrived + seconds
+
+    def refuse_early(self, path: str, headers: list[tuple[bytes, bytes]]) -> Overloaded | None:
+        """For the connection layer (``service.server``), on a request's head alone: ``Overloaded``
+        when its admission would refuse it (``check``, which takes no place in the queues) and this
+        guard has no other answer first (401, 400, 413); None when the request is to go through the
+        app as usual."""
+        if self.check is None or path not in self.paths:
+            return None
+        refusal, deadline = self._check_head({"headers": headers}, time.monotonic())
+        if refusal is not None:
+            return None
+        try:
+            self.check(path, deadline)
+        except Overloaded as error:
+            return error
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        refusal, deadline = self._check_head(scope, time.monotonic())
+        if refusal is not None:
+            await self._refuse(scope, send, *refusal)
+            return
         context = request_context(scope)
         context.deadline = deadline
         admission = None
@@ -255,17 +271,21 @@ async def _receive_by(receive: Receive, deadline: float) -> Message:
 _timeout_at = getattr(asyncio, "timeout_at", None)
 
 
-async def drain_small_body(scope: Scope, receive: Receive) -> bool:
-    """Reads a request's body to its end and throws it away, so that the connection can stay open
-    after an answer that does not need it: True once read; False (left unread) for a body larger
-    than ``DRAIN_LIMIT`` or without ``Content-Length``, one behind ``Expect: 100-continue`` (its
-    client waits for a ``100 Continue`` that never comes), or one not in within a second."""
+def drainable(scope: Scope) -> bool:
+    """Whether a request's body is worth reading to keep its connection after an answer that does
+    not need it: not for a body larger than ``DRAIN_LIMIT`` or without ``Content-Length``, nor one
+    behind ``Expect: 100-continue`` (its client waits for a ``100 Continue`` that never comes)."""
     declared = _header(scope, b"content-length")
     if declared is None or not declared.isdigit() or int(declared) > DRAIN_LIMIT:
         return False
-    if (_header(scope, b"expect") or b"").lower() == b"100-continue":
-        return False
-    return await _drain(receive)
+    return (_header(scope, b"expect") or b"").lower() != b"100-continue"
+
+
+async def drain_small_body(scope: Scope, receive: Receive) -> bool:
+    """Reads a request's body to its end and throws it away, so that the connection can stay open
+    after an answer that does not need it: True once read; False (left unread) when it is not
+    ``drainable``, or not in within a second."""
+    return drainable(scope) and await _drain(receive)
 
 
 async def _drain(receive: Receive, timeout_s: float = 1.0) -> bool:

@@ -15,6 +15,7 @@ it could drop them itself.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess, values
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,6 +77,10 @@ class Metrics(EngineMetrics):
             ["reason"],
             registry=self.registry,
         )
+        # Counted on every refusal (thousands a second under overload): their labelled series are
+        # kept rather than looked up again each time (``labels`` takes a lock and checks its values).
+        for metric in (self.requests, self.stage_seconds, self.rejected):
+            metric.labels = functools.lru_cache(maxsize=256)(metric.labels)  # type: ignore[method-assign]
         global _current
         _current = self
 
@@ -272,27 +278,47 @@ class RequestContextMiddleware:
             if not response_started:
                 await send_json_error(send_with_id, 500, "internal server error", request_id)
         finally:
-            elapsed = time.perf_counter() - started
-            endpoint = self._endpoint(scope["path"])
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            if endpoint in INFERENCE_ENDPOINTS:
-                self.metrics.stage_seconds.labels(INFERENCE_ENDPOINTS[endpoint], "total").observe(elapsed)
-            if access_log.isEnabledFor(logging.INFO):  # the line's JSON costs more than the check
-                client = scope.get("client")
-                access_log.info(
-                    json.dumps(
-                        {
-                            "request_id": request_id,
-                            "method": scope["method"],
-                            "path": scope["path"],
-                            "status": status,
-                            "ms": round(elapsed * 1000, 2),
-                            "client": client[0] if client else None,
-                            **request_context(scope).log_extra,
-                        },
-                        ensure_ascii=False,
-                    )
+            self.record(
+                scope["method"],
+                scope["path"],
+                status,
+                time.perf_counter() - started,
+                request_id,
+                scope.get("client"),
+                request_context(scope).log_extra,
+            )
+
+    def record(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        elapsed: float,
+        request_id: str,
+        client: tuple[str, int] | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Counts an answered request (``elapsed`` seconds from its head) and writes its access-log
+        line; also for the requests the connection layer answers without the app (``service.server``)."""
+        endpoint = self._endpoint(path)
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        if endpoint in INFERENCE_ENDPOINTS:
+            self.metrics.stage_seconds.labels(INFERENCE_ENDPOINTS[endpoint], "total").observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):  # the line's JSON costs more than the check
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "method": method,
+                        "path": path,
+                        "status": status,
+                        "ms": round(elapsed * 1000, 2),
+                        "client": client[0] if client else None,
+                        **(extra or {}),
+                    },
+                    ensure_ascii=False,
                 )
+            )
 
 
 def logging_config(level: str) -> dict:

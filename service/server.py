@@ -31,7 +31,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -48,10 +51,11 @@ try:
 except ImportError:  # httptools is optional (uvicorn[standard])
     HttpToolsProtocol = None
 
-from engine.settings import Settings
+from engine import Overloaded
+from engine.settings import Settings, available_cores, cgroup_cpu_quota
 from service import observability
 from service.errors import send_json_error
-from service.guard import drain_small_body
+from service.guard import drain_small_body, drainable
 from service.observability import MULTIPROCESS_ENV, logging_config
 
 log = logging.getLogger("service")
@@ -250,10 +254,15 @@ class _ConnectionLimits:
     """
 
     _head_timer: asyncio.TimerHandle | None = None
+    #: The served app's ``refuse_early`` (``HttpToolsWithLimits``), None where it is not to be used.
+    _refuse_early: Any = None
+    _refused_last = False  # the last request was refused at its head and has ended (body drained)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
-        if not CONNECTIONS.opened(self):
+        if CONNECTIONS.opened(self):
+            self._refuse_early = _served_refuse_early(self.app)  # type: ignore[has-type]
+        else:
             self.app = _over_limit_app(self, self.app)  # type: ignore[has-type]
         self._arm()
 
@@ -265,6 +274,11 @@ class _ConnectionLimits:
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not cycle:  # type: ignore[has-type]
             self._disarm()
+        elif self._refused_last and not self.transport.is_closing():  # type: ignore[has-type]
+            # Refused at its head, body drained, nothing after it: idle, as after any answer.
+            self._refused_last = False
+            self._disarm()
+            self.on_response_complete()
 
     def on_response_complete(self) -> None:
         self.timeout_keep_alive = CONNECTIONS.keep_alive_s()  # read by uvicorn as it arms the timer
@@ -279,6 +293,7 @@ class _ConnectionLimits:
 
     def shutdown(self) -> None:
         """uvicorn's call at shutdown: an idle connection stays open for now (``linger``), refusing."""
+        self._refuse_early = None
         if self.is_idle():
             self.app = _shutting_down_app
             CONNECTIONS.linger(self)
@@ -320,13 +335,103 @@ class H11WithLimits(_ConnectionLimits, H11Protocol):
     """uvicorn's pure-Python HTTP/1.1 protocol with the service's connection limits."""
 
 
+def _served_refuse_early(app: Any) -> Any:
+    """The ``refuse_early`` of the app under uvicorn's wrappers (``ServiceApp``), or None."""
+    while app is not None and not hasattr(app, "refuse_early"):
+        app = getattr(app, "app", None)
+    return getattr(app, "refuse_early", None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_detail(message: str) -> bytes:
+    """The JSON string of a refusal's detail (``json_error_body``'s, whose layout the answer keeps):
+    the messages repeat (a full queue's is always the same), so each is encoded once."""
+    return json.dumps(f"{message}: retry later", ensure_ascii=False).encode()
+
+
+_REFUSAL_HEAD = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+
+
+def refusal_answer(
+    error: Overloaded, request_id: str, keep_alive: bool, default_headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """The bytes of the JSON 503 of a request refused at its head: the guard's answer (the same body,
+    ``Retry-After`` and ``X-Request-ID``), without the app."""
+    # Request ids are plain (``new_request_id``: letters, digits, ``._:-``): nothing to escape.
+    body = b'{"detail": %s, "request_id": "%s"}' % (_json_detail(str(error)), request_id.encode())
+    retry_after = str(max(1, math.ceil(error.retry_after_s)))
+    return b"".join(
+        [
+            _REFUSAL_HEAD,
+            *[b"%s: %s\r\n" % header for header in default_headers],
+            b"content-length: %d\r\nretry-after: %s\r\nx-request-id: %s\r\n%s\r\n"
+            % (
+                len(body),
+                retry_after.encode(),
+                request_id.encode(),
+                b"" if keep_alive else b"connection: close\r\n",
+            ),
+            body,
+        ]
+    )
+
+
 if HttpToolsProtocol is not None:
 
     class HttpToolsWithLimits(_ConnectionLimits, HttpToolsProtocol):
-        """uvicorn's httptools-based protocol (its choice when httptools is installed), with the limits."""
+        """uvicorn's httptools-based protocol (its choice when httptools is installed), with the limits,
+        and admission's refusals answered at the connection layer: a request the engine would refuse
+        (its queue full, overloaded, or unable to answer by the deadline) is answered from its head,
+        in the parser's callback, without the app, the ASGI task and the body's messages (under
+        overload refusals outnumber answers). Its body (at most ``DRAIN_LIMIT``) is skipped to keep
+        the connection, as the guard drains it; a larger one, or one behind ``Expect:
+        100-continue``, closes the connection after the answer."""
+
+        _refusing = False  # the current request was refused at its head: its body is skipped
+
+        def on_message_begin(self) -> None:
+            self._refused_last = False
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            if self._refuse_early is None or not self._refused_at_head():
+                super().on_headers_complete()
+
+        def _refused_at_head(self) -> bool:
+            cycle = self.cycle
+            if (cycle is not None and not cycle.response_complete) or self.pipeline or self.flow.write_paused:
+                return False  # an answer is still due before this one: the app keeps the order
+            path = self.url.partition(b"?")[0]
+            if b"%" in path or not path.startswith(b"/") or not path.isascii():
+                return False  # left to uvicorn's own reading of the path
+            method = self.parser.get_method().decode("ascii")
+            refusal = self._refuse_early(
+                method, self.root_path + path.decode("ascii"), self.headers, self.client
+            )
+            if refusal is None:
+                return False
+            keep_alive = self.parser.should_keep_alive() and drainable({"headers": self.headers})
+            self.transport.write(refusal_answer(*refusal, keep_alive, self.server_state.default_headers))
+            if keep_alive:
+                self._refusing = True  # the head timer, still armed, bounds the wait for the body
+            else:
+                self.transport.close()
+            return True
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refusing:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._refusing:
+                super().on_message_complete()
+                return
+            self._refusing = False
+            self._refused_last = True  # idle from here unless another request follows (data_received)
 
 
-def _protocol_class() -> type[asyncio.Protocol]:
+def protocol_class() -> type[asyncio.Protocol]:
+    """The HTTP/1.1 protocol the server runs: httptools where installed, else h11; with the limits."""
     return HttpToolsWithLimits if HttpToolsProtocol is not None else H11WithLimits
 
 
@@ -337,6 +442,27 @@ def worker_count(settings: Settings) -> int:
     from engine.runtimes import resolve_runtime
 
     return 4 if resolve_runtime(settings.runtime) == "torch" else 1
+
+
+def sizing(settings: Settings) -> str:
+    """The sizes that follow from the cores this process may use (``available_cores``: its affinity
+    mask and cgroup quota), for the start-up log."""
+    from engine.runtimes import ProviderError, inference_workers, intra_op_threads, resolve_runtime
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota()
+    try:
+        calls = f"{inference_workers(settings)} inference worker(s) per model"
+        if resolve_runtime(settings.runtime) != "torch":
+            calls += f" of {intra_op_threads(settings)} ONNX Runtime thread(s)"
+        calls += ", "
+    except ProviderError:  # IMM_PROVIDERS names one this machine lacks: the models' loading says so
+        calls = ""
+    return (
+        f"sizing: {available_cores()} core(s) to use (affinity: {affinity} of the machine's "
+        f"{os.cpu_count()} CPUs; cgroup quota: {'none' if quota is None else f'{quota:g} CPUs'}): "
+        f"{calls}{settings.preprocess_workers} preprocessing thread(s), {worker_count(settings)} server process(es)"
+    )
 
 
 def _process_files_bytes() -> int:
@@ -433,6 +559,7 @@ def run(settings: Settings) -> None:
     global _settings
     _settings = settings
     workers = worker_count(settings)
+    log.info(sizing(settings))
     options = dict(
         host=settings.host,
         port=settings.port,
@@ -441,7 +568,7 @@ def run(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         timeout_keep_alive=settings.keep_alive_s,
         # No limit_concurrency: IMM_MAX_CONNECTIONS is kept by the protocol class (ConnectionTable).
-        http=_protocol_class(),
+        http=protocol_class(),
         server_header=False,
     )
     configured = os.environ.get(MULTIPROCESS_ENV)
@@ -461,7 +588,16 @@ def run(settings: Settings) -> None:
         f"gathered in {directory}" if directory else "per process",
     )
     try:
-        uvicorn.run("service.server:worker_app", factory=True, workers=workers, **options)
+        uvicorn.run(
+            "service.server:worker_app",
+            factory=True,
+            workers=workers,
+            # uvicorn's supervisor kills a worker that misses its ping for 5 s: one still importing
+            # and loading its models on busy cores (or capturing CUDA graphs) missed it, and was
+            # restarted again and again (seen on 2 loaded cores, and in the GPU rehearsal).
+            timeout_worker_healthcheck=60,
+            **options,
+        )
     finally:
         if directory is not None and not configured:
             shutil.rmtree(directory, ignore_errors=True)

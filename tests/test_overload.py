@@ -22,7 +22,9 @@ import pytest
 
 from engine import Engine, InvalidInput
 from engine.batcher import Batcher
+from imm.client import RetryBudget, post_with_retries
 from service import create_app
+from service import server as server_module
 from tests.conftest import read_http_answer
 from tests.test_service import (  # noqa: F401 - server: the module's server fixture, for client
     ServerThread,
@@ -186,10 +188,10 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, 
 
 
 @contextmanager
-def held_server(bundles, **overrides: Any) -> Iterator[tuple[str, int, Any, HeldModel]]:
+def held_server(bundles, http: Any = "auto", **overrides: Any) -> Iterator[tuple[str, int, Any, HeldModel]]:
     settings = make_settings(bundles, re_bundle=None, warmup=False, **overrides)
     app = create_app(settings)
-    with ServerThread(app) as url:
+    with ServerThread(app, http) as url:
         model = HeldModel(app.state.engine.slots["ner"].batcher)
         try:
             yield url, int(url.rsplit(":", 1)[1]), app, model
@@ -268,9 +270,9 @@ def test_engine_calls_cancelled_while_waiting_never_reach_the_model(bundles):
 
 
 @contextmanager
-def full_queue(bundles) -> Iterator[tuple[int, Any, HeldModel]]:
+def full_queue(bundles, http: Any = "auto") -> Iterator[tuple[int, Any, HeldModel]]:
     """A server whose NER queue is full: one request in the held model, one queued (max_queue=1)."""
-    with held_server(bundles, max_batch_size=1, max_queue=1, max_upload_bytes=8 * 1024 * 1024) as (
+    with held_server(bundles, http, max_batch_size=1, max_queue=1, max_upload_bytes=8 * 1024 * 1024) as (
         url,
         port,
         app,
@@ -291,9 +293,22 @@ def full_queue(bundles) -> Iterator[tuple[int, Any, HeldModel]]:
                 pool.shutdown()
 
 
-def test_a_large_upload_against_a_full_queue_is_refused_before_its_body_is_sent(bundles):
+#: Where an early refusal is answered: in the app's guard (uvicorn's own protocol), or at the
+#: connection layer (the service's protocol class, as ``python -m service`` runs it).
+REFUSING_LAYERS = [
+    pytest.param("auto", id="guard"),
+    pytest.param(
+        getattr(server_module, "HttpToolsWithLimits", None),
+        id="connection",
+        marks=pytest.mark.skipif(server_module.HttpToolsProtocol is None, reason="httptools not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("http", REFUSING_LAYERS)
+def test_a_large_upload_against_a_full_queue_is_refused_before_its_body_is_sent(bundles, http):
     five_mb = 5 * 1024 * 1024
-    with full_queue(bundles) as (port, app, model):
+    with full_queue(bundles, http) as (port, app, model):
         for extra in ("", "Expect: 100-continue\r\n"):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 request = _raw_request("/ner", {"text": "x"}, extra, declared=five_mb)
@@ -310,9 +325,10 @@ def test_a_large_upload_against_a_full_queue_is_refused_before_its_body_is_sent(
     assert model.seen == ["alice in paris", "bob in london"]
 
 
-def test_a_small_refused_request_keeps_its_connection_for_the_next(bundles):
+@pytest.mark.parametrize("http", REFUSING_LAYERS)
+def test_a_small_refused_request_keeps_its_connection_for_the_next(bundles, http):
     with (
-        full_queue(bundles) as (port, _app, _model),
+        full_queue(bundles, http) as (port, _app, _model),
         socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
     ):
         sock.sendall(_raw_request("/ner", {"text": "carol in tokyo"}))
@@ -321,6 +337,72 @@ def test_a_small_refused_request_keeps_its_connection_for_the_next(bundles):
         assert headers.get("connection") != "close"
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
         assert _read_response(sock)[0] == 200
+
+
+@pytest.mark.skipif(server_module.HttpToolsProtocol is None, reason="httptools not installed")
+def test_a_refusal_at_the_connection_layer_never_enters_the_app(bundles):
+    """With the service's protocol class a request the queue refuses is answered from its head, in
+    the parser's callback: the app (middleware, FastAPI) never sees it, yet the answer is the guard's
+    (JSON, Retry-After, the request id) and it is counted; the connection serves the next request."""
+    with full_queue(bundles, server_module.HttpToolsWithLimits) as (port, app, model):
+        entered: list[str] = []
+        stack = app.middleware_stack
+
+        async def counting(scope, receive, send) -> None:
+            entered.append(scope.get("path", scope["type"]))
+            await stack(scope, receive, send)
+
+        app.middleware_stack = counting
+        request = _raw_request("/ner", {"text": "carol in tokyo"}, "X-Request-ID: refused-1\r\n")
+        head_end = request.index(b"\r\n\r\n") + 4
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request[: head_end + 10])  # the head and a part of the body: answered at once
+            answers = [_read_response(sock)]
+            sock.sendall(request[head_end + 10 :])  # the rest of the body: skipped
+            for _ in range(2):  # the connection takes the next requests
+                sock.sendall(request)
+                answers.append(_read_response(sock))
+            for status, headers, body in answers:
+                assert status == 503 and "queue is full" in body["detail"]
+                assert headers["content-type"] == "application/json"
+                assert headers["retry-after"] in {"1", "2"} and headers.get("connection") != "close"
+                assert headers["x-request-id"] == body["request_id"] == "refused-1"
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert _read_response(sock)[0] == 200
+        assert entered == ["/health"]
+        metrics = app.state.engine.metrics.exposition().decode()
+        assert metric_value(metrics, "imm_rejected_total", model="ner") == 3
+        assert metric_value(metrics, "imm_requests_total", endpoint="/ner", status="503") == 3
+    assert model.seen == ["alice in paris", "bob in london"]
+
+
+def test_the_client_recipe_retries_after_retry_after_and_only_within_its_budget(bundles):
+    """imm.client (docs/service.md's recipe) against a full queue: a 503 is retried once its
+    Retry-After has passed, while the budget has a retry to spend; then the 503 is returned at once.
+    Its waits are recorded, not slept."""
+    with full_queue(bundles) as (port, app, model), httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        batcher = app.state.engine.slots["ner"].batcher
+        waits: list[float] = []
+        budget = RetryBudget(ratio=0.1, burst=1)
+        form = {"data": {"text": "carol in tokyo"}, "timeout": 30}
+        answer = post_with_retries(http, "/ner", budget, attempts=3, sleep=waits.append, **form)
+        assert answer.status_code == 503 and len(waits) == 1  # one retry in the budget: spent
+        assert 1 <= waits[0] <= 1.5 * 2  # Retry-After (1 or 2 s), and up to half of it more
+        assert post_with_retries(http, "/ner", budget, sleep=waits.append, **form).status_code == 503
+        assert len(waits) == 1  # the budget had 0.1 of a retry: the 503 came back at once
+        refused = metric_value(
+            app.state.engine.metrics.exposition().decode(), "imm_rejected_total", model="ner"
+        )
+        assert refused == 3
+
+        def drained(seconds: float) -> None:  # the wait: meanwhile the model takes the queue
+            waits.append(seconds)
+            model.release()
+            wait_until(lambda: batcher.depth == 0 and not batcher._running)
+
+        answer = post_with_retries(http, "/ner", RetryBudget(), sleep=drained, **form)
+        assert answer.status_code == 200 and len(waits) == 2
+    assert model.seen[-1] == "carol in tokyo"
 
 
 def test_a_request_holds_its_place_in_the_queue_from_its_head_until_it_ends(bundles):

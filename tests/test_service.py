@@ -73,12 +73,12 @@ def make_settings(bundles: dict[str, Path], **overrides: Any) -> Settings:
 class ServerThread:
     """uvicorn serving an app on a free loopback port, in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, http: Any = "auto"):
         import uvicorn
 
         self.app = app
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on"
+            app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on", http=http
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -501,7 +501,10 @@ def test_a_full_queue_answers_503_with_retry_after(bundles):
                     await asyncio.sleep(0.001)
                 refused = await http.post("/ner", data={"text": "carol in tokyo"})
                 assert_clean_error(refused, 503)
-                assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["detail"]
+                assert (
+                    refused.headers["retry-after"] in {"1", "2"}
+                    and "queue is full" in refused.json()["detail"]
+                )
             finally:
                 release.set()
             assert (await first).status_code == 200 and (await second).status_code == 200

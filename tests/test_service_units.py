@@ -146,6 +146,77 @@ def test_batcher_with_two_workers_runs_two_calls_at_once_and_fills_the_next_batc
     asyncio.run(scenario())
 
 
+def test_batcher_overload_state_holds_through_a_drained_batch_while_requests_are_refused():
+    """Hysteresis, on a stand-in model held by permits (counted, never timed): the overload state's
+    own admission empties the queue now and then; a batch that leaves it empty ends the state only
+    when nothing was refused for overload since the batch before began, nor for
+    ``overload_after_s``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    permits = threading.Semaphore(0)
+    calls: list[list[str]] = []
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        assert permits.acquire(timeout=10)
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(
+                run_batch,
+                pool,
+                max_batch_size=2,
+                max_wait_s=0,
+                max_queue=2,
+                overload_wait_s=1e-6,
+                overload_after_s=0.0,
+            )
+            batcher.start()
+            try:
+                first = asyncio.create_task(batcher.submit("a"))
+                await _until(lambda: calls == [["a"]])
+                single = asyncio.create_task(batcher.submit("b"))
+                group = asyncio.create_task(batcher.submit_group(["c1", "c2"]))  # does not fit with b
+                await _until(lambda: batcher.depth == 2)
+                permits.release()
+                await _until(lambda: calls[-1] == ["b"])  # began with the group still waiting: standing
+                assert not batcher.overloaded
+                group.cancel()  # a caller gives up on the standing queue
+                await _until(lambda: batcher.overloaded)
+                queued = {x: asyncio.create_task(batcher.submit(x)) for x in "de"}
+                await _until(lambda: batcher.depth == 2)
+                with pytest.raises(Overloaded, match="queue is full"):
+                    batcher.check_admission()  # refused for overload while b runs
+                permits.release()
+                await _until(lambda: calls[-1] == ["d", "e"])
+                assert batcher.depth == 0  # the batch left the queue empty, right after a refusal:
+                assert batcher.overloaded  # the state holds (it used to end here, and flap)
+                batcher.check_admission()  # with the queue empty, what starts within a call is admitted
+                later = asyncio.create_task(batcher.submit("f"))
+                await _until(lambda: batcher.depth == 1)
+                batcher.overload_after_s = 3600.0  # the quiet while the state also needs
+                permits.release()
+                await _until(lambda: calls[-1] == ["f"])
+                assert batcher.depth == 0 and batcher.overloaded
+                batcher.overload_after_s = 0.0
+                last = asyncio.create_task(batcher.submit("g"))
+                await _until(lambda: batcher.depth == 1)
+                permits.release()
+                await _until(lambda: calls[-1] == ["g"])
+                assert not batcher.overloaded  # drained, no refusal since the batch before, quiet
+                permits.release()
+                answers = [(await task)[0] for task in (first, single, queued["d"], queued["e"], later, last)]
+                assert answers == ["A", "B", "D", "E", "F", "G"]
+                assert ["c1", "c2"] not in calls  # the caller who gave up was never computed for
+            finally:
+                for _ in range(8):
+                    permits.release()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_batcher_overload_mode_needs_a_standing_queue_and_a_caller_who_gave_up():
     """A queue that stays non-empty is not enough: patient callers keep it. Once a caller gives up on
     a standing queue, only what can start within about one call is admitted; an emptied queue ends it."""
@@ -271,6 +342,49 @@ def test_batcher_drops_requests_that_timed_out_while_queued():
     dropped: list[tuple[str, int]] = []
     asyncio.run(scenario())
     assert seen == ["a", "b"]
+
+
+def test_batcher_an_idle_model_takes_a_request_its_stale_estimates_would_refuse():
+    """Estimates learned in a busier moment (a call of at least 1 s) must not lock every request with
+    a shorter deadline out, or none would get through to renew them: an idle model admits and runs
+    it; a busy one refuses it at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow = threading.Event()
+    release = threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        if slow.is_set():
+            time.sleep(1.0)  # the busier moment: a call of at least a second
+            slow.clear()
+        else:
+            release.wait(10)
+        return [item.upper() for item in items]
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=4, max_wait_s=0, max_queue=8)
+            batcher.start()
+            try:
+                slow.set()
+                assert (await batcher.submit("a"))[0] == "A"
+                assert batcher._call_seconds >= 1.0
+                release.set()
+                deadline = time.monotonic() + 0.9  # shorter than the one call the estimates know
+                batcher.check_admission(deadline)  # idle: admitted
+                assert (await batcher.submit("b", deadline))[0] == "B"  # and run, not dropped
+                release.clear()
+                running = asyncio.create_task(batcher.submit("c"))
+                await _until(lambda: len(batcher._running) == 1)
+                with pytest.raises(Overloaded, match="past its deadline"):
+                    batcher.check_admission(time.monotonic() + 0.9)  # busy: the estimates hold
+                release.set()
+                assert (await running)[0] == "C"
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
 
 
 def _held_batcher_scenario(max_batch_size: int, queued) -> tuple[list, list[list[str]]]:
@@ -473,6 +587,66 @@ def test_settings_come_from_imm_environment_variables(monkeypatch):
     monkeypatch.setenv("IMM_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+def _cgroup(root, self_cgroup: str, files: dict[str, str]):
+    """A cgroup tree under ``root`` (``files``: path -> content) and the process's cgroup file."""
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(content)
+    (root / "self").write_text(self_cgroup)
+    return root, root / "self"
+
+
+def test_the_cgroup_cpu_quota_is_the_tightest_on_the_way_to_the_root(tmp_path):
+    from engine.settings import cgroup_cpu_quota
+
+    v2 = {"cpu.max": "max 100000\n", "pods/a/cpu.max": "max 100000\n", "pods/cpu.max": "150000 100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v2", "0::/pods/a\n", v2)) == 1.5  # the parent's
+    unlimited = {"cpu.max": "max 100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "free", "0::/\n", unlimited)) is None
+    # A container sees its own cgroup at the root of the mount, not at the path the host names.
+    inside = {"cpu.max": "50000 100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "ns", "0::/docker/abc\n", inside)) == 0.5
+    v1 = {
+        "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "200000\n",
+        "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+    }
+    v1_lines = "4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n"
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v1", v1_lines, v1)) == 2.0
+    v1_free = {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert cgroup_cpu_quota(*_cgroup(tmp_path / "v1free", "2:cpu:/\n", v1_free)) is None
+    assert cgroup_cpu_quota(tmp_path, tmp_path / "no-such-file") is None
+
+
+@pytest.mark.parametrize(
+    ("quota", "affinity", "cores", "workers", "threads", "preprocess"),
+    [
+        ("100000 100000", range(8), 1, 1, 1, 1),  # a 1-CPU container on an 8-CPU machine
+        ("150000 100000", range(8), 1, 1, 1, 1),  # 1.5 CPUs run as one core
+        ("max 100000", [0], 1, 1, 1, 1),  # taskset -c 0
+        ("400000 100000", range(8), 4, 2, 2, 4),
+        ("max 100000", range(2), 2, 2, 1, 2),
+    ],
+)
+def test_sizes_follow_the_cgroup_quota_and_the_affinity_mask(
+    tmp_path, monkeypatch, quota, affinity, cores, workers, threads, preprocess
+):
+    import os
+
+    from engine.runtimes import inference_workers, intra_op_threads
+    from service import settings as settings_module
+    from service.server import sizing
+
+    root, self_cgroup = _cgroup(tmp_path, "0::/service\n", {"service/cpu.max": quota})
+    monkeypatch.setattr(settings_module, "CGROUP_ROOT", root)
+    monkeypatch.setattr(settings_module, "SELF_CGROUP", self_cgroup)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    settings = Settings(ner_bundle=None, re_bundle=None, runtime="onnx", providers="cpu")
+    assert settings_module.available_cores() == cores
+    assert (inference_workers(settings), intra_op_threads(settings)) == (workers, threads)
+    assert settings.preprocess_workers == preprocess
+    assert sizing(settings).startswith(f"sizing: {cores} core(s) to use")
 
 
 def test_select_providers_prefers_cuda_when_the_build_has_it():
