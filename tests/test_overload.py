@@ -113,9 +113,11 @@ def test_a_request_the_queue_could_not_answer_in_time_is_refused_at_once(bundles
         async with started(app) as http:
             batcher = app.state.engine.slots["ner"].batcher
             model = HeldModel(batcher)
-            timer = threading.Timer(0.3, model.release)  # one call of 0.3 s: the estimate
-            timer.start()
-            assert (await http.post("/ner", data={"text": "warm"})).status_code == 200
+            warm = asyncio.create_task(http.post("/ner", data={"text": "warm"}))
+            await asyncio.to_thread(model.entered.wait, 10)
+            await asyncio.sleep(0.3)  # one call held 0.3 s from its start: the estimate
+            model.release()
+            assert (await warm).status_code == 200
             assert batcher.seconds_per_row >= 0.25
             model.released.clear()
             queued = [
