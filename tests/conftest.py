@@ -13,9 +13,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -331,3 +332,27 @@ def root_logger_restored() -> Iterator[None]:
     for handler in [h for h in root.handlers if isinstance(h, StderrHandler)]:
         root.removeHandler(handler)
     root.setLevel(level)
+
+
+class HeldModel:
+    """Wraps a batcher's ``run_batch``: records every text the model is given and, while ``hold``
+    is set, keeps each call waiting until ``release``."""
+
+    def __init__(self, batcher: Any):
+        self.batcher = batcher
+        self.run_batch = batcher.run_batch
+        self.seen: list[str] = []
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.calls = 0
+        batcher.run_batch = self
+
+    def __call__(self, items):
+        self.calls += 1
+        self.seen += [item.text for item in items]
+        self.entered.set()
+        assert self.released.wait(30), "the test never released the model"
+        return self.run_batch(items)
+
+    def release(self) -> None:
+        self.released.set()

@@ -17,6 +17,7 @@ import pytest
 
 from engine import InvalidInput
 from service import create_app
+from tests.conftest import HeldModel
 from tests.test_service import (
     ServerThread,
     assert_clean_error,
@@ -257,20 +258,12 @@ def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundle
     assert app.state.engine.loaded.wait(60)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     batcher = app.state.engine.slots["ner"].batcher
-    entered, release = threading.Event(), threading.Event()
-    run_batch = batcher.run_batch
-
-    def held(items):  # the model is stuck on the first batch past the grace period
-        entered.set()
-        release.wait(30)
-        return run_batch(items)
-
-    batcher.run_batch = held
+    model = HeldModel(batcher)  # the model is stuck on the first batch past the grace period
 
     async def scenario() -> tuple[list[httpx.Response], float]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             calls = [asyncio.create_task(http.post("/ner", data={"text": f"alice {n}"})) for n in range(5)]
-            await asyncio.to_thread(entered.wait, 10)
+            await asyncio.to_thread(model.entered.wait, 10)
             waiting = time.monotonic() + 10
             while batcher.depth < 4:  # one request in the running batch, four queued behind it
                 assert time.monotonic() < waiting, f"{batcher.depth} requests queued, not 4"
@@ -285,7 +278,7 @@ def test_requests_still_waiting_when_the_grace_period_ends_get_a_json_503(bundle
         thread.join(10)
         stopped = not thread.is_alive()
     finally:
-        release.set()
+        model.release()
         thread.join(30)
     for answer in answers:
         assert_clean_error(answer, 503)

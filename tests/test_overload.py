@@ -25,7 +25,7 @@ from engine.batcher import Batcher
 from imm.client import RetryBudget, post_with_retries
 from service import create_app
 from service import server as server_module
-from tests.conftest import read_http_answer
+from tests.conftest import HeldModel, read_http_answer
 from tests.test_service import (  # noqa: F401 - server: the module's server fixture, for client
     ServerThread,
     assert_clean_error,
@@ -39,30 +39,6 @@ from tests.test_service import make_settings as service_settings
 def make_settings(bundles, **overrides: Any):
     """The service tests' settings with one inference worker: the held model then holds every call."""
     return service_settings(bundles, **{"inference_workers": 1, **overrides})
-
-
-class HeldModel:
-    """Wraps a batcher's ``run_batch``: records every text the model is given and, while ``hold``
-    is set, keeps each call waiting until ``release``."""
-
-    def __init__(self, batcher: Batcher):
-        self.batcher = batcher
-        self.run_batch = batcher.run_batch
-        self.seen: list[str] = []
-        self.entered = threading.Event()
-        self.released = threading.Event()
-        self.calls = 0
-        batcher.run_batch = self
-
-    def __call__(self, items):
-        self.calls += 1
-        self.seen += [item.text for item in items]
-        self.entered.set()
-        assert self.released.wait(30), "the test never released the model"
-        return self.run_batch(items)
-
-    def release(self) -> None:
-        self.released.set()
 
 
 async def until(condition, timeout: float = 10.0) -> None:

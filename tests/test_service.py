@@ -32,7 +32,7 @@ from PIL import Image
 
 from model.preprocessing import split_words
 from service import Settings, create_app
-from tests.conftest import jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
+from tests.conftest import HeldModel, jpeg_bytes, synthetic_ner_examples, synthetic_re_examples
 from tests.test_server import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -482,18 +482,10 @@ def test_a_full_queue_answers_503_with_retry_after(bundles):
         )
         async with started(app) as http:
             batcher = app.state.engine.slots["ner"].batcher
-            entered, release = threading.Event(), threading.Event()
-            run_batch = batcher.run_batch
-
-            def held(items):
-                entered.set()
-                release.wait(10)
-                return run_batch(items)
-
-            batcher.run_batch = held
+            model = HeldModel(batcher)
             try:
                 first = asyncio.create_task(http.post("/ner", data={"text": "alice in paris"}))
-                await asyncio.to_thread(entered.wait, 10)
+                await asyncio.to_thread(model.entered.wait, 10)
                 second = asyncio.create_task(http.post("/ner", data={"text": "bob in london"}))
                 deadline = time.monotonic() + 10
                 while batcher.depth < 1:  # the second request is queued behind the first
@@ -506,7 +498,7 @@ def test_a_full_queue_answers_503_with_retry_after(bundles):
                     and "queue is full" in refused.json()["detail"]
                 )
             finally:
-                release.set()
+                model.release()
             assert (await first).status_code == 200 and (await second).status_code == 200
             metrics = (await http.get("/metrics")).text
             assert metric_value(metrics, "imm_rejected_total", model="ner") == 1
