@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
+# Editable installs put the checkout on sys.path (see the install target for why).
+EDITABLE := --config-settings editable_mode=compat
 
 .PHONY: install test test-wheel test-docker test-ray lint format clean serve serve-ray lock bench bench-model bench-ray \
 	weights weights-ner weights-re
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml
 	# folder imports the package, not the checkout's folder as a namespace package (the default
 	# editable finder comes after the folders of sys.path; `strict` would do too, but each new file
 	# would need a reinstall).
-	$(PY) -m pip install -q -e ".[train,dev,spacy]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[train,dev,spacy]" $(EDITABLE)
 	# Debian's Chromium for the demo page's end-to-end test (tests/test_demo_page.py), when missing
 	# and root (CI); elsewhere that test says how to install it and skips, unless CI is set.
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium)
@@ -28,7 +30,7 @@ install: $(STAMP)
 
 # The ray extra (Ray Serve), for the Ray targets only: a few hundred MB the other targets do not need.
 $(RAY_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[ray]"
+	$(PY) -m pip install -q -e ".[ray]" $(EDITABLE)
 	touch $(RAY_STAMP)
 
 lint: $(STAMP)
@@ -67,7 +69,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed-$(notdir $(SERVE_LOCK))
 $(SERVE_STAMP): $(SERVE_LOCK) pyproject.toml
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --require-hashes --only-binary :all: -r $(SERVE_LOCK)
-	$(SERVE_VENV)/bin/pip install -q --no-deps -e .
+	$(SERVE_VENV)/bin/pip install -q --no-deps -e . $(EDITABLE)
 	touch $(SERVE_STAMP)
 
 serve: $(SERVE_STAMP)
