@@ -136,7 +136,13 @@ def imm_runner(bundle: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--bundle", type=Path, default=ROOT / "weights" / "ner", help="IMM NER bundle")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "weights" / "ner"],
+        help="IMM NER bundles (each timed)",
+    )
     parser.add_argument(
         "--data",
         type=Path,
@@ -167,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     python = args.spacy_venv / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"error: no spaCy venv at {args.spacy_venv} (make bench-spacy makes it)")
-    systems = {}
-    imm_nlp, systems["IMM NER (nlp.ner / nlp.pipe)"] = imm_runner(args.bundle)
+    systems, loaded = {}, []
+    for bundle in args.bundle:
+        nlp, systems[f"IMM NER {bundle} (nlp.ner / nlp.pipe)"] = imm_runner(bundle)
+        loaded.append(nlp)
     workers = {pipeline: SpacyWorker(python, pipeline) for pipeline in ("ner", "full")}
     systems["spaCy en_core_web_sm, NER only"] = workers["ner"].run
     systems["spaCy en_core_web_sm, whole pipeline"] = workers["full"].run
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     seconds, _ = run(mode, timed)
                     cpu[system][mode].append(len(timed) / seconds)
     finally:
-        imm_nlp.close()
+        for nlp in loaded:
+            nlp.close()
         for spacy_worker in workers.values():
             spacy_worker.close()
     report = {
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
         "spacy": workers["ner"].info,
-        "bundle": str(args.bundle),
+        "bundles": [str(bundle) for bundle in args.bundle],
         "tweets_timed": len(timed),
         "rounds": args.rounds,
         "f1": f1,
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"{len(timed)} valid tweets (text only, tokens joined by spaces), one thread each, {args.rounds} "
         f"interleaved rounds on {report['cpu']} ({report['cores']} cores); spaCy {workers['ner'].info['spacy']}, "
-        f"en_core_web_sm {workers['ner'].info['model']}; IMM {args.bundle}. Tweets per CPU-second: median of "
+        f"en_core_web_sm {workers['ner'].info['model']}. Tweets per CPU-second: median of "
         "the rounds (min-max).",
         "",
         "| system | " + " | ".join(f"{name} F1" for name in sets) + " | one by one | batched |",
