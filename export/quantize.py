@@ -139,19 +139,14 @@ def quantize_per_row(
             p = f"per_row_{len(rows)}"
             nodes.extend(
                 [
-                    # max |x| per row as max(max x, -min x): two reading passes, no |x| tensor written
+                    # max |x| per row: one |x| pass and one reduction (measured faster than
+                    # max(ReduceMax x, -ReduceMin x), the same value)
+                    helper.make_node("Abs", [source_name], [f"{p}_magnitude"], name=f"{p}_magnitude"),
                     helper.make_node(
-                        "ReduceMax", [source_name], [f"{p}_top"], name=f"{p}_top", axes=[-1], keepdims=1
+                        "ReduceMax", [f"{p}_magnitude"], [f"{p}_top"], name=f"{p}_top", axes=[-1], keepdims=1
                     ),
                     helper.make_node(
-                        "ReduceMin", [source_name], [f"{p}_bottom"], name=f"{p}_bottom", axes=[-1], keepdims=1
-                    ),
-                    helper.make_node("Neg", [f"{p}_bottom"], [f"{p}_negated"], name=f"{p}_negated"),
-                    helper.make_node(
-                        "Max",
-                        [f"{p}_top", f"{p}_negated", "per_row_tiny"],
-                        [f"{p}_nonzero"],
-                        name=f"{p}_nonzero",
+                        "Max", [f"{p}_top", "per_row_tiny"], [f"{p}_nonzero"], name=f"{p}_nonzero"
                     ),
                     helper.make_node(
                         "Div", [f"{p}_nonzero", "per_row_127"], [f"{p}_scale"], name=f"{p}_scale"
