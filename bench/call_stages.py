@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from common import cpu_name
+
+    import imm
     from engine.pipeline import NERPipeline
     from engine.runtimes import create_runtime
     from engine.settings import Settings
-
-    import imm
     from export.bundle import load_bundle
     from export.outputs import decode_outputs
     from model.data import read_twitter_conll

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.metrics import EngineMetrics
 from model.logs import JsonFormatter
+from model.tasks import TASKS
 from service.context import request_context
 from service.errors import send_json_error
 
@@ -42,7 +43,7 @@ access_log = logging.getLogger("service.access")
 error_log = logging.getLogger("service.errors")
 
 #: The endpoints that run a model (guarded by the API key; their stages are measured), by task.
-INFERENCE_ENDPOINTS = {"/ner": "ner", "/re": "re", "/extract": "extract"}
+INFERENCE_ENDPOINTS = {**{spec.route: spec.name for spec in TASKS.values()}, "/extract": "extract"}
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The files one process writes in multiprocess mode (prometheus-client names them

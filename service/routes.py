@@ -25,6 +25,7 @@ from starlette.types import Receive
 from engine import Admission, Engine, Trace
 from engine.answers import ExtractResponse, NERResponse, REResponse
 from engine.errors import ModelUnavailable
+from model.tasks import TASKS
 from service.context import request_context
 from service.errors import ApiError, ClientDisconnected
 from service.forms import RequestBody, UploadBudgetRoute, body_reader
@@ -47,9 +48,12 @@ from service.schemas import (
 T = TypeVar("T")
 
 #: The models each inference path uses (the early admission check asks the engine about them).
-MODELS_OF_PATH: dict[str, tuple[str, ...]] = {"/ner": ("ner",), "/re": ("re",), "/extract": ("ner", "re")}
+MODELS_OF_PATH: dict[str, tuple[str, ...]] = {
+    **{spec.route: (spec.name,) for spec in TASKS.values()},
+    "/extract": ("ner", "re"),
+}
 #: The models without which a path cannot answer (/extract without RE answers the entities).
-REQUIRED_MODELS: dict[str, tuple[str, ...]] = {"/ner": ("ner",), "/re": ("re",), "/extract": ("ner",)}
+REQUIRED_MODELS: dict[str, tuple[str, ...]] = {**MODELS_OF_PATH, "/extract": ("ner",)}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
