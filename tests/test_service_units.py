@@ -634,8 +634,8 @@ def test_sizes_follow_the_cgroup_quota_and_the_affinity_mask(
 ):
     import os
 
-    from engine.runtimes import inference_workers, intra_op_threads
     from engine import settings as settings_module
+    from engine.runtimes import inference_workers, intra_op_threads
     from service.server import sizing
 
     root, self_cgroup = _cgroup(tmp_path, "0::/service\n", {"service/cpu.max": quota})
