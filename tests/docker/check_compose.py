@@ -23,6 +23,7 @@ import pytest
 from packaging.utils import canonicalize_name
 from PIL import Image
 
+from imm import DISTRIBUTION
 from service import Settings, create_app
 from tests.conftest import jpeg_bytes
 from tests.test_lock import LOCKS, pins
@@ -213,7 +214,7 @@ def test_image_has_the_locked_versions_and_no_torch():
     locked = pins(LOCKS["serve"], found["env"])
     assert {name: installed.get(name) for name in locked} == locked
     # Nothing else but the project (pip itself was removed from the running image).
-    assert set(installed) - set(locked) == {"imm"}, set(installed) - set(locked)
+    assert set(installed) - set(locked) == {DISTRIBUTION}, set(installed) - set(locked)
     no_torch = exec_in_container("python", "-c", "import torch")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
 
