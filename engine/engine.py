@@ -50,6 +50,7 @@ from engine.errors import (
     DeadlineExceeded,
     InputTooLarge,
     InvalidInput,
+    ModelSwitchedOff,
     ModelUnavailable,
     Overloaded,
     ShuttingDown,
@@ -205,17 +206,21 @@ class Engine:
                 self.metrics.queue_depth.labels(task).set(slot.batcher.depth)
 
     def available(self, *tasks: str) -> list[ModelSlot]:
-        """The slots of ``tasks``, or ``ModelUnavailable`` naming each model that is not ready."""
-        problems, loading = [], False
+        """The slots of ``tasks``, or ``ModelUnavailable`` naming each model that is not ready
+        (``ModelSwitchedOff`` when one of them is switched off by the settings)."""
+        problems, loading, switched_off = [], False, False
         for task in tasks:
             slot = self.slots[task]
+            switched_off |= not slot.configured
             if slot.status == "loading":
                 loading = True
                 problems.append(f"the {task.upper()} model is still loading")
             elif not slot.ready:
                 problems.append(f"the {task.upper()} model is not available: {slot.detail}")
         if problems:
-            raise ModelUnavailable("; ".join(problems), loading=loading)
+            raise (ModelSwitchedOff if switched_off else ModelUnavailable)(
+                "; ".join(problems), loading=loading
+            )
         return [self.slots[task] for task in tasks]
 
     def admit(self, tasks: Sequence[str], deadline: float | None = None) -> Admission:

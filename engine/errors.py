@@ -35,6 +35,11 @@ class ModelUnavailable(EngineError):
         self.loading = loading
 
 
+class ModelSwitchedOff(ModelUnavailable):
+    """A model the request needs is switched off by the settings (its bundle setting is empty): a
+    retry cannot help (HTTP: 404 naming the setting)."""
+
+
 class Overloaded(EngineError):
     """Refused at once: the model's queue cannot take the request, or could not answer it before its
     deadline (HTTP: 503 with Retry-After)."""

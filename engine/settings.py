@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.tasks import task_spec
 
-#: Values of a bundle variable that switch that model off (its endpoint then answers 503).
+#: Values of a bundle variable that switch that model off (its endpoint then answers 404).
 DISABLED = {"", "none", "off", "disabled"}
 #: The default bundles (``ner/``, ``re/``), package data of ``imm``: in a checkout ``imm/weights`` is a
 #: link to ``weights/``, in an installed wheel a copy (docs/service.md, "The default models").

@@ -214,8 +214,10 @@ class AsyncIMM:
             answers[position] = asyncio.ensure_future(_attempt(call, arguments[position]))
         results = await asyncio.gather(*answers, return_exceptions=True)
         for result in results:
-            whole = isinstance(result, (ShuttingDown, ModelUnavailable)) or not isinstance(result, Exception)
-            if whole and isinstance(result, BaseException):  # e.g. a cancellation: not this item's
+            # Not this item's failure: the API's (closed, a model not loaded) or a cancellation.
+            if isinstance(result, (ShuttingDown, ModelUnavailable)) or (
+                isinstance(result, BaseException) and not isinstance(result, Exception)
+            ):
                 raise result
         return [
             PipeError(index, result) if isinstance(result, Exception) else result

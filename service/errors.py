@@ -27,6 +27,7 @@ from engine.errors import (
     DeadlineExceeded,
     InputTooLarge,
     InvalidInput,
+    ModelSwitchedOff,
     ModelUnavailable,
     Overloaded,
     ShuttingDown,
@@ -161,6 +162,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ModelUnavailable)
     async def _unavailable(request: Request, error: ModelUnavailable) -> JSONResponse:
+        if isinstance(error, ModelSwitchedOff):  # by this server's settings: a retry cannot help
+            return error_response(request, 404, str(error))
         return error_response(request, 503, str(error), {"Retry-After": "5"} if error.loading else None)
 
     @app.exception_handler(Overloaded)

@@ -24,10 +24,9 @@ from starlette.types import Receive
 
 from engine import Admission, Engine, Trace
 from engine.answers import ExtractResponse, NERResponse, REResponse
-from engine.errors import ModelUnavailable
 from model.tasks import TASKS
 from service.context import request_context
-from service.errors import ApiError, ClientDisconnected
+from service.errors import ClientDisconnected
 from service.forms import RequestBody, UploadBudgetRoute, body_reader
 from service.guard import authorised
 from service.schemas import (
@@ -52,8 +51,6 @@ MODELS_OF_PATH: dict[str, tuple[str, ...]] = {
     **{spec.route: (spec.name,) for spec in TASKS.values()},
     "/extract": ("ner", "re"),
 }
-#: The models without which a path cannot answer (/extract without RE answers the entities).
-REQUIRED_MODELS: dict[str, tuple[str, ...]] = {**MODELS_OF_PATH, "/extract": ("ner",)}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
@@ -173,14 +170,7 @@ async def answer(request: Request, response: Response, call: Callable[[Call], Aw
     taken = request_context(request.scope)
     trace = Trace()
     context = Call(trace=trace, deadline=taken.deadline, admission=taken.admission)
-    try:
-        result = await until_disconnected(request, call(context))
-    except ModelUnavailable as error:
-        slots = request.app.state.engine.slots
-        if any(not slots[task].configured for task in REQUIRED_MODELS[request.scope["path"]]):
-            # Switched off by this server's settings: a retry cannot help (404, not 503).
-            raise ApiError(404, str(error)) from None
-        raise
+    result = await until_disconnected(request, call(context))
     # The stages in ms, and "total" from the parsed request to the answer (the demo page shows it).
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in trace.stages.items())
     request_context(request.scope).log_extra = trace.details
