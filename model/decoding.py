@@ -68,27 +68,9 @@ def viterbi_decode(
     emissions, mask, transitions, start, end, lengths = _checked_inputs(
         emissions, mask, transitions, start_transitions, end_transitions
     )
-    batch, num_words, _ = emissions.shape
-    if batch == 0:
+    if emissions.shape[0] == 0:
         return []
-    score = start + emissions[:, 0]  # (batch, tags): best score of a path ending in each tag
-    # backpointers[i - 1][b, j]: the best previous tag when row b is at tag j at position i.
-    backpointers = []
-    for i in range(1, num_words):
-        candidates = score[:, :, None] + transitions[None] + emissions[:, i, None, :]  # (batch, from, to)
-        backpointers.append(candidates.argmax(axis=1))
-        # Padded positions keep the score, so each row ends with the score at its last word.
-        score = np.where(mask[:, i, None], candidates.max(axis=1), score)
-    score = score + end
-
-    rows = np.arange(batch)
-    tags = np.zeros((batch, num_words), dtype=np.int64)
-    last_tags = score.argmax(axis=1)
-    for i in range(num_words - 1, -1, -1):
-        # Row b takes its best last tag at position lengths[b] - 1 and follows backpointers before it.
-        followed = backpointers[i][rows, tags[:, i + 1]] if i < num_words - 1 else last_tags
-        tags[:, i] = np.where(i == lengths - 1, last_tags, np.where(i < lengths - 1, followed, 0))
-    return [tags[b, : lengths[b]].tolist() for b in range(batch)]
+    return _viterbi(emissions, mask, lengths, transitions, start, end)
 
 
 def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
@@ -115,6 +97,13 @@ def crf_marginals(
     emissions, mask, transitions, start, end, lengths = _checked_inputs(
         emissions, mask, transitions, start_transitions, end_transitions
     )
+    if emissions.shape[0] == 0:
+        return np.zeros(emissions.shape)
+    return _marginals(emissions, mask, lengths, transitions, start, end)
+
+
+def _log_space_marginals(emissions, mask, lengths, transitions, start, end) -> np.ndarray:
+    """Forward-backward in log space: exact where every path's probability underflows ``exp``."""
     batch, num_words, num_tags = emissions.shape
     # alpha[:, i, t]: log-sum of the scores of all prefixes ending in tag t at word i.
     alpha = np.empty((batch, num_words, num_tags))
@@ -135,6 +124,79 @@ def crf_marginals(
     with np.errstate(invalid="ignore"):
         marginals = np.exp(alpha + beta - log_partition[:, None, None])
     return np.where(mask[:, :, None], np.nan_to_num(marginals), 0.0)
+
+
+def _step_matrices(steps: np.ndarray, mask: np.ndarray, carry: np.ndarray) -> np.ndarray:
+    """``steps`` (batch, words - 1, tags, tags) as (words - 1, batch, tags, tags), contiguous (a loop over
+    words takes each step's matrices as one block), a padded position's matrices replaced by ``carry``."""
+    if not mask.all():
+        steps = np.where(mask[:, 1:, None, None], steps, carry)
+    return np.ascontiguousarray(steps.transpose(1, 0, 2, 3))
+
+
+def _viterbi(emissions, mask, lengths, transitions, start, end) -> list[list[int]]:
+    batch, num_words, num_tags = emissions.shape
+    # One (from, to) score matrix per step, made in one pass; a padded position's matrix keeps the tag
+    # (0 on the diagonal, -inf elsewhere), so each row ends with its last word's scores and tag. The loop
+    # writes into preallocated arrays: at batch 1 numpy's per-call overhead is the whole cost.
+    keep = np.where(np.eye(num_tags, dtype=bool), 0.0, -np.inf)
+    steps = _step_matrices(transitions + emissions[:, 1:, None, :], mask, keep)
+    score = (start + emissions[:, 0])[:, :, None]  # (batch, tags, 1): best score of a path ending in each tag
+    candidates = np.empty((batch, num_tags, num_tags))  # (batch, from, to)
+    backpointers = np.empty((num_words - 1, batch, num_tags), dtype=np.intp)
+    for i in range(num_words - 1):
+        np.add(score, steps[i], out=candidates)
+        candidates.argmax(axis=1, out=backpointers[i])
+        candidates.max(axis=1, out=score[:, :, 0])
+    rows = np.arange(batch)
+    tags = np.empty((num_words, batch), dtype=np.intp)
+    tags[-1] = (score[:, :, 0] + end).argmax(axis=1)
+    for i in range(num_words - 1, 0, -1):
+        tags[i - 1] = backpointers[i - 1][rows, tags[i]]
+    return [tags[: lengths[b], b].tolist() for b in range(batch)]
+
+
+def _scaled_exp(scores: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """exp(scores - their finite maximum along ``axis``): at most 1, -inf gives 0."""
+    peak = np.max(scores, axis=axis, keepdims=axis is not None)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    return np.exp(scores - peak)
+
+
+# Forward and backward vectors are rescaled every this many words: each step's factors are at most 1,
+# so a vector shrinks by at most a few e-folds per word, far from float64's 1e-308 within this many.
+_RESCALE_EVERY = 8
+
+
+def _marginals(emissions, mask, lengths, transitions, start, end) -> np.ndarray:
+    """Forward-backward in probability space: one matrix product per word and direction, a fifth of the
+    numpy calls of the log-space recursion. Scores are shifted to their maximum before ``exp`` (nothing
+    overflows) and the vectors rescaled now and then; each word's marginals are normalised at the end,
+    which cancels every scale. A row where every path underflows (scores hundreds apart) is redone in
+    log space."""
+    batch, num_words, num_tags = emissions.shape
+    with np.errstate(under="ignore", divide="ignore", invalid="ignore"):
+        words = _scaled_exp(emissions, axis=2)
+        steps = _step_matrices(_scaled_exp(transitions) * words[:, 1:, None, :], mask, np.eye(num_tags))
+        alpha = np.empty((num_words, batch, 1, num_tags))  # row vectors: alpha[i] = alpha[i - 1] @ step
+        beta = np.empty((num_words, batch, num_tags, 1))  # column vectors: beta[i] = step @ beta[i + 1]
+        alpha[0, :, 0] = _scaled_exp(start) * words[:, 0]
+        beta[-1, :, :, 0] = _scaled_exp(end)
+        for i in range(1, num_words):
+            np.matmul(alpha[i - 1], steps[i - 1], out=alpha[i])
+            j = num_words - 1 - i
+            np.matmul(steps[j], beta[j + 1], out=beta[j])
+            if i % _RESCALE_EVERY == 0:
+                alpha[i] /= alpha[i].sum(axis=2, keepdims=True)
+                beta[j] /= beta[j].sum(axis=1, keepdims=True)
+        marginals = (alpha[:, :, 0, :] * beta[:, :, :, 0]).transpose(1, 0, 2)
+        marginals = marginals / marginals.sum(axis=2, keepdims=True)
+    marginals[~mask] = 0.0
+    finite = np.isfinite(marginals).all(axis=(1, 2))
+    if not finite.all():
+        bad = ~finite
+        marginals[bad] = _log_space_marginals(emissions[bad], mask[bad], lengths[bad], transitions, start, end)
+    return marginals
 
 
 def _seqeval_tag_and_type(label: str) -> tuple[str, str]:

@@ -246,3 +246,22 @@ def test_char_spans_cover_first_to_last_word():
     assert char_spans([], offsets) == []
     with pytest.raises(ValueError):
         char_spans([("PER", 7, 9)], offsets)
+
+
+def test_marginals_where_every_path_underflows_exp_equal_the_log_space_ones():
+    """Scores a thousand apart: in probability space every path of the first row is 0 (the decoder
+    rescales each step, yet ``exp(-1000)`` is 0 in float64); that row is redone in log space, the
+    other row of the batch keeps the fast path, and both equal the torch CRF in float64."""
+    torch = pytest.importorskip("torch")
+    from model.crf import CRF
+
+    emissions = np.array([[[0.0, -1000.0], [-1000.0, 0.0], [0.0, 0.0]], [[0.5, 0.1], [0.2, 0.3], [0.0, 0.0]]])
+    mask = np.array([[True, True, False], [True, True, True]])
+    transitions = np.array([[0.0, -1000.0], [0.0, 0.0]])
+    start, end = np.zeros(2), np.zeros(2)
+    ours = crf_marginals(emissions, mask, transitions, start, end)
+    crf = CRF.from_scores(*(torch.from_numpy(s) for s in (transitions, start, end))).double()
+    theirs = crf.marginals(torch.from_numpy(emissions), torch.from_numpy(mask)).numpy()
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, theirs, atol=1e-10)
+    np.testing.assert_allclose(ours.sum(axis=2), mask.astype(float), atol=1e-12)
