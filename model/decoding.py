@@ -188,7 +188,12 @@ def _marginals(emissions, mask, lengths, transitions, start, end) -> np.ndarray:
             np.matmul(steps[j], beta[j + 1], out=beta[j])
             if i % _RESCALE_EVERY == 0:
                 alpha[i] /= alpha[i].sum(axis=2, keepdims=True)
-                beta[j] /= beta[j].sum(axis=1, keepdims=True)
+            if j % _RESCALE_EVERY == 0:
+                # Only on a row's words: the backward pass starts in the padding, and a row's values
+                # must not depend on how far its batch is padded (bit-identical beside any batch-mates).
+                scale = beta[j].sum(axis=1, keepdims=True)
+                scale[~mask[:, j]] = 1.0
+                beta[j] /= scale
         marginals = (alpha[:, :, 0, :] * beta[:, :, :, 0]).transpose(1, 0, 2)
         marginals = marginals / marginals.sum(axis=2, keepdims=True)
     marginals[~mask] = 0.0

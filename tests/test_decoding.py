@@ -265,3 +265,22 @@ def test_marginals_where_every_path_underflows_exp_equal_the_log_space_ones():
     assert np.isfinite(ours).all()
     np.testing.assert_allclose(ours, theirs, atol=1e-10)
     np.testing.assert_allclose(ours.sum(axis=2), mask.astype(float), atol=1e-12)
+
+
+def test_marginals_of_a_row_do_not_depend_on_its_padding():
+    """A row's marginals are bit-identical alone and padded to any length beside longer rows (the
+    server's promise: an answer does not depend on its batch-mates)."""
+    rng = np.random.default_rng(3)
+    transitions, start, end = rng.normal(size=(5, 5)), rng.normal(size=5), rng.normal(size=5)
+    row = rng.normal(size=(1, 11, 5)).astype(np.float32)
+    alone = crf_marginals(row, np.ones((1, 11), bool), transitions, start, end)
+    for padded_to in (12, 17, 24, 40):
+        emissions = rng.normal(size=(3, padded_to, 5)).astype(np.float32)
+        emissions[1, :11] = row[0]
+        mask = np.ones((3, padded_to), bool)
+        mask[1, 11:] = False
+        batch = crf_marginals(emissions, mask, transitions, start, end)
+        assert np.array_equal(batch[1, :11], alone[0]), padded_to
+        assert viterbi_decode(emissions, mask, transitions, start, end)[1] == viterbi_decode(
+            row, np.ones((1, 11), bool), transitions, start, end
+        )[0]
