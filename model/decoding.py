@@ -200,7 +200,9 @@ def _marginals(emissions, mask, lengths, transitions, start, end) -> np.ndarray:
     finite = np.isfinite(marginals).all(axis=(1, 2))
     if not finite.all():
         bad = ~finite
-        marginals[bad] = _log_space_marginals(emissions[bad], mask[bad], lengths[bad], transitions, start, end)
+        marginals[bad] = _log_space_marginals(
+            emissions[bad], mask[bad], lengths[bad], transitions, start, end
+        )
     return marginals
 
 

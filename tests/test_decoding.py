@@ -281,6 +281,7 @@ def test_marginals_of_a_row_do_not_depend_on_its_padding():
         mask[1, 11:] = False
         batch = crf_marginals(emissions, mask, transitions, start, end)
         assert np.array_equal(batch[1, :11], alone[0]), padded_to
-        assert viterbi_decode(emissions, mask, transitions, start, end)[1] == viterbi_decode(
-            row, np.ones((1, 11), bool), transitions, start, end
-        )[0]
+        assert (
+            viterbi_decode(emissions, mask, transitions, start, end)[1]
+            == viterbi_decode(row, np.ones((1, 11), bool), transitions, start, end)[0]
+        )
