@@ -31,11 +31,12 @@ from model.checkpoint import CheckpointError
 from model.cli_help import HelpFormatter, paragraph
 from model.data import DataFormatError
 from model.distillation import (
+    DATA_FORMATS,
     DistillationError,
     ensemble_predictions,
     headline,
     load_teachers,
-    mnre_sentences,
+    read_data,
     soft_targets,
 )
 from model.evaluate import read_examples
@@ -43,8 +44,6 @@ from model.logs import configure as configure_logs
 from model.tasks import TASKS, task_spec
 
 log = logging.getLogger("model.distill")
-
-FORMATS = ("task", "mnre-sentences")
 
 
 def build_parser(prog: str = "python -m model.distill") -> argparse.ArgumentParser:
@@ -69,7 +68,7 @@ def build_parser(prog: str = "python -m model.distill") -> argparse.ArgumentPars
     add("--dev", nargs="+", metavar="FILE", help="dev files: score each teacher and the ensemble on them")
     add(
         "--format",
-        choices=FORMATS,
+        choices=DATA_FORMATS,
         default="task",
         help="how --data is read: the task's labelled files (task), or the distinct sentences of MNRE "
         "files as unlabelled NER text (mnre-sentences)",
@@ -77,24 +76,6 @@ def build_parser(prog: str = "python -m model.distill") -> argparse.ArgumentPars
     add("--images", help="directory of the tweet images (none: every example text-only)")
     add("--batch-size", type=int, default=64, help="examples per teacher call")
     return parser
-
-
-def read_data(task: str, files: Sequence[str], data_format: str) -> list:
-    """The examples of ``files``, in order (``--format``)."""
-    if data_format == "mnre-sentences" and task != "ner":
-        raise DistillationError("--format mnre-sentences gives unlabelled NER text: it needs --task ner")
-    examples = []
-    for path in files:
-        if data_format == "mnre-sentences":
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such file")
-            part = mnre_sentences(path)
-        else:
-            part = read_examples(task, path)
-        if not part:
-            raise DistillationError(f"{path} holds no examples")
-        examples.extend(part)
-    return examples
 
 
 def score_dev(
@@ -145,9 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     predictions = ensemble_predictions(
         teachers, examples, images=args.images, batch_size=args.batch_size, description="soft targets"
     )
-    targets = soft_targets(
-        teachers, examples, args.data, predictions, labelled=args.format == "task", dev=dev
-    )
+    targets = soft_targets(teachers, examples, args.data, predictions, data_format=args.format, dev=dev)
     targets.save(args.out)
     log.info("wrote the soft targets of %d examples to %s", len(targets), args.out)
     summary: dict[str, Any] = {

@@ -51,6 +51,7 @@ __all__ = [
     "example_hashes",
     "load_teachers",
     "mnre_sentences",
+    "read_data",
 ]
 
 FILE_FORMAT = "imm-soft-targets"
@@ -87,6 +88,28 @@ def hashes_digest(hashes: torch.Tensor) -> str:
     return hashlib.sha256(hashes.numpy().tobytes()).hexdigest()
 
 
+#: How ``python -m model.distill --data`` files are read: the task's labelled files, or the distinct
+#: sentences of MNRE files as unlabelled NER text.
+DATA_FORMATS = ("task", "mnre-sentences")
+
+
+def read_data(task: str, files: Sequence[str | Path], data_format: str = "task") -> list[Example]:
+    """The examples of ``files`` in order, read as ``data_format`` says (``DATA_FORMATS``)."""
+    if data_format not in DATA_FORMATS:
+        raise DistillationError(f"unknown data format {data_format!r} (one of {', '.join(DATA_FORMATS)})")
+    if data_format == "mnre-sentences" and task != "ner":
+        raise DistillationError("the mnre-sentences format gives unlabelled NER text: it needs task ner")
+    examples: list[Example] = []
+    for path in files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        part = mnre_sentences(path) if data_format == "mnre-sentences" else task_spec(task).read(Path(path))
+        if not part:
+            raise DistillationError(f"{path} holds no examples")
+        examples.extend(part)
+    return examples
+
+
 def mnre_sentences(path: str | Path) -> list[NERExample]:
     """The distinct sentences of an MNRE file, once each in file order, as NER examples without gold
     tags (``tags`` empty): unlabelled text for NER distillation."""
@@ -119,6 +142,7 @@ class SoftTargets:
     confidence: torch.Tensor  # (examples,) float32
     word_counts: torch.Tensor | None = None  # NER only
     labelled: bool = True  # False: targets for unlabelled text (no gold labels)
+    data_format: str = "task"  # how the data files were read (``read_data``)
     dev: dict[str, Any] = field(default_factory=dict)  # the ensemble's dev scores, when measured
     _offsets: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -148,6 +172,8 @@ class SoftTargets:
             "examples": len(self),
             "examples_sha256": self.digest,
             "labelled": self.labelled,
+            "data_format": self.data_format,
+            "mean_confidence": float(self.confidence.mean()) if len(self) else None,
             "ensemble_dev": self.dev,
         }
 
@@ -169,6 +195,7 @@ class SoftTargets:
             "examples": str(len(self)),
             "examples_sha256": self.digest,
             "labelled": json.dumps(self.labelled),
+            "data_format": self.data_format,
             "dev": json.dumps(self.dev),
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +230,7 @@ class SoftTargets:
             confidence=tensors["confidence"],
             word_counts=tensors.get("word_counts"),
             labelled=json.loads(metadata["labelled"]),
+            data_format=metadata.get("data_format", "task"),
             dev=json.loads(metadata["dev"]),
         )
         if targets.digest != metadata["examples_sha256"]:
@@ -399,7 +427,7 @@ def soft_targets(
     data_files: Sequence[str],
     predictions: EnsemblePredictions,
     *,
-    labelled: bool = True,
+    data_format: str = "task",
     dev: dict[str, Any] | None = None,
 ) -> SoftTargets:
     """The ``SoftTargets`` of ``examples`` from the ensemble's ``predictions`` of them."""
@@ -422,7 +450,8 @@ def soft_targets(
         probabilities=probabilities,
         confidence=torch.tensor(predictions.confidence, dtype=torch.float32),
         word_counts=word_counts,
-        labelled=labelled,
+        labelled=data_format == "task",
+        data_format=data_format,
         dev=dev or {},
     )
 

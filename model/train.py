@@ -47,7 +47,7 @@ from model.cli_help import HelpFormatter, paragraph
 from model.data import DataFormatError
 from model.data.dataset import Collator, IMMDataset
 from model.data.images import ImageStore
-from model.distillation import DistillationError, SoftTargets
+from model.distillation import DistillationError, SoftTargets, read_data
 from model.embeddings import PatchEmbeddings
 from model.evaluate import evaluate, read_examples
 from model.logs import configure as configure_logs
@@ -124,6 +124,8 @@ class TrainingArguments:
     average_last: int = 1
     soft_targets: str | None = None
     distill_weight: float | None = None  # None: DEFAULT_DISTILL_WEIGHT with --soft-targets
+    unlabelled: list[str] | None = None
+    unlabelled_targets: str | None = None
 
 
 def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
@@ -232,6 +234,19 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
         help="with --soft-targets, loss = (1 - A) * gold loss + A * distillation loss (KL from the "
         f"teachers' marginals, NER, or probabilities, RE) (default: {DEFAULT_DISTILL_WEIGHT})",
     )
+    add(
+        "--unlabelled",
+        nargs="+",
+        metavar="FILE",
+        help="distillation on unlabelled text too: files read as --unlabelled-targets was computed "
+        "from them (e.g. MNRE's sentences for NER); trained on the distillation loss only, each example "
+        "weighted by the teachers' confidence. Needs --soft-targets",
+    )
+    add(
+        "--unlabelled-targets",
+        metavar="FILE",
+        help="the ensemble's soft targets for --unlabelled (python -m model.distill on those files)",
+    )
     return parser
 
 
@@ -300,6 +315,22 @@ def load_soft_targets(args: TrainingArguments, train: list) -> SoftTargets | Non
     return targets
 
 
+def load_unlabelled(args: TrainingArguments) -> tuple[list, SoftTargets | None]:
+    """``--unlabelled``'s examples, read as their ``--unlabelled-targets`` were, and those targets."""
+    if args.unlabelled is None:
+        return [], None
+    flag = f"--unlabelled-targets {args.unlabelled_targets}"
+    targets = SoftTargets.load(args.unlabelled_targets)
+    if targets.labelled:
+        raise UsageError(f"{flag} holds targets for labelled files: give them to --soft-targets")
+    try:
+        examples = read_data(args.task, args.unlabelled, targets.data_format)
+        targets.check_examples(examples, args.unlabelled, task=args.task, labels=task_spec(args.task).labels)
+    except DistillationError as error:
+        raise UsageError(f"{flag}: {error}") from None
+    return examples, targets
+
+
 def load_datasets(args: TrainingArguments) -> tuple[list, dict[str, list]]:
     """Reads every file up front: a bad file fails here, with its name, before any training."""
     train = []
@@ -353,6 +384,10 @@ def check_inputs(args: TrainingArguments) -> None:
             raise UsageError(f"--distill-weight must be between 0 and 1, not {args.distill_weight}")
         if not Path(args.soft_targets).is_file():
             raise UsageError(f"--soft-targets {args.soft_targets}: no such file")
+    if (args.unlabelled is None) != (args.unlabelled_targets is None):
+        raise UsageError("--unlabelled and --unlabelled-targets go together: the text and its soft targets")
+    if args.unlabelled is not None and args.soft_targets is None:
+        raise UsageError("--unlabelled needs --soft-targets: the labelled examples' targets")
 
 
 def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
@@ -509,6 +544,7 @@ def train(
     seed_everything(args.seed)
     train_examples, dev_sets = load_datasets(args)
     soft_targets = load_soft_targets(args, train_examples)
+    unlabelled, unlabelled_targets = load_unlabelled(args)
     model, preprocessor = build_model(args)
     images = ImageStore(args.images, preprocessor.image)
     with_picture = (
@@ -520,23 +556,39 @@ def train(
         images.report([e.image_id for e in train_examples], "train")
         for name, examples in dev_sets.items():
             images.report([e.image_id for e in examples], name)
-    teacher = teacher_embeddings(args, train_examples, images, str(device))
+    teacher = teacher_embeddings(args, [*train_examples, *unlabelled], images, str(device))
+    targets = weights = has_gold = None
+    if soft_targets is not None:
+        # Labelled examples weigh 1; unlabelled ones (after them) their teachers' confidence.
+        targets = [soft_targets.example(n) for n in range(len(train_examples))]
+        weights = [1.0] * len(train_examples)
+        has_gold = [True] * len(train_examples) + [False] * len(unlabelled)
+        if unlabelled_targets is not None:
+            targets += [unlabelled_targets.example(n) for n in range(len(unlabelled))]
+            weights += unlabelled_targets.confidence.tolist()
     dataset = IMMDataset(
-        train_examples,
+        [*train_examples, *unlabelled],
         preprocessor,
         model.config.labels,
         images,
         with_augmented_view=teacher is not None,
         augment_seed=args.seed,
         image_dropout=args.image_dropout,
-        soft_targets=None
-        if soft_targets is None
-        else [soft_targets.example(n) for n in range(len(train_examples))],
+        soft_targets=targets,
+        soft_target_weights=weights,
+        has_gold=has_gold,
     )
     # What the checkpoint's training_args.json records: the arguments, and what the teacher was.
     recorded_args = dataclasses.asdict(args)
     if soft_targets is not None:
         recorded_args["distillation"] = soft_targets.describe(args.soft_targets)
+        if unlabelled_targets is not None:
+            recorded_args["distillation"]["unlabelled"] = unlabelled_targets.describe(args.unlabelled_targets)
+            log.info(
+                "distillation on %d unlabelled examples too (mean teacher confidence %.3f)",
+                len(unlabelled),
+                float(unlabelled_targets.confidence.mean()),
+            )
         log.info(
             "distillation from %d teachers (%s), weight %.2f",
             len(soft_targets.teachers),

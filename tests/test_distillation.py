@@ -345,3 +345,65 @@ def test_max_train_examples_takes_the_targets_first_examples(tmp_path, ner_data,
             "--backbone", str(tiny_backbone), "--epochs", "1", "--max-train-examples", "16",
             "--soft-targets", str(ner_targets)]  # fmt: skip
     assert train_main(argv) == 0
+
+
+# --- unlabelled text -------------------------------------------------------------------------
+
+
+def test_gold_loss_leaves_out_the_unlabelled_rows(tiny_backbone):
+    torch.manual_seed(0)
+    model, preprocessor = create_model("ner", NER_LABELS, tiny_backbone)
+    model.eval()
+    examples = synthetic_ner_examples(3, seed=1)
+    texts = [preprocessor.text.encode(e.words) for e in examples]
+    batch = {k: torch.from_numpy(v) for k, v in preprocessor.collate(texts, [None] * 3).items()}
+    labels = torch.zeros(batch["word_index"].shape, dtype=torch.long)
+    for row, example in enumerate(examples):
+        labels[row, : len(example.tags)] = torch.tensor([NER_LABELS.index(t) for t in example.tags])
+    targets = torch.softmax(torch.randn(*labels.shape, len(NER_LABELS)), -1) * batch["word_mask"].unsqueeze(
+        -1
+    )
+    has_gold = torch.tensor([True, False, True])
+    output = model(**batch, labels=labels, soft_targets=targets, has_gold=has_gold, distill_weight=0.25)
+    rows = [0, 2]
+    gold_only = model(**{k: v[rows] for k, v in batch.items() if k != "pixel_values"},
+                      pixel_values=batch["pixel_values"], labels=labels[rows])  # fmt: skip
+    torch.testing.assert_close(output.task_loss, gold_only.task_loss)
+    torch.testing.assert_close(output.loss, 0.75 * output.task_loss + 0.25 * output.distillation)
+    none = model(**batch, labels=labels, soft_targets=targets, has_gold=torch.zeros(3, dtype=torch.bool))
+    assert none.task_loss.item() == 0.0 and none.loss.item() == pytest.approx(0.5 * none.distillation.item())
+
+
+def test_unlabelled_mnre_sentences_distill_and_train(
+    tmp_path, ner_teachers, ner_data, ner_targets, tiny_backbone, capsys
+):
+    train_file, dev_file = ner_data
+    mnre = write_mnre(tmp_path / "mnre.txt", synthetic_re_examples(20, seed=8))
+    out = tmp_path / "unlabelled.safetensors"
+    argv = ["--task", "ner", "--teacher", *map(str, ner_teachers), "--data", str(mnre),
+            "--format", "mnre-sentences", "--out", str(out)]  # fmt: skip
+    assert distill_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    targets = SoftTargets.load(out)
+    assert not targets.labelled and targets.data_format == "mnre-sentences"
+    assert len(targets) == len(mnre_sentences(mnre)) == summary["examples"]
+    assert 0 < summary["mean_confidence"] <= 1
+    student = tmp_path / "student"
+    common = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
+              "--epochs", "1", *FAST]  # fmt: skip
+    argv = [*common, "--out", str(student), "--soft-targets", str(ner_targets),
+            "--unlabelled", str(mnre), "--unlabelled-targets", str(out)]  # fmt: skip
+    assert train_main(argv) == 0
+    recorded = read_json(student, "training_args.json")["distillation"]["unlabelled"]
+    assert recorded["examples"] == len(targets) and recorded["data_format"] == "mnre-sentences"
+    for change, message in (
+        (["--soft-targets", str(ner_targets), "--unlabelled", str(mnre), "--unlabelled-targets", str(ner_targets)],
+         "holds targets for labelled files"),
+        (["--unlabelled", str(mnre), "--unlabelled-targets", str(out)], "--unlabelled needs --soft-targets"),
+        (["--soft-targets", str(ner_targets), "--unlabelled", str(mnre)], "go together"),
+        (["--soft-targets", str(out)], "holds targets for unlabelled text"),
+    ):  # fmt: skip
+        capsys.readouterr()
+        assert train_main([*common, "--out", str(tmp_path / "refused"), *change]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: ") and message in error, error
