@@ -369,8 +369,12 @@ def ensemble_predictions(
 
     With ``decode``, also the label predictions of the ensemble and of each teacher (for scoring).
     A word that some teacher cut off (sequence limit) gets no target; decoded, it is ``O``.
+    Batches are made of examples of similar length (less padding); results come in ``examples``' order.
     """
     from tqdm import tqdm
+
+    order = sorted(range(len(examples)), key=lambda number: len(examples[number].words))
+    examples = [examples[number] for number in order]
 
     task = teachers[0].model.config.task
     labels = list(teachers[0].model.config.labels)
@@ -418,7 +422,24 @@ def ensemble_predictions(
                 ]
                 for teacher, output in zip(teachers, outputs, strict=True):
                     result.teachers[teacher.name] += [labels[i] for i in output.argmax(-1).tolist()]
-    return result
+    return _in_order(result, order)
+
+
+def _in_order(result: EnsemblePredictions, order: list[int]) -> EnsemblePredictions:
+    """``result``, computed for the examples in ``order``, in the examples' own order."""
+
+    def restore(values: list) -> list:
+        restored: list = [None] * len(values)
+        for position, number in enumerate(order):
+            restored[number] = values[position]
+        return restored
+
+    return EnsemblePredictions(
+        targets=restore(result.targets),
+        confidence=restore(result.confidence),
+        ensemble={name: restore(values) for name, values in result.ensemble.items() if values},
+        teachers={name: restore(values) for name, values in result.teachers.items() if values},
+    )
 
 
 def soft_targets(
