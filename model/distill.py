@@ -78,16 +78,22 @@ def build_parser(prog: str = "python -m model.distill") -> argparse.ArgumentPars
     return parser
 
 
+def read_dev(task: str, files: Sequence[str]) -> dict[str, list]:
+    dev = {}
+    for path in files:
+        dev[path] = read_examples(task, path)
+        if not dev[path]:
+            raise DistillationError(f"--dev {path} holds no examples")
+    return dev
+
+
 def score_dev(
-    task: str, teachers, files: Sequence[str], images: str | None, batch_size: int
+    task: str, teachers, dev: dict[str, list], images: str | None, batch_size: int
 ) -> dict[str, Any]:
     """Each teacher's and the ensemble's scores per dev file, and their means over the files."""
     spec = task_spec(task)
     per_file: dict[str, Any] = {}
-    for path in files:
-        examples = read_examples(task, path)
-        if not examples:
-            raise DistillationError(f"--dev {path} holds no examples")
+    for path, examples in dev.items():
         predictions = ensemble_predictions(
             teachers, examples, images=images, batch_size=batch_size, decode=True, description=f"dev {path}"
         )
@@ -119,10 +125,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise DistillationError("--batch-size must be at least 1")
     if args.images is not None and not Path(args.images).is_dir():
         raise FileNotFoundError(f"--images {args.images}: not a directory")
-    examples = read_data(args.task, args.data, args.format)  # a bad file fails before any inference
+    # A bad file fails before any inference.
+    examples = read_data(args.task, args.data, args.format)
+    dev_sets = read_dev(args.task, args.dev or [])
     teachers = load_teachers(args.teacher, args.task)
     log.info("%d teachers, %d examples from %s", len(teachers), len(examples), ", ".join(args.data))
-    dev = score_dev(args.task, teachers, args.dev, args.images, args.batch_size) if args.dev else {}
+    dev = {}
+    if dev_sets:
+        dev = score_dev(args.task, teachers, dev_sets, args.images, args.batch_size)
+        log.info("mean dev F1: %s", json.dumps(dev["mean_f1"]))
     predictions = ensemble_predictions(
         teachers, examples, images=args.images, batch_size=args.batch_size, description="soft targets"
     )
