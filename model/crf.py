@@ -97,6 +97,15 @@ class CRF(torchcrf.CRF):
         """
         return self._layout(self._marginals(*self._batched(emissions, mask)))
 
+    def log_marginals(self, emissions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(y_i = t | x), shaped like ``emissions`` and differentiable (distillation's student side).
+
+        Computed in log space, so a tag the CRF all but rules out keeps a finite log-probability
+        instead of log(0); padding positions hold 0 (not a distribution: callers mask them).
+        """
+        emissions, mask = self._batched(emissions, mask)
+        return self._layout(self._log_marginals(emissions, mask) * mask.unsqueeze(2))
+
     def _viterbi(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _, num_words, _ = emissions.shape
         score = self.start_transitions + emissions[:, 0]  # (B, T): best path ending in each tag
@@ -120,6 +129,10 @@ class CRF(torchcrf.CRF):
         return tags
 
     def _marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self._log_marginals(emissions, mask)) * mask.unsqueeze(2)
+
+    def _log_marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Forward-backward: alpha + beta - log Z at every position (padding positions hold junk)."""
         _, num_words, _ = emissions.shape
         alphas = [self.start_transitions + emissions[:, 0]]
         for i in range(1, num_words):
@@ -133,5 +146,4 @@ class CRF(torchcrf.CRF):
         alpha = torch.stack(alphas, dim=1)
         beta = torch.stack(betas[::-1], dim=1)
         log_partition = torch.logsumexp(alphas[-1] + self.end_transitions, dim=1)  # (B,)
-        marginals = torch.exp(alpha + beta - log_partition[:, None, None])
-        return marginals * mask.unsqueeze(2)
+        return alpha + beta - log_partition[:, None, None]

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.config import IMMConfig
+from model.distillation_loss import ner_distillation_loss, re_distillation_loss
 from model.embeddings import PatchEmbeddings, TextEmbeddings
 from model.heads import NERHead, REHead, gather_positions
 from model.ia import IALayer, rows_of_pictures
@@ -50,9 +51,12 @@ class EncoderOutput:
 @dataclass
 class IMMOutput:
     logits: torch.Tensor  # NER: word emissions (B, W, T); RE: relation logits (B, R)
-    loss: torch.Tensor | None = None  # gamma * L_SW + delta * L_task (eqs. 25-26)
+    # gamma * L_SW + delta * L_task (eqs. 25-26); with soft targets (distillation, weight A):
+    # gamma * L_SW + (1 - A) * delta * L_task + A * L_distill
+    loss: torch.Tensor | None = None
     task_loss: torch.Tensor | None = None
     sw: SWLossOutput | None = None
+    distillation: torch.Tensor | None = None
 
 
 class IMMEncoder(nn.Module):
@@ -264,13 +268,25 @@ class IMMPreTrainedModel(nn.Module):
             temperature=self.config.sw_temperature,
         )
 
-    def _combine(self, logits, task_loss, sw) -> IMMOutput:
-        if task_loss is None:
+    def _combine(self, logits, task_loss, sw, distillation=None, distill_weight: float = 0.5) -> IMMOutput:
+        if task_loss is None and distillation is None:
             return IMMOutput(logits=logits, sw=sw)
+        if task_loss is None:  # soft targets without labels: a batch of unlabelled examples
+            task_loss = logits.sum() * 0.0
         loss = self.config.delta * task_loss
+        if distillation is not None:
+            loss = (1.0 - distill_weight) * loss + distill_weight * distillation
         if sw is not None:
             loss = loss + self.config.gamma * sw.total
-        return IMMOutput(logits=logits, loss=loss, task_loss=task_loss, sw=sw)
+        return IMMOutput(logits=logits, loss=loss, task_loss=task_loss, sw=sw, distillation=distillation)
+
+
+def _gold_rows(has_gold: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of the batch whose gold labels count: all (None), or those ``has_gold`` marks (an
+    unlabelled example of a distillation run has none); an empty selection means no gold loss."""
+    if labels is None or has_gold is None or bool(has_gold.all()):
+        return None
+    return has_gold.nonzero().squeeze(-1)
 
 
 class IMMForNER(IMMPreTrainedModel):
@@ -293,6 +309,11 @@ class IMMForNER(IMMPreTrainedModel):
         teacher_text: torch.Tensor | None = None,
         teacher_image: torch.Tensor | None = None,
         word_shape: torch.Tensor | None = None,
+        soft_targets: torch.Tensor | None = None,
+        soft_target_mask: torch.Tensor | None = None,
+        soft_target_weight: torch.Tensor | None = None,
+        has_gold: torch.Tensor | None = None,
+        distill_weight: float = 0.5,
         **unused: torch.Tensor,
     ) -> IMMOutput:
         encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
@@ -300,8 +321,18 @@ class IMMForNER(IMMPreTrainedModel):
         sw = None
         if teacher_text is not None and teacher_image is not None:
             sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
-        task_loss = None if labels is None else self.head.loss(emissions, labels, word_mask)
-        return self._combine(emissions, task_loss, sw)
+        task_loss = None
+        rows = _gold_rows(has_gold, labels)
+        if labels is not None and rows is None:
+            task_loss = self.head.loss(emissions, labels, word_mask)
+        elif rows is not None and rows.numel():
+            task_loss = self.head.loss(emissions[rows], labels[rows], word_mask[rows])
+        distillation = None
+        if soft_targets is not None:
+            distillation = ner_distillation_loss(
+                emissions, self.head.crf, word_mask, soft_targets, soft_target_mask, soft_target_weight
+            )
+        return self._combine(emissions, task_loss, sw, distillation, distill_weight)
 
     @torch.no_grad()
     def predict(self, **batch: torch.Tensor) -> list[list[str]]:
@@ -333,6 +364,10 @@ class IMMForRE(IMMPreTrainedModel):
         augmented_pixel_values: torch.Tensor | None = None,
         teacher_text: torch.Tensor | None = None,
         teacher_image: torch.Tensor | None = None,
+        soft_targets: torch.Tensor | None = None,
+        soft_target_weight: torch.Tensor | None = None,
+        has_gold: torch.Tensor | None = None,
+        distill_weight: float = 0.5,
         **unused: torch.Tensor,
     ) -> IMMOutput:
         encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
@@ -340,8 +375,16 @@ class IMMForRE(IMMPreTrainedModel):
         sw = None
         if teacher_text is not None and teacher_image is not None:
             sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
-        task_loss = None if labels is None else self.loss_function(logits.float(), labels)
-        return self._combine(logits, task_loss, sw)
+        task_loss = None
+        rows = _gold_rows(has_gold, labels)
+        if labels is not None and rows is None:
+            task_loss = self.loss_function(logits.float(), labels)
+        elif rows is not None and rows.numel():
+            task_loss = self.loss_function(logits[rows].float(), labels[rows])
+        distillation = None
+        if soft_targets is not None:
+            distillation = re_distillation_loss(logits, soft_targets, soft_target_weight)
+        return self._combine(logits, task_loss, sw, distillation, distill_weight)
 
     @torch.no_grad()
     def predict(self, **batch: torch.Tensor) -> list[str]:

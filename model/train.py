@@ -47,6 +47,7 @@ from model.cli_help import HelpFormatter, paragraph
 from model.data import DataFormatError
 from model.data.dataset import Collator, IMMDataset
 from model.data.images import ImageStore
+from model.distillation import DistillationError, SoftTargets, read_data
 from model.embeddings import PatchEmbeddings
 from model.evaluate import evaluate, read_examples
 from model.logs import configure as configure_logs
@@ -83,6 +84,9 @@ def default_backbone() -> str:
 #: it had known when asked without one, and dropout (0.25 or 0.5) kept it at the text-only level.
 DEFAULT_IMAGE_DROPOUT = 0.25
 
+#: The share A of the distillation loss with --soft-targets: (1 - A) * gold loss + A * distillation.
+DEFAULT_DISTILL_WEIGHT = 0.5
+
 
 @dataclass
 class TrainingArguments:
@@ -118,6 +122,10 @@ class TrainingArguments:
     num_workers: int = 0
     max_train_examples: int | None = None
     average_last: int = 1
+    soft_targets: str | None = None
+    distill_weight: float | None = None  # None: DEFAULT_DISTILL_WEIGHT with --soft-targets
+    unlabelled: list[str] | None = None
+    unlabelled_targets: str | None = None
 
 
 def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
@@ -212,6 +220,33 @@ def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser
         help="checkpoint averaging: also score the mean of the last K epochs' weights, and keep it if "
         "its dev F1 is the best (1: off)",
     )
+    add(
+        "--soft-targets",
+        metavar="FILE",
+        help="distillation: an ensemble's soft targets for the --train files (python -m model.distill "
+        "on the same files, in the same order; refused otherwise)",
+    )
+    add(
+        "--distill-weight",
+        type=float,
+        default=None,
+        metavar="A",
+        help="with --soft-targets, loss = (1 - A) * gold loss + A * distillation loss (KL from the "
+        f"teachers' marginals, NER, or probabilities, RE) (default: {DEFAULT_DISTILL_WEIGHT})",
+    )
+    add(
+        "--unlabelled",
+        nargs="+",
+        metavar="FILE",
+        help="distillation on unlabelled text too: files read as --unlabelled-targets was computed "
+        "from them (e.g. MNRE's sentences for NER); trained on the distillation loss only, each example "
+        "weighted by the teachers' confidence. Needs --soft-targets",
+    )
+    add(
+        "--unlabelled-targets",
+        metavar="FILE",
+        help="the ensemble's soft targets for --unlabelled (python -m model.distill on those files)",
+    )
     return parser
 
 
@@ -258,6 +293,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_soft_targets(args: TrainingArguments, train: list) -> SoftTargets | None:
+    """``--soft-targets``, refused unless it was computed for exactly these training examples."""
+    if args.soft_targets is None:
+        return None
+    targets = SoftTargets.load(args.soft_targets)
+    if not targets.labelled:
+        raise UsageError(
+            f"--soft-targets {args.soft_targets} holds targets for unlabelled text, not for the --train files"
+        )
+    try:
+        targets.check_examples(
+            train,
+            args.train,
+            task=args.task,
+            labels=task_spec(args.task).labels,
+            prefix=args.max_train_examples is not None,
+        )
+    except DistillationError as error:
+        raise UsageError(f"--soft-targets {args.soft_targets}: {error}") from None
+    return targets
+
+
+def load_unlabelled(args: TrainingArguments) -> tuple[list, SoftTargets | None]:
+    """``--unlabelled``'s examples, read as their ``--unlabelled-targets`` were, and those targets."""
+    if args.unlabelled is None:
+        return [], None
+    flag = f"--unlabelled-targets {args.unlabelled_targets}"
+    targets = SoftTargets.load(args.unlabelled_targets)
+    if targets.labelled:
+        raise UsageError(f"{flag} holds targets for labelled files: give them to --soft-targets")
+    try:
+        examples = read_data(args.task, args.unlabelled, targets.data_format)
+        targets.check_examples(examples, args.unlabelled, task=args.task, labels=task_spec(args.task).labels)
+    except DistillationError as error:
+        raise UsageError(f"{flag}: {error}") from None
+    return examples, targets
+
+
 def load_datasets(args: TrainingArguments) -> tuple[list, dict[str, list]]:
     """Reads every file up front: a bad file fails here, with its name, before any training."""
     train = []
@@ -302,6 +375,19 @@ def check_inputs(args: TrainingArguments) -> None:
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
+    if args.distill_weight is not None and args.soft_targets is None:
+        raise UsageError("--distill-weight weighs the distillation loss: it needs --soft-targets")
+    if args.soft_targets is not None:
+        if args.distill_weight is None:
+            args.distill_weight = DEFAULT_DISTILL_WEIGHT
+        if not 0.0 <= args.distill_weight <= 1.0:
+            raise UsageError(f"--distill-weight must be between 0 and 1, not {args.distill_weight}")
+        if not Path(args.soft_targets).is_file():
+            raise UsageError(f"--soft-targets {args.soft_targets}: no such file")
+    if (args.unlabelled is None) != (args.unlabelled_targets is None):
+        raise UsageError("--unlabelled and --unlabelled-targets go together: the text and its soft targets")
+    if args.unlabelled is not None and args.soft_targets is None:
+        raise UsageError("--unlabelled needs --soft-targets: the labelled examples' targets")
 
 
 def build_model(args: TrainingArguments) -> tuple[IMMPreTrainedModel, Any]:
@@ -457,6 +543,8 @@ def train(
     device = torch.device(f"cuda:{distributed.local_rank}" if args.device == "cuda" else "cpu")
     seed_everything(args.seed)
     train_examples, dev_sets = load_datasets(args)
+    soft_targets = load_soft_targets(args, train_examples)
+    unlabelled, unlabelled_targets = load_unlabelled(args)
     model, preprocessor = build_model(args)
     images = ImageStore(args.images, preprocessor.image)
     with_picture = (
@@ -468,16 +556,45 @@ def train(
         images.report([e.image_id for e in train_examples], "train")
         for name, examples in dev_sets.items():
             images.report([e.image_id for e in examples], name)
-    teacher = teacher_embeddings(args, train_examples, images, str(device))
+    teacher = teacher_embeddings(args, [*train_examples, *unlabelled], images, str(device))
+    targets = weights = has_gold = None
+    if soft_targets is not None:
+        # Labelled examples weigh 1; unlabelled ones (after them) their teachers' confidence.
+        targets = [soft_targets.example(n) for n in range(len(train_examples))]
+        weights = [1.0] * len(train_examples)
+        has_gold = [True] * len(train_examples) + [False] * len(unlabelled)
+        if unlabelled_targets is not None:
+            targets += [unlabelled_targets.example(n) for n in range(len(unlabelled))]
+            weights += unlabelled_targets.confidence.tolist()
     dataset = IMMDataset(
-        train_examples,
+        [*train_examples, *unlabelled],
         preprocessor,
         model.config.labels,
         images,
         with_augmented_view=teacher is not None,
         augment_seed=args.seed,
         image_dropout=args.image_dropout,
+        soft_targets=targets,
+        soft_target_weights=weights,
+        has_gold=has_gold,
     )
+    # What the checkpoint's training_args.json records: the arguments, and what the teacher was.
+    recorded_args = dataclasses.asdict(args)
+    if soft_targets is not None:
+        recorded_args["distillation"] = soft_targets.describe(args.soft_targets)
+        if unlabelled_targets is not None:
+            recorded_args["distillation"]["unlabelled"] = unlabelled_targets.describe(args.unlabelled_targets)
+            log.info(
+                "distillation on %d unlabelled examples too (mean teacher confidence %.3f)",
+                len(unlabelled),
+                float(unlabelled_targets.confidence.mean()),
+            )
+        log.info(
+            "distillation from %d teachers (%s), weight %.2f",
+            len(soft_targets.teachers),
+            ", ".join(t["checkpoint"] for t in soft_targets.teachers),
+            args.distill_weight,
+        )
     model.to(device)
     module = model
     if distributed.enabled:
@@ -526,7 +643,7 @@ def train(
                 write_checkpoint,
                 model=new_checkpoint,
                 preprocessor=preprocessor,
-                training_args=dataclasses.asdict(args),
+                training_args=recorded_args,
                 scores=scores,
                 visual_training=record,
             )
@@ -546,6 +663,7 @@ def train(
         "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
     )
     collator = Collator(preprocessor, args.task, teacher)
+    distill = {} if soft_targets is None else {"distill_weight": args.distill_weight}
     for epoch in range(progress["epoch"], args.epochs):
         started = time.perf_counter()
         # Seeding per epoch makes every epoch reproducible on its own, which is what --resume needs.
@@ -562,7 +680,15 @@ def train(
             num_workers=args.num_workers,
         )
         model.train()
-        totals = {"loss": 0.0, "task": 0.0, "sw": 0.0, "examples": 0, "steps": 0, "pictures": 0}
+        totals = {
+            "loss": 0.0,
+            "task": 0.0,
+            "sw": 0.0,
+            "distill": 0.0,
+            "examples": 0,
+            "steps": 0,
+            "pictures": 0,
+        }
         bar = tqdm(
             loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not distributed.is_main, mininterval=5
         )
@@ -570,7 +696,7 @@ def train(
             totals["pictures"] += int(batch["has_image"].sum())
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             with amp:
-                output = model(**batch)
+                output = model(**batch, **distill)
             scaler.scale(output.loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
@@ -582,6 +708,9 @@ def train(
             totals["loss"] += output.loss.item() * size
             totals["task"] += output.task_loss.item() * size
             totals["sw"] += (output.sw.total.item() if output.sw is not None else 0.0) * size
+            totals["distill"] += (
+                output.distillation.item() if output.distillation is not None else 0.0
+            ) * size
             totals["examples"] += size
             totals["steps"] += 1
             elapsed = time.perf_counter() - started
@@ -593,6 +722,7 @@ def train(
             "train_loss": totals["loss"] / max(1, totals["examples"]),
             "train_task_loss": totals["task"] / max(1, totals["examples"]),
             "train_sw_loss": totals["sw"] / max(1, totals["examples"]),
+            "train_distill_loss": totals["distill"] / max(1, totals["examples"]),
             "train_seconds": round(time.perf_counter() - started, 2),
             "lr": scheduler.get_last_lr()[0],
             "train_pictures": _sum_over_ranks(totals["pictures"], distributed, device),
@@ -702,7 +832,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m model.train")
     args = parse_args(argv, prog)
     try:
         best = train(args)
-    except (UsageError, DataFormatError, CheckpointError, TeacherLoadError, FileNotFoundError) as error:
+    except (
+        UsageError,
+        DataFormatError,
+        CheckpointError,
+        TeacherLoadError,
+        DistillationError,
+        FileNotFoundError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

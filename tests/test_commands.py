@@ -27,6 +27,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     from export.__main__ import build_parser as export
     from export.evaluate import build_parser as evaluate_bundle
     from imm.extract import build_parser as extract
+    from model.distill import build_parser as distill
     from model.evaluate import build_parser as evaluate
     from model.train import build_parser as train
     from service.__main__ import build_parser as serve
@@ -36,6 +37,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "imm train": train("imm train"),
         "imm evaluate": evaluate("imm evaluate", bundles=True),
         "python -m model.evaluate": evaluate(),
+        "python -m model.distill": distill(),
         "python -m export.evaluate": evaluate_bundle(),
         "imm export": export("imm export"),
         "imm extract": extract("imm extract"),
