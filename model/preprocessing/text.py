@@ -252,6 +252,11 @@ def word_shape(word: str) -> int:
         if word.isupper():
             return _SHAPE_ID["upper"] if len(word) > 1 else _SHAPE_ID["title"]
         return _SHAPE_ID["title"] if word[0].isupper() and word[1:].islower() else _SHAPE_ID["mixed"]
+    return _shape_by_letter(word)
+
+
+def _shape_by_letter(word: str) -> int:
+    """``word_shape``'s casing classes (digits to mixed), letter by letter: any script."""
     letters = [c for c in word if c.isalpha()]
     if any(c.isdigit() for c in word) and len(letters) < len(word) / 2:
         return _SHAPE_ID["digits"]
