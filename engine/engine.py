@@ -543,8 +543,10 @@ class Engine:
 
 
 #: The longest text whose preprocessing may run on the event loop (``Engine._prepare_here``): a tweet
-#: is at most 280 characters, and 1,000 take about 2 ms to split and tokenise on a slow core.
-INLINE_PREPARE_MAX_CHARS = 1000
+#: (at most 280 characters) fits; 300 characters take 1 ms to split and tokenise (tweets' text), 1.6 ms
+#: at worst (a run of Chinese characters), on a loaded 2-core EPYC, while the pool's way holds the GIL
+#: for most of that time too.
+INLINE_PREPARE_MAX_CHARS = 300
 
 
 def _cheap(text: str, picture: RequestPicture | None) -> bool:

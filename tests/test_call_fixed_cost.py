@@ -102,7 +102,7 @@ def test_a_lone_short_call_is_prepared_on_the_event_loop_with_the_answer_of_the_
     monkeypatch.setattr(engine_module, "INLINE_PREPARE_MAX_CHARS", 0)
     pooled, none_here = asyncio.run(_answers(bundles, calls))
     assert here == pooled
-    long_texts = sum(len(sample) > 1000 for sample in MESSY)
+    long_texts = sum(len(sample) > engine_module.INLINE_PREPARE_MAX_CHARS for sample in MESSY)
     assert prepared_here == len(MESSY) - long_texts + 2 and none_here == 0
 
 
@@ -117,7 +117,7 @@ def test_calls_with_company_are_prepared_in_the_pool(bundles):
     assert asyncio.run(scenario()) == 1  # the first one alone: the others find it queued
 
 
-@pytest.mark.parametrize("inline_limit", [0, 1000], ids=["pool", "here"])
+@pytest.mark.parametrize("inline_limit", [0, 300], ids=["pool", "here"])
 def test_an_admitted_call_whose_deadline_passed_is_dropped_at_preprocessing_either_way(
     bundles, monkeypatch, inline_limit
 ):
