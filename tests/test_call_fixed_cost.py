@@ -98,11 +98,11 @@ def test_a_lone_short_call_is_prepared_on_the_event_loop_with_the_answer_of_the_
         ("ner", ("Alice Smith visits Paris", picture)),  # a picture: the pool
         ("ner", ("word " * 300,)),  # past INLINE_PREPARE_MAX_CHARS: the pool
     ]
+    long_texts = sum(len(sample) > engine_module.INLINE_PREPARE_MAX_CHARS for sample in MESSY)
     here, prepared_here = asyncio.run(_answers(bundles, calls))
     monkeypatch.setattr(engine_module, "INLINE_PREPARE_MAX_CHARS", 0)
     pooled, none_here = asyncio.run(_answers(bundles, calls))
     assert here == pooled
-    long_texts = sum(len(sample) > engine_module.INLINE_PREPARE_MAX_CHARS for sample in MESSY)
     assert prepared_here == len(MESSY) - long_texts + 2 and none_here == 0
 
 
