@@ -9,8 +9,9 @@ Ray, the Python API, the corpus command) map those to what their callers see.
 
 A call goes: admission into the model's queue (refused at once when full or when the queue could
 not answer it by its deadline) -> preprocessing in the pool (words, pieces, the picture decoded at
-most once per image step) -> the batcher (one runtime call per batch, in the model's inference
-thread) -> the answer. ``extract`` goes that way twice: the NER model, then all its entity pairs as
+most once per image step; a lone call of a short text without a picture is preprocessed on the
+event loop itself, which costs less than the hand-off to the pool and back) -> the batcher (one
+runtime call per batch, in the model's inference thread) -> the answer. ``extract`` goes that way twice: the NER model, then all its entity pairs as
 one group through the RE model, the picture decoded once for both.
 
 Deadlines: each call takes ``deadline`` (``time.monotonic()`` seconds; ``deadline_in`` makes one),
@@ -517,9 +518,10 @@ class Engine:
 
     def _prepare_here(self, task: str, deadline: float, prepare: Callable[..., T], *args: Any) -> T:
         """``prepare`` on the event loop's thread: for a short text without a picture while the model
-        has no other request, whose tokenising (a fraction of a millisecond, holding the GIL as it
-        would in the pool) delays nobody, and costs less than the hand-off to the pool and back. The
-        deadline is kept as the pool's way keeps it (a call past it, before or after, is dropped)."""
+        has no other request, whose tokenising (1-2 ms at most: ``INLINE_PREPARE_MAX_CHARS``,
+        holding the GIL as it would in the pool) delays nobody, and costs less than the hand-off to
+        the pool and back. The deadline is kept as the pool's way keeps it (a call past it, before
+        or after, is dropped)."""
         if time.monotonic() < deadline:
             self.prepared_here += 1
             prepared = prepare(*args)
