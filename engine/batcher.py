@@ -248,6 +248,12 @@ class Batcher(Generic[Item, Result]):
         return self._live_requests
 
     @property
+    def alone(self) -> bool:
+        """Whether the one request on its way to the queue (admitted, being preprocessed) is all there
+        is: no other on its way, none queued, no call running."""
+        return self._incoming == 1 and not self._live_requests and not self._running
+
+    @property
     def seconds_per_row(self) -> float:
         """What a row has recently cost the queue, in seconds (0 before the first call): the time from
         the end of one call to the end of the next when they ran back to back (gathering, hand-offs

@@ -6,6 +6,8 @@ served beside them): several engines in one process (tests) never collide in the
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -85,15 +87,28 @@ class EngineMetrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        # The labelled series of each call's observations, kept rather than looked up per call
+        # (``labels`` takes a lock and checks its values): a few tasks, stages and models in all.
+        self._stage_series: dict[tuple[str, str], Any] = {}
+        self._batch_series: dict[str, tuple[Any, Any]] = {}
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""
         return generate_latest(self.registry)
 
     def observe_batch(self, model: str, rows: int) -> None:
-        self.batch_size.labels(model).observe(rows)
-        self.computed_rows.labels(model).inc(rows)
+        series = self._batch_series.get(model)
+        if series is None:
+            series = self._batch_series[model] = (
+                self.batch_size.labels(model),
+                self.computed_rows.labels(model),
+            )
+        series[0].observe(rows)
+        series[1].inc(rows)
 
     def observe_stages(self, task: str, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
-            self.stage_seconds.labels(task, stage).observe(seconds)
+            series = self._stage_series.get((task, stage))
+            if series is None:
+                series = self._stage_series[task, stage] = self.stage_seconds.labels(task, stage)
+            series.observe(seconds)

@@ -24,7 +24,7 @@ import stat
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
@@ -338,17 +338,15 @@ class IMM:
             if self._async is None:
                 self._close()
 
-    def _submit(self, coroutine: Any) -> Future:
+    def _wait(self, coroutine: Any) -> Any:
+        """``coroutine``'s result, run on the engine's loop while this thread waits for it."""
         if self._async is not None and not self._close.alive:
             coroutine.close()
             raise ShuttingDown("the models are closed (close() was called)")
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("an IMM call from the engine's own thread would wait for itself")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-
-    def _wait(self, coroutine: Any) -> Any:
-        return self._submit(coroutine).result()
+        return _run_on(self._loop, coroutine)
 
     @property
     def tasks(self) -> list[str]:
@@ -419,6 +417,35 @@ class IMM:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _run_on(loop: asyncio.AbstractEventLoop, coroutine: Any) -> Any:
+    """``asyncio.run_coroutine_threadsafe(coroutine, loop).result()`` for a third less CPU in the
+    hop there and back (every sync call makes it): the task's end releases a lock this thread
+    waits on, instead of completing a ``concurrent.futures.Future`` chained to the task. The same
+    outcome: the result, the exception raised, or ``concurrent.futures.CancelledError`` for a
+    cancelled task."""
+    finished = threading.Lock()
+    finished.acquire()
+    outcome: list[Any] = []
+
+    def start() -> None:
+        try:
+            task = loop.create_task(coroutine)
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread, raised there
+            outcome.append(error)
+            finished.release()
+            return
+        task.add_done_callback(lambda done: (outcome.append(done), finished.release()))
+
+    loop.call_soon_threadsafe(start)
+    finished.acquire()
+    done = outcome[0]
+    if isinstance(done, BaseException):
+        raise done
+    if done.cancelled():
+        raise CancelledError()
+    return done.result()
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop, thread: threading.Thread, nlp: AsyncIMM | None) -> None:

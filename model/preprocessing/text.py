@@ -13,6 +13,7 @@ under MiniLM's tokenizer, the window 126), so training's words are never cut.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,11 +114,17 @@ class TextEncoder:
         encoding = self.tokenizer.encode(
             [word for word, _, _ in words], is_pretokenized=True, add_special_tokens=False
         )
-        pieces = Counter(encoding.word_ids)
+        return self._split_long(words, encoding.word_ids, encoding.offsets)
+
+    def _split_long(
+        self, words: Sequence[tuple[str, int, int]], word_ids: list[int], offsets: list[tuple[int, int]]
+    ) -> list[tuple[str, int, int]]:
+        """``split_long_words`` on the words' encoding (their ``word_ids`` and ``offsets``)."""
+        pieces = Counter(word_ids)
         if max(pieces.values(), default=0) <= self.budget:
             return list(words)
         starts: dict[int, set[int]] = {}
-        for word, (start, _) in zip(encoding.word_ids, encoding.offsets):
+        for word, (start, _) in zip(word_ids, offsets):
             if pieces[word] > self.budget:
                 starts.setdefault(word, {0}).add(start)  # offsets are relative to each word
         result: list[tuple[str, int, int]] = []
@@ -130,6 +137,30 @@ class TextEncoder:
                 result.append((word[left:right], start + left, start + right))
         return result
 
+    def split_and_encode(
+        self, words: Sequence[tuple[str, int, int]], limit: int
+    ) -> tuple[list[tuple[str, int, int]], EncodedText]:
+        """``split_long_words(words)`` and the ``encode`` of its first ``limit`` words, the same as
+        calling both, with one pass of the tokenizer where no word is cut (nearly always): each word
+        is tokenised on its own (pre-tokenised input), so the pieces of the first ``limit`` words
+        are the first pieces of the whole list's."""
+        if not words:
+            raise ValueError("cannot encode an empty word list")
+        encoding = self.tokenizer.encode(
+            [word for word, _, _ in words], is_pretokenized=True, add_special_tokens=False
+        )
+        word_ids = encoding.word_ids
+        split = self._split_long(words, word_ids, encoding.offsets)
+        if len(split) != len(words):  # a word was cut: its parts are tokenised anew
+            return split, self.encode([word for word, _, _ in split[:limit]])
+        kept_words = min(limit, len(words))
+        kept = bisect.bisect_left(word_ids, kept_words)  # word ids ascend: the pieces of those words
+        prefix_ids = word_ids[:kept]
+        if len(set(prefix_ids)) < kept_words:  # a word with no piece: ``_word_pieces`` reads it as [UNK]
+            return split, self.encode([word for word, _, _ in split[:limit]])
+        plain = [word for word, _, _ in split[:kept_words]]
+        return split, self._encoded(plain, encoding.ids[:kept], prefix_ids)
+
     def encode(self, words: Sequence[str]) -> EncodedText:
         """``[CLS] pieces [SEP]``, cut after the last word whose pieces all fit in ``max_seq_len``.
 
@@ -138,7 +169,10 @@ class TextEncoder:
         """
         if not words:
             raise ValueError("cannot encode an empty word list")
-        ids, word_ids = self._word_pieces(words)
+        return self._encoded(words, *self._word_pieces(words))
+
+    def _encoded(self, words: Sequence[str], ids: list[int], word_ids: list[int]) -> EncodedText:
+        """``encode``'s answer from the words' sub-token ``ids`` and the word of each (every word has one)."""
         budget = self.budget
         kept = len(ids) if len(ids) <= budget else _whole_words_prefix(word_ids, budget)
         if kept == 0:
@@ -211,6 +245,18 @@ def word_shape(word: str) -> int:
     lowered = word.lower()
     if lowered.startswith(("http://", "https://", "www.")):
         return _SHAPE_ID["url"]
+    if word.isalpha() and word.isascii():
+        # Most words: ASCII letters only, whose string tests answer for every letter at once.
+        if word.islower():
+            return _SHAPE_ID["lower"]
+        if word.isupper():
+            return _SHAPE_ID["upper"] if len(word) > 1 else _SHAPE_ID["title"]
+        return _SHAPE_ID["title"] if word[0].isupper() and word[1:].islower() else _SHAPE_ID["mixed"]
+    return _shape_by_letter(word)
+
+
+def _shape_by_letter(word: str) -> int:
+    """``word_shape``'s casing classes (digits to mixed), letter by letter: any script."""
     letters = [c for c in word if c.isalpha()]
     if any(c.isdigit() for c in word) and len(letters) < len(word) / 2:
         return _SHAPE_ID["digits"]
