@@ -471,8 +471,11 @@ def test_uploads_received_at_once_are_bounded(server_factory):
 def test_a_killed_workers_live_gauges_are_dropped(server_factory):
     server = server_factory(IMM_WORKERS="2")
     directory = server.metrics_dir
-    pids = sorted(int(path.stem.split("_")[1]) for path in directory.glob("counter_*.db"))
-    assert len(pids) == 2
+    # The port answers once one worker listens; on a busy machine the second may still be starting.
+    files = until(
+        lambda: len(found := list(directory.glob("counter_*.db"))) == 2 and found, "both workers started"
+    )
+    pids = sorted(int(path.stem.split("_")[1]) for path in files)
     kept = [connect(server.port) for _ in range(20)]
     try:
         for connection in kept:
