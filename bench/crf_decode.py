@@ -33,11 +33,12 @@ def revision_module(revision: str):
         text=True,
         check=True,
     ).stdout
-    path = Path(tempfile.mkdtemp(prefix="crf-decode-")) / "decoding_at_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("decoding_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="crf-decode-") as directory:
+        path = Path(directory) / "decoding_at_revision.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("decoding_at_revision", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 

@@ -243,10 +243,13 @@ class IMMPreTrainedModel(nn.Module):
         word_index: torch.Tensor,
         word_mask: torch.Tensor,
         has_image: torch.Tensor,
-        teacher_text: torch.Tensor,
-        teacher_image: torch.Tensor,
+        teacher_text: torch.Tensor | None,
+        teacher_image: torch.Tensor | None,
     ) -> SWLossOutput | None:
-        """SW over the examples of the batch that have an image (needs two, for in-batch matching)."""
+        """SW over the examples of the batch that have an image (needs two, for in-batch matching);
+        None without the CLIP teacher's embeddings."""
+        if teacher_text is None or teacher_image is None:
+            return None
         rows = has_image.nonzero().squeeze(-1)
         if rows.numel() < 2 or encoded.isa_visual_augmented is None:
             return None
@@ -281,12 +284,16 @@ class IMMPreTrainedModel(nn.Module):
         return IMMOutput(logits=logits, loss=loss, task_loss=task_loss, sw=sw, distillation=distillation)
 
 
-def _gold_rows(has_gold: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
-    """The rows of the batch whose gold labels count: all (None), or those ``has_gold`` marks (an
-    unlabelled example of a distillation run has none); an empty selection means no gold loss."""
-    if labels is None or has_gold is None or bool(has_gold.all()):
+def _gold_rows(has_gold: torch.Tensor | None, labels: torch.Tensor | None) -> slice | torch.Tensor | None:
+    """The rows of the batch whose gold labels count, as an index: all of them (``slice(None)``, no
+    copy), those ``has_gold`` marks (an unlabelled example of a distillation run has none), or None
+    when there is no gold loss (no labels, or no row with gold)."""
+    if labels is None:
         return None
-    return has_gold.nonzero().squeeze(-1)
+    if has_gold is None or bool(has_gold.all()):
+        return slice(None)
+    rows = has_gold.nonzero().squeeze(-1)
+    return rows if rows.numel() else None
 
 
 class IMMForNER(IMMPreTrainedModel):
@@ -318,15 +325,9 @@ class IMMForNER(IMMPreTrainedModel):
     ) -> IMMOutput:
         encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
         emissions = self.head.emissions(encoded.text, word_index, word_shape)
-        sw = None
-        if teacher_text is not None and teacher_image is not None:
-            sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
-        task_loss = None
+        sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
         rows = _gold_rows(has_gold, labels)
-        if labels is not None and rows is None:
-            task_loss = self.head.loss(emissions, labels, word_mask)
-        elif rows is not None and rows.numel():
-            task_loss = self.head.loss(emissions[rows], labels[rows], word_mask[rows])
+        task_loss = None if rows is None else self.head.loss(emissions[rows], labels[rows], word_mask[rows])
         distillation = None
         if soft_targets is not None:
             distillation = ner_distillation_loss(
@@ -372,15 +373,9 @@ class IMMForRE(IMMPreTrainedModel):
     ) -> IMMOutput:
         encoded = self.encoder(input_ids, attention_mask, pixel_values, has_image, augmented_pixel_values)
         logits = self.head(encoded.text, marker_index)
-        sw = None
-        if teacher_text is not None and teacher_image is not None:
-            sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
-        task_loss = None
+        sw = self._sw_loss(encoded, word_index, word_mask, has_image, teacher_text, teacher_image)
         rows = _gold_rows(has_gold, labels)
-        if labels is not None and rows is None:
-            task_loss = self.loss_function(logits.float(), labels)
-        elif rows is not None and rows.numel():
-            task_loss = self.loss_function(logits[rows].float(), labels[rows])
+        task_loss = None if rows is None else self.loss_function(logits[rows].float(), labels[rows])
         distillation = None
         if soft_targets is not None:
             distillation = re_distillation_loss(logits, soft_targets, soft_target_weight)

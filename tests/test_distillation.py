@@ -17,9 +17,8 @@ from model.distillation import DistillationError, SoftTargets, example_hashes, m
 from model.distillation_loss import kl_divergence, ner_distillation_loss, re_distillation_loss
 from model.evaluate import main as evaluate_main
 from model.train import main as train_main
-from model.train import parse_args, train
 from tests.conftest import NER_LABELS, RE_LABELS, synthetic_ner_examples, synthetic_re_examples
-from tests.test_train import FAST, assert_same_tensors, state_tensors, write_conll, write_mnre
+from tests.test_train import FAST, assert_resume_matches_straight, write_conll, write_mnre
 
 # --- the loss --------------------------------------------------------------------------------
 
@@ -323,20 +322,7 @@ def test_resume_with_soft_targets_gives_the_same_weights(tmp_path, ner_data, ner
     train_file, dev_file = ner_data
     common = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
               "--epochs", "2", "--soft-targets", str(ner_targets), "--distill-weight", "0.7", *FAST]  # fmt: skip
-    train(parse_args([*common, "--out", str(tmp_path / "straight")]))
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(epoch, record):
-        if epoch == 1:
-            raise Killed
-
-    interrupted = tmp_path / "interrupted"
-    with pytest.raises(Killed):
-        train(parse_args([*common, "--out", str(interrupted)]), on_epoch_end=kill_after_first_epoch)
-    train(parse_args([*common, "--out", str(interrupted), "--resume"]))
-    assert_same_tensors(state_tensors(interrupted), state_tensors(tmp_path / "straight"))
+    interrupted = assert_resume_matches_straight(common, tmp_path)
     assert read_json(interrupted, "training_args.json")["distill_weight"] == 0.7
 
 

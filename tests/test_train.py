@@ -91,6 +91,27 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
         assert torch.equal(actual[name], tensor), name
 
 
+def assert_resume_matches_straight(common: list[str], tmp_path: Path) -> Path:
+    """Trains ``common`` straight through, and again killed after its first epoch then resumed: the
+    resumed run ends with the same weights and optimizer state. Returns the resumed run's directory."""
+    train(parse_args([*common, "--out", str(tmp_path / "straight")]))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch, record):
+        if epoch == 1:
+            raise Killed
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(Killed):
+        train(parse_args([*common, "--out", str(interrupted)]), on_epoch_end=kill_after_first_epoch)
+    assert read_json(interrupted, "scores.json")["epoch"] == 1
+    train(parse_args([*common, "--out", str(interrupted), "--resume"]))
+    assert_same_tensors(state_tensors(interrupted), state_tensors(tmp_path / "straight"))
+    return interrupted
+
+
 def test_ner_overfits_to_f1_one_and_evaluate_prints_json(tmp_path, ner_files, tiny_backbone, capsys):
     train_file, dev_file = ner_files
     out = tmp_path / "ner"
@@ -214,22 +235,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, ner_files, t
     train_file, dev_file = ner_files
     common = ["--task", "ner", "--train", str(train_file), "--dev", str(dev_file), "--backbone", str(tiny_backbone),
               "--epochs", "3", *FAST]  # fmt: skip
-
-    train(parse_args([*common, "--out", str(tmp_path / "straight")]))
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(epoch, record):
-        if epoch == 1:
-            raise Killed
-
-    interrupted = tmp_path / "interrupted"
-    with pytest.raises(Killed):
-        train(parse_args([*common, "--out", str(interrupted)]), on_epoch_end=kill_after_first_epoch)
-    assert read_json(interrupted, "scores.json")["epoch"] == 1
-    train(parse_args([*common, "--out", str(interrupted), "--resume"]))
-    assert_same_tensors(state_tensors(interrupted), state_tensors(tmp_path / "straight"))
+    interrupted = assert_resume_matches_straight(common, tmp_path)
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
