@@ -114,3 +114,55 @@ def call_ops(model_path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, 
             out = [x[0], w[0], x[2] // stride[0], x[3] // stride[1]]
             ops["float"] += 2 * float(np.prod(out)) * w[1] * w[2] * w[3]
     return ops
+
+
+class IntegerGemmsAlone:
+    """The integer GEMMs of a bundle's graph and nothing else: each ``MatMulIntegerToFloat`` (or
+    ``MatMulInteger``) node with its own weights, fed a uint8 input of the shape the model gives it
+    for a batch of ``rows`` x ``pieces`` (an input per inner dimension), every product a graph
+    output so that none is dropped. What a call of that model costs at the least on this CPU if
+    every other op (quantisation, attention, LayerNorm, GELU, shapes) were free: a floor, not a
+    model (its outputs mean nothing)."""
+
+    def __init__(self, model_path: str | Path, threads: int = 1):
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(model_path))
+        constants = {tensor.name: tensor for tensor in model.graph.initializer}
+        nodes, inputs, self.widths = [], {}, set()
+        for node in model.graph.node:
+            if node.op_type not in _INTEGER:
+                continue
+            width = int(constants[node.input[1]].dims[0])  # the weights' inner dimension
+            self.widths.add(width)
+            name = f"a_{width}"
+            inputs[name] = helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, ["rows", "pieces", width])
+            out_type = onnx.TensorProto.INT32 if node.op_type == "MatMulInteger" else onnx.TensorProto.FLOAT
+            copy = helper.make_node(node.op_type, [name, *node.input[1:]], [f"y{len(nodes)}"], domain=node.domain)
+            copy.attribute.extend(node.attribute)
+            nodes.append((copy, helper.make_tensor_value_info(f"y{len(nodes)}", out_type, None)))
+        if not nodes:
+            raise ValueError(f"{model_path} has no integer GEMM")
+        wanted = {name for copy, _ in nodes for name in copy.input[1:]}
+        graph = helper.make_graph(
+            [copy for copy, _ in nodes],
+            "integer-gemms-alone",
+            list(inputs.values()),
+            [output for _, output in nodes],
+            [tensor for name, tensor in constants.items() if name in wanted],
+        )
+        floor = helper.make_model(graph, opset_imports=list(model.opset_import))
+        self.gemms = len(nodes)
+        self.session = _session(floor, threads)
+        self._rng = np.random.default_rng(0)
+        self._feeds: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+    def run(self, rows: int, pieces: int) -> None:
+        feeds = self._feeds.get((rows, pieces))
+        if feeds is None:  # made once per shape, so that the timing is the GEMMs'
+            feeds = self._feeds[rows, pieces] = {
+                f"a_{width}": self._rng.integers(0, 256, size=(rows, pieces, width), dtype=np.uint8)
+                for width in self.widths
+            }
+        self.session.run(None, feeds)

@@ -133,6 +133,37 @@ def imm_runner(bundle: Path):
     return nlp, run
 
 
+def gemm_floor_runner(bundle: Path, batch_size: int = 32):
+    """The bundle's integer GEMMs alone (``limits.IntegerGemmsAlone``) at the shapes IMM's calls
+    have: one by one, a call of each tweet's word pieces; batched, as ``nlp.pipe`` sends them
+    (chunks of ``batch_size`` shortest first, the engine's default batches padded to their
+    longest). What IMM would cost per tweet if all but its GEMMs were free: it answers nothing."""
+    from tokenizers import Tokenizer
+
+    from engine.settings import Settings
+    from limits import IntegerGemmsAlone
+
+    max_batch_size = Settings.model_fields["max_batch_size"].default
+    gemms = IntegerGemmsAlone(bundle / "model.onnx")
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+
+    def run(mode: str, texts: list[str]) -> tuple[float, list]:
+        pieces = [len(tokenizer.encode(text.split(), is_pretokenized=True).ids) for text in texts]
+        started = time.process_time()
+        if mode == "one":
+            for count in pieces:
+                gemms.run(1, count)
+        else:
+            for chunk in range(0, len(pieces), batch_size):
+                ordered = sorted(pieces[chunk : chunk + batch_size])
+                for batch in range(0, len(ordered), max_batch_size):
+                    group = ordered[batch : batch + max_batch_size]
+                    gemms.run(len(group), group[-1])
+        return time.process_time() - started, [[] for _ in texts]
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -155,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacy-venv", type=Path, default=ROOT / ".venv-spacy")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--limit", type=int, help="time only the first N tweets of each file (F1: all)")
+    parser.add_argument(
+        "--gemm-floor",
+        action="store_true",
+        help="also time the first bundle's integer GEMMs alone at IMM's call shapes (a floor: no F1)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spacy")
     args = parser.parse_args(argv)
     if args.worker:
@@ -177,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in args.bundle:
         nlp, systems[f"IMM NER {bundle} (nlp.ner / nlp.pipe)"] = imm_runner(bundle)
         loaded.append(nlp)
+    floor = f"the integer GEMMs of {args.bundle[0]} alone (a floor)"
+    if args.gemm_floor:
+        systems[floor] = gemm_floor_runner(args.bundle[0])
     workers = {pipeline: SpacyWorker(python, pipeline) for pipeline in ("ner", "full")}
     systems["spaCy en_core_web_sm, NER only"] = workers["ner"].run
     systems["spaCy en_core_web_sm, whole pipeline"] = workers["full"].run
@@ -184,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         f1 = {}
         for system, run in systems.items():  # F1 (and a warm-up) on every tweet of every file
             f1[system] = {}
+            if system == floor:
+                run("batched", timed)  # a warm-up only: it answers nothing to score
+                continue
             for name, examples in sets.items():
                 _, spans = run("batched", texts[name])
                 if system.startswith("spaCy"):
@@ -229,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         lines.append(
             f"| {system} | "
-            + " | ".join(f"{f1[system][name]:.1f}" for name in sets)
+            + " | ".join(f"{f1[system][name]:.1f}" if f1[system] else "-" for name in sets)
             + f" | {' | '.join(rates)} |"
         )
     print("\n".join(lines))

@@ -148,6 +148,13 @@ class Settings(BaseSettings):
         "else 1; the PyTorch runtime always runs one)",
     )
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators")
+    inference_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="how much lower the inference threads' priority is than the rest of the process's "
+        "(Linux nice levels, 0: the same): the event loop and preprocessing go first on a saturated core",
+    )
     ort_spinning: bool = Field(
         False,
         description="let ONNX Runtime's threads busy-wait between runs (only for dedicated many-core machines)",
