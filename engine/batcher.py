@@ -35,7 +35,8 @@ queue) since the previous batch began, nor for ``overload_after_s``: under susta
 holds, and the standing queue stays within ``overload_wait_s``.
 
 **Deadlines.** A request may carry one (``time.monotonic()`` seconds). When the worker reaches a
-request whose deadline has passed, or would pass before a call of the current length could end,
+request whose deadline has passed, or would pass before a call could end (a call's length: its
+moving average plus two average deviations, as TCP bounds a round trip),
 the request leaves the queue with ``DeadlineExceeded`` and the model never sees it; a caller whose
 deadline passes while it waits gets ``DeadlineExceeded`` too. The estimates (the way to the queue,
 a call's length) are learned from the requests that get through: when the model is idle (nothing
@@ -198,6 +199,7 @@ class Batcher(Generic[Item, Result]):
         self._live_requests = 0  # queued (or held) and still awaited
         self._live_rows = 0
         self._call_seconds = 0.0  # moving average of a runtime call's length
+        self._call_deviation = 0.0  # and of its distance from that average
         self._cost_seconds = 0.0  # moving averages of what calls cost the queue: seconds, and rows
         self._cost_rows = 0.0
         self._running: list[float] = []  # when each running call started
@@ -260,6 +262,12 @@ class Batcher(Generic[Item, Result]):
         and a starved thread included), else the call's own time shared among the workers, over its
         rows."""
         return self._cost_seconds / self._cost_rows if self._cost_rows else 0.0
+
+    @property
+    def _call_bound(self) -> float:
+        """How long a call may take, for deadlines: the average and two average deviations (as TCP
+        bounds a round trip), so that a call a little longer than most still ends in time."""
+        return self._call_seconds + 2 * self._call_deviation
 
     @property
     def overloaded(self) -> bool:
@@ -355,7 +363,7 @@ class Batcher(Generic[Item, Result]):
         idle = not (self._running or self._live_requests or self._incoming)
         if deadline is not None and (
             deadline <= now
-            or (not idle and now + max(wait, self._way_seconds) + self._call_seconds > deadline)
+            or (not idle and now + max(wait, self._way_seconds) + self._call_bound > deadline)
         ):
             self._gave_up()
             raise Overloaded(
@@ -478,7 +486,7 @@ class Batcher(Generic[Item, Result]):
             # A predicted miss leaves only while the model's time is wanted by others (a call runs,
             # or more wait); an idle model runs it (its estimate may be stale: module docstring).
             contested = self._running or self._live_requests > 1
-            ahead = self._call_seconds if contested else 0.0
+            ahead = self._call_bound if contested else 0.0
             if pending.deadline is not None and pending.deadline < now + ahead:
                 self._take(pending)
                 pending.state = _DROPPED
@@ -659,6 +667,7 @@ class Batcher(Generic[Item, Result]):
         if not self._cost_rows:
             self._call_seconds, self._cost_seconds, self._cost_rows = seconds, cost, float(rows)
             return
+        self._call_deviation += _SMOOTHING * (abs(seconds - self._call_seconds) - self._call_deviation)
         self._call_seconds += _SMOOTHING * (seconds - self._call_seconds)
         self._cost_seconds += _SMOOTHING * (cost - self._cost_seconds)
         self._cost_rows += _SMOOTHING * (rows - self._cost_rows)

@@ -101,7 +101,7 @@ def load_model(slot: ModelSlot, settings: Settings, metrics: EngineMetrics) -> f
         workers,
         thread_name_prefix=f"imm-{task}-inference",
         initializer=lower_thread_priority,
-        initargs=(settings.inference_nice,),
+        initargs=(settings.inference_nice_levels,),
     )
     slot.batcher = Batcher(
         pipeline.run_batch,

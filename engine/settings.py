@@ -149,11 +149,12 @@ class Settings(BaseSettings):
     )
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads across operators")
     inference_nice: int = Field(
-        0,
-        ge=0,
+        -1,
+        ge=-1,
         le=19,
-        description="how much lower the inference threads' priority is than the rest of the process's "
-        "(Linux nice levels, 0: the same): the event loop and preprocessing go first on a saturated core",
+        description="how many nice levels below the rest of the process the inference threads run (Linux), so "
+        "that the event loop (health checks, refusals, answers) and preprocessing take a saturated core first "
+        "(-1: 10 when the process may use one core, else 0)",
     )
     ort_spinning: bool = Field(
         False,
@@ -278,6 +279,14 @@ class Settings(BaseSettings):
     @property
     def preprocess_workers(self) -> int:
         return self.preprocess_threads or min(4, available_cores())
+
+    @property
+    def inference_nice_levels(self) -> int:
+        """``inference_nice`` resolved: on one core the inference thread shares it with the event loop,
+        which must not wait for the scheduler's slice; with more, the loop has a core of its own."""
+        if self.inference_nice >= 0:
+            return self.inference_nice
+        return 10 if available_cores() == 1 else 0
 
     def bundle_path(self, task: str) -> Path | None:
         """The bundle directory of ``task`` (its ``TaskSpec.bundle_setting``), None when switched off."""

@@ -455,6 +455,8 @@ def sizing(settings: Settings) -> str:
         calls = f"{inference_workers(settings)} inference worker(s) per model"
         if resolve_runtime(settings.runtime) != "torch":
             calls += f" of {intra_op_threads(settings)} ONNX Runtime thread(s)"
+        if settings.inference_nice_levels:
+            calls += f" at nice +{settings.inference_nice_levels}"
         calls += ", "
     except ProviderError:  # IMM_PROVIDERS names one this machine lacks: the models' loading says so
         calls = ""

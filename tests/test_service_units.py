@@ -387,6 +387,46 @@ def test_batcher_an_idle_model_takes_a_request_its_stale_estimates_would_refuse(
     asyncio.run(scenario())
 
 
+def test_batcher_a_deadline_allows_for_calls_longer_than_the_average():
+    """Calls of uneven length: a request whose deadline the average call would meet, but not one
+    as long as the recent longer ones, is refused while the model is busy (it would be answered
+    late); one with room for two average deviations more is admitted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lengths = iter([0.0, 0.3, 0.0, 0.3, 0.0, 0.3])
+    release = threading.Event()
+
+    def run_batch(items: Sequence[str]) -> list[str]:
+        seconds = next(lengths, None)
+        if seconds is None:
+            release.wait(10)  # the busy model the admission is asked about
+        else:
+            time.sleep(seconds)
+        return list(items)
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(run_batch, pool, max_batch_size=1, max_wait_s=0, max_queue=8)
+            batcher.start()
+            try:
+                for item in "abcdef":
+                    await batcher.submit(item)
+                running = asyncio.create_task(batcher.submit("busy"))
+                await _until(lambda: len(batcher._running) == 1)
+                room = batcher.expected_wait_s() + batcher._call_seconds
+                assert batcher._call_bound > batcher._call_seconds + 0.1  # the deviation is learned
+                with pytest.raises(Overloaded, match="past its deadline"):
+                    batcher.check_admission(time.monotonic() + room + 0.05)
+                batcher.check_admission(time.monotonic() + room + 2 * batcher._call_deviation + 0.05)
+                release.set()
+                await running
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def _held_batcher_scenario(max_batch_size: int, queued) -> tuple[list, list[list[str]]]:
     """Runs "a" (held in the model until all else is queued), queues ``queued`` (items or lists:
     groups) behind it, then lets the worker go. The model upper-cases its items and fails a batch
@@ -646,7 +686,26 @@ def test_sizes_follow_the_cgroup_quota_and_the_affinity_mask(
     assert settings_module.available_cores() == cores
     assert (inference_workers(settings), intra_op_threads(settings)) == (workers, threads)
     assert settings.preprocess_workers == preprocess
+    assert settings.inference_nice_levels == (10 if cores == 1 else 0)  # one core: the loop goes first
+    assert Settings(ner_bundle=None, re_bundle=None, inference_nice=3).inference_nice_levels == 3
     assert sizing(settings).startswith(f"sizing: {cores} core(s) to use")
+
+
+def test_an_inference_thread_runs_the_given_nice_levels_below_the_process():
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.models import lower_thread_priority
+
+    def own_priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = own_priority()
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(3,)) as lowered:
+        assert lowered.submit(own_priority).result() == min(19, before + 3)
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(0,)) as unchanged:
+        assert unchanged.submit(own_priority).result() == before
+    assert own_priority() == before  # the calling thread keeps its own
 
 
 def test_select_providers_prefers_cuda_when_the_build_has_it():
