@@ -137,9 +137,13 @@ class IntegerGemmsAlone:
             width = int(constants[node.input[1]].dims[0])  # the weights' inner dimension
             self.widths.add(width)
             name = f"a_{width}"
-            inputs[name] = helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, ["rows", "pieces", width])
+            inputs[name] = helper.make_tensor_value_info(
+                name, onnx.TensorProto.UINT8, ["rows", "pieces", width]
+            )
             out_type = onnx.TensorProto.INT32 if node.op_type == "MatMulInteger" else onnx.TensorProto.FLOAT
-            copy = helper.make_node(node.op_type, [name, *node.input[1:]], [f"y{len(nodes)}"], domain=node.domain)
+            copy = helper.make_node(
+                node.op_type, [name, *node.input[1:]], [f"y{len(nodes)}"], domain=node.domain
+            )
             copy.attribute.extend(node.attribute)
             nodes.append((copy, helper.make_tensor_value_info(f"y{len(nodes)}", out_type, None)))
         if not nodes:

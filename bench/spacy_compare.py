@@ -138,10 +138,10 @@ def gemm_floor_runner(bundle: Path, batch_size: int = 32):
     have: one by one, a call of each tweet's word pieces; batched, as ``nlp.pipe`` sends them
     (chunks of ``batch_size`` shortest first, the engine's default batches padded to their
     longest). What IMM would cost per tweet if all but its GEMMs were free: it answers nothing."""
+    from limits import IntegerGemmsAlone
     from tokenizers import Tokenizer
 
     from engine.settings import Settings
-    from limits import IntegerGemmsAlone
 
     max_batch_size = Settings.model_fields["max_batch_size"].default
     gemms = IntegerGemmsAlone(bundle / "model.onnx")

@@ -362,8 +362,7 @@ class Batcher(Generic[Item, Result]):
         # idle model takes it all the same (see the module's docstring: stale estimates).
         idle = not (self._running or self._live_requests or self._incoming)
         if deadline is not None and (
-            deadline <= now
-            or (not idle and now + max(wait, self._way_seconds) + self._call_bound > deadline)
+            deadline <= now or (not idle and now + max(wait, self._way_seconds) + self._call_bound > deadline)
         ):
             self._gave_up()
             raise Overloaded(

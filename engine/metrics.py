@@ -81,6 +81,13 @@ class EngineMetrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.runtime_info = Gauge(
+            "imm_runtime_info",
+            "The runtime that runs the models (value 1), and the CPU's matrix features (int8, bf16) it chose on",
+            ["runtime", "cpu_features"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.ready = Gauge(
             "imm_ready",
             "1 when every available model is loaded and warmed up (in every worker process)",

@@ -18,7 +18,7 @@ from pathlib import Path
 from engine.batcher import Batcher
 from engine.metrics import EngineMetrics
 from engine.pipeline import Pipeline
-from engine.runtimes import create_runtime, inference_workers
+from engine.runtimes import cpu_matrix_features, create_runtime, inference_workers, runtime_choice
 from engine.settings import Settings
 from export.bundle import load_bundle
 from model.preprocessing import Preprocessor, load_tokenizer
@@ -119,8 +119,11 @@ def load_model(slot: ModelSlot, settings: Settings, metrics: EngineMetrics) -> f
         on_abandoned=lambda rows: metrics.abandoned_rows.labels(task).inc(rows),
         name=f"{task}-batcher",
     )
+    runtime, why = runtime_choice(settings.runtime)
+    metrics.runtime_info.labels(runtime, ",".join(cpu_matrix_features()) or "none known").set(1)
     log.info(
-        "%s model %s loaded from %s in %.2f s (warm-up %.2f s), running on %s, %d call(s) at once",
+        "%s model %s loaded from %s in %.2f s (warm-up %.2f s), running on %s, %d call(s) at once; "
+        "runtime %s (%s)",
         task.upper(),
         pipeline.name,
         path,
@@ -128,6 +131,8 @@ def load_model(slot: ModelSlot, settings: Settings, metrics: EngineMetrics) -> f
         warmup_s,
         slot.provider,
         workers,
+        runtime,
+        why,
     )
     return time.perf_counter() - started
 

@@ -150,6 +150,10 @@ def test_two_workers_serve_one_port_and_metrics_count_both(server_factory):
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert metric(text, "imm_requests_total", endpoint="/ner", status="200") == sent
     assert metric(text, "imm_ready") == 1
+    from engine.runtimes import cpu_matrix_features  # what auto chose, on which CPU
+
+    features = ",".join(cpu_matrix_features()) or "none known"
+    assert metric(text, "imm_runtime_info", runtime="onnx", cpu_features=features) == 1
 
 
 def test_a_request_head_sent_too_slowly_is_cut_off(server_factory):

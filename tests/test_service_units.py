@@ -708,6 +708,21 @@ def test_an_inference_thread_runs_the_given_nice_levels_below_the_process():
     assert own_priority() == before  # the calling thread keeps its own
 
 
+def test_the_runtime_choice_names_itself_and_the_cpus_matrix_features(tmp_path, monkeypatch):
+    from engine import runtimes
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8 amx_tile\n")
+    assert runtimes.cpu_matrix_features(cpuinfo) == ["amx_int8", "avx512_vnni", "avx512f", "avx2"]
+    assert runtimes.cpu_matrix_features(tmp_path / "missing") == []
+    assert runtimes.runtime_choice("onnx") == ("onnx", "IMM_RUNTIME=onnx")
+    monkeypatch.setattr(runtimes, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(runtimes, "_nvidia_driver_present", lambda: False)
+    runtime, why = runtimes.runtime_choice("auto")
+    assert runtime == "onnx"
+    assert "no GPU" in why and "amx_int8, avx512_vnni, avx512f, avx2" in why
+
+
 def test_select_providers_prefers_cuda_when_the_build_has_it():
     assert select_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
     assert select_providers("auto", [CPU]) == [CPU]

@@ -44,9 +44,16 @@ __all__ = [
     "inference_workers",
     "intra_op_threads",
     "jpeg_header",
+    "cpu_matrix_features",
     "resolve_runtime",
+    "runtime_choice",
     "select_providers",
 ]
+
+#: The CPU features that decide how fast int8 and bf16 matrix products run (``/proc/cpuinfo``'s
+#: flags), strongest first: AMX tiles, VNNI dot products (AVX-512 or AVX), AVX-512 bf16, AVX2.
+MATRIX_FEATURES = ("amx_int8", "amx_bf16", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512f", "avx2")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 # --- choosing and building a runtime ---------------------------------------------------------------
@@ -56,19 +63,45 @@ def _nvidia_driver_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
 
 
-def resolve_runtime(setting: str) -> str:
-    """``onnx`` or ``torch`` for ``IMM_RUNTIME`` (``auto``: torch when it is installed and sees a GPU).
+def cpu_matrix_features(cpuinfo: Path | None = None) -> list[str]:
+    """Which of ``MATRIX_FEATURES`` this CPU has (none known where ``/proc/cpuinfo`` is missing)."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return [feature for feature in MATRIX_FEATURES if feature in flags]
 
-    ``auto`` imports torch only where an NVIDIA driver is present, so a CPU server stays torch-free
-    even when torch happens to be installed beside it.
+
+def runtime_choice(setting: str) -> tuple[str, str]:
+    """``onnx`` or ``torch`` for ``IMM_RUNTIME``, and why, for the start-up log.
+
+    ``auto``: torch when it is installed and sees a GPU, else ONNX Runtime with the bundle's int8
+    graph, the fastest CPU runtime measured on every CPU tried (docs/benchmarks.md: on AVX2 alone
+    OpenVINO was slower in fp32 and int8; on a Xeon with AMX, issue 32's trial, its bf16 was about
+    1.35x faster at batch 16 and no faster at batch 1: not yet worth a second runtime). ``auto`` imports torch only
+    where an NVIDIA driver is present, so a CPU server stays torch-free even when torch happens to be
+    installed beside it.
     """
     if setting != "auto":
-        return setting
-    if importlib.util.find_spec("torch") is None or not _nvidia_driver_present():
-        return "onnx"
-    import torch
+        return setting, f"IMM_RUNTIME={setting}"
+    if importlib.util.find_spec("torch") is not None and _nvidia_driver_present():
+        import torch
 
-    return "torch" if torch.cuda.is_available() else "onnx"
+        if torch.cuda.is_available():
+            return "torch", "auto: PyTorch sees a CUDA device"
+    features = ", ".join(cpu_matrix_features()) or "none known"
+    return (
+        "onnx",
+        f"auto: no GPU for PyTorch; ONNX Runtime int8 measured fastest on CPUs (this one: {features})",
+    )
+
+
+def resolve_runtime(setting: str) -> str:
+    """``onnx`` or ``torch`` for ``IMM_RUNTIME`` (``runtime_choice`` without the reason)."""
+    return runtime_choice(setting)[0]
 
 
 def inference_workers(settings: Settings) -> int:
