@@ -39,8 +39,16 @@ def write_posts(path: Path, count: int, seed: int = 0, pictures: Path | None = N
 def written(path: Path) -> int:
     """Bytes written so far to a JSON lines file or a directory of Parquet parts, in rows' stead."""
     if path.is_dir():
-        return sum(part.stat().st_size for part in path.glob("*")) // 100
-    return path.stat().st_size // 100 if path.exists() else 0
+        return sum(_size(part) for part in path.glob("*")) // 100
+    return _size(path) // 100
+
+
+def _size(path: Path) -> int:
+    """0 for a file gone since it was listed: a temporary part renamed by the command meanwhile."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def read_lines(path: Path) -> list[dict]:
