@@ -162,7 +162,7 @@ def replica_app(settings: Settings) -> FastAPI:
     so this lifespan waits for the loading to end (loaded, absent or failed: as in one process, a
     missing bundle leaves its endpoint answering 503 and /ready saying why).
     """
-    app = create_app(settings)
+    app = create_app(settings, freeze_heap=True)  # a replica's process serves this app alone
     engine = app.state.engine
     app_lifespan = app.router.lifespan_context
 

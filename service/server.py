@@ -553,7 +553,7 @@ def worker_app() -> ASGIApp:
     prepare_process_metrics()
     from service.app import create_app
 
-    return create_app()
+    return create_app(freeze_heap=True)
 
 
 def run(settings: Settings) -> None:
@@ -580,7 +580,7 @@ def run(settings: Settings) -> None:
         if configured:  # multiprocess metrics asked for anyway: a clean directory
             prepare_multiprocess_metrics()
             prepare_process_metrics()
-        uvicorn.run(create_app(settings), **options)
+        uvicorn.run(create_app(settings, freeze_heap=True), **options)
         return
     directory = prepare_multiprocess_metrics(workers)
     os.environ["IMM_WORKERS"] = str(workers)  # the resolved count, for the workers' own Settings()

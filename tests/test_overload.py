@@ -515,3 +515,29 @@ def test_a_request_cancelled_just_before_the_worker_reaches_it_is_skipped_and_co
     asyncio.run(scenario())
     assert ran == ["a", "c"]
     assert dropped == [("deadline", 1)]
+
+
+# --- the heap of a serving process ----------------------------------------------------------------
+
+
+def test_a_serving_process_freezes_its_heap_once_its_models_are_loaded(bundles):
+    """``python -m service`` and Ray replicas (``freeze_heap=True``): the objects alive once the
+    models are loaded leave the collector's reach, so a full collection no longer walks them while
+    holding the GIL; an app inside someone else's process (the default) leaves their heap alone."""
+    import gc
+
+    async def scenario(freeze_heap: bool) -> int:
+        app = create_app(make_settings(bundles, re_bundle=None, warmup=False), freeze_heap=freeze_heap)
+        async with started(app) as http:
+            assert (await http.post("/ner", data={"text": "alice in paris"})).status_code == 200
+            if freeze_heap:
+                await until(lambda: gc.get_freeze_count() > 0)
+            return gc.get_freeze_count()
+
+    gc.unfreeze()
+    try:
+        assert asyncio.run(scenario(freeze_heap=False)) == 0
+        frozen = asyncio.run(scenario(freeze_heap=True))
+        assert frozen > 10_000  # the models' modules and objects, not a handful
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as before
