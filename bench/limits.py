@@ -157,7 +157,6 @@ class IntegerGemmsAlone:
             [tensor for name, tensor in constants.items() if name in wanted],
         )
         floor = helper.make_model(graph, opset_imports=list(model.opset_import))
-        self.gemms = len(nodes)
         self.session = _session(floor, threads)
         self._rng = np.random.default_rng(0)
         self._feeds: dict[tuple[int, int], dict[str, np.ndarray]] = {}

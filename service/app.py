@@ -93,7 +93,7 @@ class ServiceApp(FastAPI):
 async def freeze_heap_when_loaded(engine: Engine) -> None:
     """Once the models are loaded, moves every object alive then (the models' sessions, tokenizers,
     modules: hundreds of thousands) out of the garbage collector's reach (``gc.freeze``). Otherwise
-    each full collection walks them all while holding the GIL: 40-95 ms in which the event loop
+    each full collection walks them all while holding the GIL: 37-94 ms in which the event loop
     answers nothing (measured under overload on one core: the largest of /health's delays). For a
     process that serves and does nothing else, not for a library inside someone's program."""
     await engine.wait_loaded()

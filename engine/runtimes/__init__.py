@@ -17,6 +17,7 @@ the check never imports torch on a machine without an NVIDIA driver.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,43 +66,53 @@ def _nvidia_driver_present() -> bool:
 
 def cpu_matrix_features(cpuinfo: Path | None = None) -> list[str]:
     """Which of ``MATRIX_FEATURES`` this CPU has (none known where ``/proc/cpuinfo`` is missing)."""
+    return list(_matrix_features(cpuinfo or CPUINFO))
+
+
+@functools.cache
+def _matrix_features(cpuinfo: Path) -> tuple[str, ...]:
+    """``cpu_matrix_features``, the file read once per process (every model's loading asks)."""
     try:
-        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+        text = cpuinfo.read_text(errors="replace")
     except OSError:
-        return []
+        return ()
     flags = next(
         (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
     )
-    return [feature for feature in MATRIX_FEATURES if feature in flags]
-
-
-def runtime_choice(setting: str) -> tuple[str, str]:
-    """``onnx`` or ``torch`` for ``IMM_RUNTIME``, and why, for the start-up log.
-
-    ``auto``: torch when it is installed and sees a GPU, else ONNX Runtime with the bundle's int8
-    graph, the fastest CPU runtime measured on every CPU tried (docs/benchmarks.md: on AVX2 alone
-    OpenVINO was slower in fp32 and int8; on a Xeon with AMX, issue 32's trial, its bf16 was about
-    1.35x faster at batch 16 and no faster at batch 1: not yet worth a second runtime). ``auto`` imports torch only
-    where an NVIDIA driver is present, so a CPU server stays torch-free even when torch happens to be
-    installed beside it.
-    """
-    if setting != "auto":
-        return setting, f"IMM_RUNTIME={setting}"
-    if importlib.util.find_spec("torch") is not None and _nvidia_driver_present():
-        import torch
-
-        if torch.cuda.is_available():
-            return "torch", "auto: PyTorch sees a CUDA device"
-    features = ", ".join(cpu_matrix_features()) or "none known"
-    return (
-        "onnx",
-        f"auto: no GPU for PyTorch; ONNX Runtime int8 measured fastest on CPUs (this one: {features})",
-    )
+    return tuple(feature for feature in MATRIX_FEATURES if feature in flags)
 
 
 def resolve_runtime(setting: str) -> str:
-    """``onnx`` or ``torch`` for ``IMM_RUNTIME`` (``runtime_choice`` without the reason)."""
-    return runtime_choice(setting)[0]
+    """``onnx`` or ``torch`` for ``IMM_RUNTIME`` (``auto``: torch when it is installed and sees a GPU,
+    else ONNX Runtime with the bundle's int8 graph: ``runtime_choice`` says why).
+
+    ``auto`` imports torch only where an NVIDIA driver is present, so a CPU server stays torch-free
+    even when torch happens to be installed beside it.
+    """
+    if setting != "auto":
+        return setting
+    if importlib.util.find_spec("torch") is None or not _nvidia_driver_present():
+        return "onnx"
+    import torch
+
+    return "torch" if torch.cuda.is_available() else "onnx"
+
+
+def runtime_choice(setting: str) -> tuple[str, str]:
+    """``resolve_runtime``'s answer and why, for the start-up log. On a CPU, ONNX Runtime with the
+    bundle's int8 graph is the fastest runtime measured on every CPU tried (docs/benchmarks.md: on
+    AVX2 alone OpenVINO was slower in fp32 and int8; on a Xeon with AMX, issue 32's trial, its bf16
+    was about 1.35x faster at batch 16 and no faster at batch 1: not yet worth a second runtime)."""
+    runtime = resolve_runtime(setting)
+    if setting != "auto":
+        return runtime, f"IMM_RUNTIME={setting}"
+    if runtime == "torch":
+        return runtime, "auto: PyTorch sees a CUDA device"
+    features = ", ".join(cpu_matrix_features()) or "none known"
+    return (
+        runtime,
+        f"auto: no GPU for PyTorch; ONNX Runtime int8 measured fastest on CPUs (this one: {features})",
+    )
 
 
 def inference_workers(settings: Settings) -> int:
